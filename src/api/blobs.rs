@@ -1,0 +1,72 @@
+//! Blob reads and deletes: `GET`/`HEAD`/`DELETE /v2/<name>/blobs/<digest>` (spec end-2, end-10).
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_storage::Digest;
+
+use super::error::{ApiError, ApiResult, Code};
+use super::headers::{DIGEST_HEADER, byte_range, repo, value};
+use crate::state::AppState;
+
+fn digest(s: &str) -> ApiResult<Digest> {
+    s.parse().map_err(ApiError::from)
+}
+
+/// `GET`/`HEAD` a blob: 200 with the bytes, 206 for a satisfiable `Range`, 416 otherwise,
+/// 404 `BLOB_UNKNOWN` when the repository does not hold it.
+pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResult {
+    let repo = repo(name)?;
+    let digest = digest(d)?;
+    let size = state.store.stat_blob(&repo, &digest).await?;
+    let range = match byte_range(req.headers(), size) {
+        Ok(r) => r,
+        Err(()) => {
+            return Err(
+                ApiError::new(Code::RangeInvalid, "requested range not satisfiable")
+                    .with_header(header::CONTENT_RANGE, value(&format!("bytes */{size}"))),
+            );
+        }
+    };
+    let (status, len) = match range {
+        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),
+        None => (StatusCode::OK, size),
+    };
+    let body = if req.method() == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from_stream(state.store.read_blob(&repo, &digest, range).await?.body)
+    };
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, value("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, value(&len.to_string()));
+    h.insert(DIGEST_HEADER, value(&digest.to_string()));
+    h.insert(header::ETAG, value(&format!("\"{digest}\"")));
+    h.insert(header::ACCEPT_RANGES, value("bytes"));
+    h.insert(header::CACHE_CONTROL, value("max-age=31536000"));
+    if let Some((a, b)) = range {
+        h.insert(
+            header::CONTENT_RANGE,
+            value(&format!("bytes {a}-{b}/{size}")),
+        );
+    }
+    Ok(resp)
+}
+
+/// `DELETE` a blob from a repository: 202, or 404 `BLOB_UNKNOWN`.
+pub async fn delete(state: &AppState, name: &str, d: &str) -> ApiResult {
+    let repo = repo(name)?;
+    let digest = digest(d)?;
+    if !state.config.registry.delete_enabled {
+        return Err(ApiError::new(Code::Unsupported, "deletes are disabled"));
+    }
+    state.store.delete_blob(&repo, &digest).await?;
+    Ok(accepted())
+}
+
+/// An empty 202.
+pub fn accepted() -> Response {
+    (StatusCode::ACCEPTED, [(header::CONTENT_LENGTH, "0")]).into_response()
+}

@@ -1,0 +1,275 @@
+//! [`ApiError`]: every failure as an OCI error code, an HTTP status and a message.
+//!
+//! Storage errors are mapped once, here. Internal failures are logged where they are turned
+//! into a response and reach the client only as a generic `UNKNOWN`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_storage::Error as StoreError;
+use serde_json::json;
+
+/// An error code of the distribution spec (plus Docker's extras).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// BLOB_UNKNOWN
+    BlobUnknown,
+    /// BLOB_UPLOAD_INVALID
+    BlobUploadInvalid,
+    /// BLOB_UPLOAD_UNKNOWN
+    BlobUploadUnknown,
+    /// DIGEST_INVALID
+    DigestInvalid,
+    /// MANIFEST_BLOB_UNKNOWN
+    ManifestBlobUnknown,
+    /// MANIFEST_INVALID
+    ManifestInvalid,
+    /// MANIFEST_UNKNOWN
+    ManifestUnknown,
+    /// NAME_INVALID
+    NameInvalid,
+    /// NAME_UNKNOWN
+    NameUnknown,
+    /// SIZE_INVALID
+    SizeInvalid,
+    /// UNAUTHORIZED
+    Unauthorized,
+    /// DENIED
+    Denied,
+    /// UNSUPPORTED
+    Unsupported,
+    /// TOOMANYREQUESTS
+    TooManyRequests,
+    /// RANGE_INVALID (Docker)
+    RangeInvalid,
+    /// PAGINATION_NUMBER_INVALID (Docker)
+    PaginationNumberInvalid,
+    /// TAG_INVALID (Docker)
+    TagInvalid,
+    /// UNAVAILABLE (Docker)
+    Unavailable,
+    /// UNKNOWN (Docker)
+    Unknown,
+}
+
+impl Code {
+    /// The code's wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BlobUnknown => "BLOB_UNKNOWN",
+            Self::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            Self::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            Self::DigestInvalid => "DIGEST_INVALID",
+            Self::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            Self::ManifestInvalid => "MANIFEST_INVALID",
+            Self::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Self::NameInvalid => "NAME_INVALID",
+            Self::NameUnknown => "NAME_UNKNOWN",
+            Self::SizeInvalid => "SIZE_INVALID",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::Denied => "DENIED",
+            Self::Unsupported => "UNSUPPORTED",
+            Self::TooManyRequests => "TOOMANYREQUESTS",
+            Self::RangeInvalid => "RANGE_INVALID",
+            Self::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
+            Self::TagInvalid => "TAG_INVALID",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The status that goes with the code by default.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BlobUnknown
+            | Self::BlobUploadUnknown
+            | Self::ManifestUnknown
+            | Self::NameUnknown => StatusCode::NOT_FOUND,
+            Self::BlobUploadInvalid
+            | Self::DigestInvalid
+            | Self::ManifestBlobUnknown
+            | Self::ManifestInvalid
+            | Self::NameInvalid
+            | Self::SizeInvalid
+            | Self::PaginationNumberInvalid
+            | Self::TagInvalid => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Denied => StatusCode::FORBIDDEN,
+            Self::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    code: Code,
+    status: StatusCode,
+    message: String,
+    detail: Option<serde_json::Value>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    /// An error with the code's usual status.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            status: code.status(),
+            message: message.into(),
+            detail: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Overrides the status.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Adds a `detail` value.
+    pub fn with_detail(mut self, detail: serde_json::Value) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    /// Adds a response header.
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The error code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::NameInvalid(_) => Self::new(Code::NameInvalid, msg),
+            StoreError::TagInvalid(_) => Self::new(Code::TagInvalid, msg),
+            StoreError::DigestInvalid(_) | StoreError::DigestMismatch { .. } => {
+                Self::new(Code::DigestInvalid, msg)
+            }
+            StoreError::NameUnknown(_) => Self::new(Code::NameUnknown, msg),
+            StoreError::BlobUnknown(_) => Self::new(Code::BlobUnknown, msg),
+            StoreError::UploadUnknown(_) => Self::new(Code::BlobUploadUnknown, msg),
+            StoreError::RangeInvalid { expected, .. } => {
+                let range = if expected == 0 {
+                    "0-0".to_owned()
+                } else {
+                    format!("0-{}", expected - 1)
+                };
+                let e = Self::new(Code::RangeInvalid, msg);
+                match HeaderValue::from_str(&range) {
+                    Ok(v) => e.with_header(header::RANGE, v),
+                    Err(_) => e,
+                }
+            }
+            StoreError::SizeInvalid(_) => Self::new(Code::SizeInvalid, msg),
+            StoreError::ManifestUnknown(_) => Self::new(Code::ManifestUnknown, msg),
+            StoreError::ManifestInvalid(_) => Self::new(Code::ManifestInvalid, msg),
+            StoreError::ManifestBlobUnknown(missing) => {
+                Self::new(Code::ManifestBlobUnknown, msg).with_detail(json!({ "digests": missing }))
+            }
+            StoreError::ManifestTooLarge { .. } => {
+                Self::new(Code::ManifestInvalid, msg).with_status(StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            StoreError::Body(_) => Self::new(Code::BlobUploadInvalid, msg),
+            other => {
+                tracing::error!(error = %other, "storage failure");
+                Self::new(Code::Unknown, "internal storage error")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut entry = json!({ "code": self.code.as_str(), "message": self.message });
+        if let Some(d) = self.detail {
+            entry["detail"] = d;
+        }
+        let body = json!({ "errors": [entry] }).to_string();
+        let mut resp = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
+        resp
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T = Response> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_map_to_spec_codes() {
+        let cases = [
+            (StoreError::NameInvalid("A".into()), "NAME_INVALID", 400),
+            (
+                StoreError::DigestMismatch {
+                    expected: "a".into(),
+                    computed: "b".into(),
+                },
+                "DIGEST_INVALID",
+                400,
+            ),
+            (StoreError::BlobUnknown("d".into()), "BLOB_UNKNOWN", 404),
+            (
+                StoreError::UploadUnknown("u".into()),
+                "BLOB_UPLOAD_UNKNOWN",
+                404,
+            ),
+            (
+                StoreError::RangeInvalid {
+                    expected: 3,
+                    got: 0,
+                },
+                "RANGE_INVALID",
+                416,
+            ),
+            (
+                StoreError::ManifestUnknown("t".into()),
+                "MANIFEST_UNKNOWN",
+                404,
+            ),
+            (
+                StoreError::ManifestBlobUnknown(vec!["d".into()]),
+                "MANIFEST_BLOB_UNKNOWN",
+                400,
+            ),
+            (
+                StoreError::ManifestTooLarge { size: 9, limit: 1 },
+                "MANIFEST_INVALID",
+                413,
+            ),
+            (StoreError::NameUnknown("r".into()), "NAME_UNKNOWN", 404),
+            (StoreError::Internal("x".into()), "UNKNOWN", 500),
+        ];
+        for (e, code, status) in cases {
+            let a = ApiError::from(e);
+            assert_eq!((a.code().as_str(), a.status().as_u16()), (code, status));
+        }
+    }
+}

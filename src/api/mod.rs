@@ -1,0 +1,124 @@
+//! The HTTP API: one route table, one dispatcher over [`Endpoint`], handlers per resource.
+//!
+//! Handlers speak HTTP only; every change to what the registry holds goes through
+//! [`berth_storage::Store`].
+
+mod blobs;
+pub mod endpoint;
+pub mod error;
+mod headers;
+mod listing;
+mod manifests;
+mod uploads;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::state::AppState;
+use endpoint::Endpoint;
+use error::{ApiError, ApiResult, Code};
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+
+/// Builds the router: health endpoints plus the distribution API under `/v2`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(dispatch)
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(add_api_version))
+        .layer(TraceLayer::new_for_http())
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+        ]))
+        .with_state(state)
+}
+
+async fn add_api_version(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert("docker-distribution-api-version", API_VERSION);
+    resp
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => "ready".into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let Some(ep) = Endpoint::parse(&path) else {
+        return ApiError::new(Code::NameUnknown, "no such API path")
+            .with_status(StatusCode::NOT_FOUND)
+            .into_response();
+    };
+    let result = route(&state, ep, req).await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn route(state: &AppState, ep: Endpoint<'_>, req: Request) -> ApiResult {
+    let method = req.method().clone();
+    let unsupported = || {
+        Err(ApiError::new(
+            Code::Unsupported,
+            format!("{method} is not supported on {}", ep.label()),
+        ))
+    };
+    match ep {
+        Endpoint::Base => match method {
+            Method::GET | Method::HEAD => Ok((
+                [(header::CONTENT_TYPE, "application/json")],
+                Body::from("{}"),
+            )
+                .into_response()),
+            _ => unsupported(),
+        },
+        Endpoint::Catalog => match method {
+            Method::GET | Method::HEAD => listing::catalog(state, req).await,
+            _ => unsupported(),
+        },
+        Endpoint::Tags { name } => match method {
+            Method::GET | Method::HEAD => listing::tags(state, name, req).await,
+            _ => unsupported(),
+        },
+        Endpoint::Referrers { name, digest } => match method {
+            Method::GET | Method::HEAD => listing::referrers(state, name, digest, req).await,
+            _ => unsupported(),
+        },
+        Endpoint::Manifest { name, reference } => match method {
+            Method::GET | Method::HEAD => manifests::get(state, name, reference, req).await,
+            Method::PUT => manifests::put(state, name, reference, req).await,
+            Method::DELETE => manifests::delete(state, name, reference).await,
+            _ => unsupported(),
+        },
+        Endpoint::Blob { name, digest } => match method {
+            Method::GET | Method::HEAD => blobs::get(state, name, digest, req).await,
+            Method::DELETE => blobs::delete(state, name, digest).await,
+            _ => unsupported(),
+        },
+        Endpoint::Uploads { name } => match method {
+            Method::POST => uploads::post(state, name, req).await,
+            _ => unsupported(),
+        },
+        Endpoint::Upload { name, id } => match method {
+            Method::GET | Method::HEAD => uploads::status(state, name, id).await,
+            Method::PATCH => uploads::patch(state, name, id, req).await,
+            Method::PUT => uploads::put(state, name, id, req).await,
+            Method::DELETE => uploads::cancel(state, name, id).await,
+            _ => unsupported(),
+        },
+    }
+}

@@ -1,0 +1,152 @@
+//! Blob uploads (spec end-4a/4b, end-5, end-6, end-11, end-13, end-14).
+//!
+//! A session lives in storage; its URL is `/v2/<name>/blobs/uploads/<id>` and carries no state,
+//! so a client may resume from any URL it was given and on any replica.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_storage::{Digest, RepoName, UploadStatus};
+
+use super::error::{ApiError, ApiResult, Code};
+use super::headers::{
+    DIGEST_HEADER, content_length, content_range, param, query, repo, stream, upload_location,
+    upload_range, value,
+};
+use crate::state::AppState;
+
+fn session(repo: &RepoName, s: &UploadStatus, status: StatusCode) -> Response {
+    let mut resp = (status, Body::empty()).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, upload_location(repo, &s.id));
+    h.insert(header::RANGE, upload_range(s.size));
+    h.insert(header::CONTENT_LENGTH, value("0"));
+    h.insert("docker-upload-uuid", value(&s.id));
+    resp
+}
+
+fn created(repo: &RepoName, digest: &Digest) -> Response {
+    let mut resp = (StatusCode::CREATED, Body::empty()).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::LOCATION,
+        value(&format!("/v2/{repo}/blobs/{digest}")),
+    );
+    h.insert(DIGEST_HEADER, value(&digest.to_string()));
+    h.insert(header::CONTENT_LENGTH, value("0"));
+    resp
+}
+
+fn digest_param(q: &[(String, String)]) -> ApiResult<Option<Digest>> {
+    param(q, "digest")
+        .map(|d| d.parse().map_err(ApiError::from))
+        .transpose()
+}
+
+/// `POST /v2/<name>/blobs/uploads/`: a new session (202), a whole blob with `?digest=` (201),
+/// or a cross-repository mount with `?mount=` (201, or a new session when it cannot mount).
+pub async fn post(state: &AppState, name: &str, req: Request) -> ApiResult {
+    let repo = repo(name)?;
+    let q = query(req.uri());
+    if let Some(m) = param(&q, "mount") {
+        let digest: Digest = m.parse().map_err(ApiError::from)?;
+        let from = match param(&q, "from") {
+            Some(f) => match f.parse::<RepoName>() {
+                Ok(f) => Some(Some(f)),
+                Err(_) => None, // an invalid source cannot hold the blob
+            },
+            None if state.config.registry.anonymous_mount => Some(None),
+            None => None,
+        };
+        if let Some(from) = from
+            && state
+                .store
+                .mount_blob(&repo, &digest, from.as_ref())
+                .await?
+        {
+            return Ok(created(&repo, &digest));
+        }
+        let s = state.store.start_upload(&repo).await?;
+        return Ok(session(&repo, &s, StatusCode::ACCEPTED));
+    }
+    if let Some(digest) = digest_param(&q)? {
+        let len = content_length(req.headers())?;
+        let s = state.store.start_upload(&repo).await?;
+        let body = stream(req.into_body());
+        state
+            .store
+            .finish_upload(&repo, &s.id, &digest, Some((None, len, body)))
+            .await?;
+        return Ok(created(&repo, &digest));
+    }
+    let s = state.store.start_upload(&repo).await?;
+    Ok(session(&repo, &s, StatusCode::ACCEPTED))
+}
+
+/// `GET /v2/<name>/blobs/uploads/<id>`: 204 with the committed `Range`.
+pub async fn status(state: &AppState, name: &str, id: &str) -> ApiResult {
+    let repo = repo(name)?;
+    let s = state.store.upload_status(&repo, id).await?;
+    Ok(session(&repo, &s, StatusCode::NO_CONTENT))
+}
+
+/// `PATCH /v2/<name>/blobs/uploads/<id>`: appends a chunk (with `Content-Range`) or a stream.
+pub async fn patch(state: &AppState, name: &str, id: &str, req: Request) -> ApiResult {
+    let repo = repo(name)?;
+    let (start, len) = chunk_bounds(req.headers())?;
+    let body = stream(req.into_body());
+    let s = state
+        .store
+        .append_upload(&repo, id, start, len, body)
+        .await?;
+    Ok(session(&repo, &s, StatusCode::ACCEPTED))
+}
+
+/// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: the last chunk (optional) and the commit.
+pub async fn put(state: &AppState, name: &str, id: &str, req: Request) -> ApiResult {
+    let repo = repo(name)?;
+    let q = query(req.uri());
+    let digest = digest_param(&q)?.ok_or_else(|| {
+        ApiError::new(
+            Code::DigestInvalid,
+            "the digest query parameter is required",
+        )
+    })?;
+    // Trust the body, not a declared length: some clients declare one and send nothing.
+    let (start, len) = match content_range(req.headers())? {
+        Some(_) => chunk_bounds(req.headers())?,
+        None => (None, None),
+    };
+    let body = stream(req.into_body());
+    state
+        .store
+        .finish_upload(&repo, id, &digest, Some((start, len, body)))
+        .await?;
+    Ok(created(&repo, &digest))
+}
+
+/// `DELETE /v2/<name>/blobs/uploads/<id>`: cancels the session (204).
+pub async fn cancel(state: &AppState, name: &str, id: &str) -> ApiResult {
+    let repo = repo(name)?;
+    state.store.cancel_upload(&repo, id).await?;
+    Ok((StatusCode::NO_CONTENT, [(header::CONTENT_LENGTH, "0")]).into_response())
+}
+
+/// Where a chunk must start and how long it must be, from `Content-Range` and `Content-Length`.
+fn chunk_bounds(h: &axum::http::HeaderMap) -> ApiResult<(Option<u64>, Option<u64>)> {
+    let declared = content_length(h)?;
+    match content_range(h)? {
+        None => Ok((None, declared)),
+        Some((a, b)) => {
+            let n = b - a + 1;
+            if declared.is_some_and(|d| d != n) {
+                return Err(ApiError::new(
+                    Code::SizeInvalid,
+                    format!("Content-Length does not match Content-Range {a}-{b}"),
+                ));
+            }
+            Ok((Some(a), Some(n)))
+        }
+    }
+}

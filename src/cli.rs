@@ -1,0 +1,41 @@
+//! Command-line interface.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Berth: a container registry and pull-through image cache.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the registry.
+    Serve(ServeArgs),
+    /// Check a configuration file and exit (0 when valid).
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+/// `berth serve` options; each overrides the configuration file.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 0.0.0.0:5000].
+    #[arg(long, env = "BERTH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA")]
+    pub data: Option<PathBuf>,
+    /// Configuration file (TOML).
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+}

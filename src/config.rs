@@ -1,0 +1,237 @@
+//! The configuration file (TOML) and its defaults. Only this module knows the file format.
+//!
+//! Precedence, lowest first: built-in defaults, the file, `BERTH_*` environment variables,
+//! command-line flags. Every key is optional; unknown keys are an error.
+//!
+//! ```toml
+//! listen = "0.0.0.0:5000"      # address to serve on
+//! data = "./berth-data"         # metadata database and (by default) blobs live here
+//!
+//! [storage]
+//! backend = "filesystem"        # "filesystem" (under `data`, or `root`) or "memory"
+//! # root = "/srv/berth/blobs"
+//!
+//! [registry]
+//! delete_enabled = true         # allow DELETE of manifests, tags and blobs
+//! anonymous_mount = true        # cross-repository mount without `from`
+//!
+//! [log]
+//! format = "text"               # "text" or "json"
+//! level = "info"                # a tracing filter, e.g. "info,berth=debug"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use berth_storage::StorageConfig;
+use berth_storage::backend::BlobBackend;
+use serde::Deserialize;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line and column.
+        message: String,
+    },
+    /// Values that parse but cannot work together.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for the metadata database and, by default, blob storage.
+    pub data: PathBuf,
+    /// Blob storage.
+    pub storage: StorageSection,
+    /// Registry behaviour.
+    pub registry: RegistrySection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            data: PathBuf::from("./berth-data"),
+            storage: StorageSection::default(),
+            registry: RegistrySection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// Which backend holds blobs.
+    pub backend: Backend,
+    /// For `filesystem`: where blobs go (default `<data>/objects`).
+    pub root: Option<PathBuf>,
+}
+
+/// Blob storage backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Local disk.
+    #[default]
+    Filesystem,
+    /// Process memory: everything is lost on exit (tests, experiments).
+    Memory,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Allow deleting manifests, tags and blobs.
+    pub delete_enabled: bool,
+    /// Mount a blob from any repository when a client asks for a mount without `from`.
+    pub anonymous_mount: bool,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self {
+            delete_enabled: true,
+            anonymous_mount: true,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Output format.
+    pub format: LogFormat,
+    /// A `tracing` filter directive; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types cannot, reporting every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.data.as_os_str().is_empty() {
+            problems.push("data: must not be empty".to_owned());
+        }
+        if self.storage.backend == Backend::Memory && self.storage.root.is_some() {
+            problems.push("storage.root: only applies to the filesystem backend".to_owned());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!("log.level: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// What the storage layer needs.
+    pub fn storage_config(&self) -> StorageConfig {
+        let mut s = StorageConfig::local(&self.data);
+        s.blobs = match self.storage.backend {
+            Backend::Memory => BlobBackend::Memory,
+            Backend::Filesystem => match &self.storage.root {
+                Some(root) => BlobBackend::Filesystem(root.clone()),
+                None => s.blobs,
+            },
+        };
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert!(c.registry.delete_enabled);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = Config::parse("listen = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err();
+        assert!(e.to_string().contains("listne"), "{e}");
+        let e = Config::parse("[registry]\ndelete = true\n").unwrap_err();
+        assert!(e.to_string().contains("delete"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = Config::parse("data = \"\"\n[storage]\nbackend = \"memory\"\nroot = \"/x\"\n")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("data:") && s.contains("storage.root"), "{s}");
+    }
+}

@@ -1,0 +1,79 @@
+//! The storage error type. Each client-facing variant maps to one OCI error code in the server.
+
+/// Errors from the storage layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A repository name fails the grammar.
+    #[error("invalid repository name {0:?}")]
+    NameInvalid(String),
+    /// A tag fails the grammar.
+    #[error("invalid tag {0:?}")]
+    TagInvalid(String),
+    /// A digest fails the grammar or names an unsupported algorithm.
+    #[error("invalid digest {0:?}")]
+    DigestInvalid(String),
+    /// Uploaded content does not hash to the digest the client gave.
+    #[error("content digest {computed} does not match {expected}")]
+    DigestMismatch {
+        /// The digest the client named.
+        expected: String,
+        /// The digest of what was received.
+        computed: String,
+    },
+    /// The repository does not exist.
+    #[error("repository {0} not known")]
+    NameUnknown(String),
+    /// The blob is not known in this repository.
+    #[error("blob {0} not known")]
+    BlobUnknown(String),
+    /// The upload session does not exist (or belongs to another repository).
+    #[error("upload {0} not known")]
+    UploadUnknown(String),
+    /// A chunk does not start where the upload currently ends.
+    #[error("chunk starts at {got}, upload is at {expected}")]
+    RangeInvalid {
+        /// The current size of the upload.
+        expected: u64,
+        /// Where the chunk claimed to start.
+        got: u64,
+    },
+    /// The declared size disagrees with the body.
+    #[error("size invalid: {0}")]
+    SizeInvalid(String),
+    /// The manifest does not exist.
+    #[error("manifest {0} not known")]
+    ManifestUnknown(String),
+    /// The manifest is not valid.
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    /// The manifest names blobs or manifests that are not in the repository.
+    #[error("manifest references unknown content: {0:?}")]
+    ManifestBlobUnknown(Vec<String>),
+    /// The manifest is larger than the configured maximum.
+    #[error("manifest of {size} bytes exceeds the limit of {limit} bytes")]
+    ManifestTooLarge {
+        /// Bytes received.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The client's request body failed while it was read.
+    #[error("reading the request body failed: {0}")]
+    Body(String),
+    /// The object store failed.
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// Local I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A background task failed to complete.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

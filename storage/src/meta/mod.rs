@@ -1,0 +1,186 @@
+//! Metadata in SQLite: one writer connection and a small pool of readers, used from
+//! `spawn_blocking` so no async task ever blocks on the database.
+//!
+//! The schema (see `schema.sql`) is the source of truth for what exists: repositories, tags,
+//! manifests and their references, which blobs each repository may serve, upload sessions.
+//! Migrations are numbered by SQLite's `user_version`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
+
+use crate::error::{Error, Result};
+
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MAX_IDLE_READERS: usize = 8;
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The metadata database.
+#[derive(Clone)]
+pub struct Db {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("path", &self.path).finish()
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(())
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            path: path.to_owned(),
+            writer: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        if let Some(c) = self.readers.lock().map_err(poisoned)?.pop() {
+            return Ok(c);
+        }
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&c)?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a read connection.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let db = self.clone();
+        run_blocking(move || {
+            let conn = db.reader()?;
+            let out = f(&conn);
+            let mut idle = db.readers.lock().map_err(poisoned)?;
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
+            out
+        })
+        .await
+    }
+
+    /// Runs `f` in one immediate (write-locked) transaction, committed when `f` succeeds.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        run_blocking(move || {
+            let mut conn = writer.lock().map_err(poisoned)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Checks that the database answers (for readiness probes).
+    pub async fn ping(&self) -> Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("database task failed: {e}")))?
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Internal("database lock poisoned".into())
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(Error::Internal(format!(
+            "database schema version {version} is newer than this build knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The id of repository `name`, if it exists.
+pub(crate) fn repo_id(conn: &Connection, name: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row("SELECT id FROM repos WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?)
+}
+
+/// The id of repository `name`, creating it when absent.
+pub(crate) fn ensure_repo(tx: &Transaction<'_>, name: &str) -> Result<i64> {
+    if let Some(id) = repo_id(tx, name)? {
+        return Ok(id);
+    }
+    tx.execute(
+        "INSERT INTO repos (name, created_at) VALUES (?1, ?2)",
+        params![name, now()],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.db");
+        drop(Db::open(&p).unwrap());
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .writer
+            .lock()
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+    }
+}

@@ -1,0 +1,841 @@
+//! [`Store`]: the registry operations, each keeping blob objects and metadata consistent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use rusqlite::{OptionalExtension, params};
+use tracing::{debug, info, warn};
+
+use crate::backend::StorageConfig;
+use crate::blob::{self, ByteStream, blob_key, upload_prefix};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::meta::{Db, ensure_repo, now, repo_id};
+use crate::names::{Algorithm, Digest, Hasher, Reference, RepoName, Tag};
+
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
+
+/// The state of an upload session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadStatus {
+    /// Session id.
+    pub id: String,
+    /// Bytes committed so far.
+    pub size: u64,
+}
+
+/// A blob being read.
+pub struct BlobRead {
+    /// Size of the whole blob.
+    pub size: u64,
+    /// The inclusive byte range being returned, when a range was asked for.
+    pub range: Option<(u64, u64)>,
+    /// The bytes (of the range, if any).
+    pub body: ByteStream,
+}
+
+impl std::fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobRead")
+            .field("size", &self.size)
+            .field("range", &self.range)
+            .finish()
+    }
+}
+
+/// A manifest as stored.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    /// Its digest.
+    pub digest: Digest,
+    /// The media type it was pushed with.
+    pub media_type: String,
+    /// The exact pushed bytes.
+    pub bytes: Bytes,
+}
+
+/// What a manifest push did.
+#[derive(Debug, Clone)]
+pub struct PutManifest {
+    /// Digest of the stored manifest.
+    pub digest: Digest,
+    /// Its subject, if it has one.
+    pub subject: Option<Digest>,
+    /// Tags now pointing at it (from this push).
+    pub tags: Vec<Tag>,
+}
+
+/// One entry of a referrers list.
+#[derive(Debug, Clone)]
+pub struct Referrer {
+    /// The referrer's digest.
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its artifact type (explicit, or the config media type of an image manifest).
+    pub artifact_type: Option<String>,
+    /// Its top-level annotations as a JSON object, if any.
+    pub annotations: Option<String>,
+}
+
+/// A page of a sorted listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The entries.
+    pub items: Vec<String>,
+    /// Whether entries remain after the last one.
+    pub more: bool,
+}
+
+/// The registry's storage: blob objects plus metadata.
+pub struct Store {
+    objects: Arc<dyn ObjectStore>,
+    db: Db,
+    /// Running SHA-256 state of uploads whose chunks passed through this process, keyed by
+    /// session id, with the offset it has hashed up to. Only an optimisation: without it the
+    /// chunks are re-read when the upload finishes.
+    hashers: Mutex<HashMap<String, (u64, Hasher)>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("objects", &self.objects.to_string())
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl Store {
+    /// Opens storage as configured, creating what is missing.
+    pub async fn open(config: &StorageConfig) -> Result<Self> {
+        let objects = config.object_store()?;
+        if let Some(parent) = config.database.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let path = config.database.clone();
+        let db = tokio::task::spawn_blocking(move || Db::open(&path))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(Self::new(objects, db))
+    }
+
+    /// A store over an existing object store and database.
+    pub fn new(objects: Arc<dyn ObjectStore>, db: Db) -> Self {
+        Self {
+            objects,
+            db,
+            hashers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The metadata database (for jobs such as GC).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Checks that metadata and object store both answer.
+    pub async fn ping(&self) -> Result<()> {
+        self.db.ping().await?;
+        match self
+            .objects
+            .head(&Path::from("berth-readiness-probe"))
+            .await
+        {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ---------------------------------------------------------------- blobs
+
+    /// The size of `digest` if repository `repo` may serve it.
+    pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        let (name, d) = (repo.to_string(), digest.to_string());
+        self.db
+            .read(move |c| {
+                c.query_row(
+                    "SELECT b.size FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
+                     JOIN blobs b ON b.digest = rb.digest WHERE r.name = ?1 AND rb.digest = ?2",
+                    params![name, d],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+                .map(|s| s as u64)
+                .ok_or(Error::BlobUnknown(d))
+            })
+            .await
+    }
+
+    /// Reads blob `digest` through `repo`; `range` is an inclusive byte range already checked
+    /// against the size by the caller (see [`Store::stat_blob`]).
+    pub async fn read_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<(u64, u64)>,
+    ) -> Result<BlobRead> {
+        let size = self.stat_blob(repo, digest).await?;
+        let body = match (size, range) {
+            (0, _) => futures_util::stream::empty().boxed(),
+            _ => blob::read(&self.objects, &blob_key(digest), range).await?,
+        };
+        Ok(BlobRead { size, range, body })
+    }
+
+    /// Unlinks `digest` from `repo`. The bytes stay until garbage collection finds them unused.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        let (name, d) = (repo.to_string(), digest.to_string());
+        self.db
+            .write(move |tx| {
+                let n = tx.execute(
+                    "DELETE FROM repo_blobs WHERE digest = ?2
+                     AND repo_id = (SELECT id FROM repos WHERE name = ?1)",
+                    params![name, d],
+                )?;
+                if n == 0 {
+                    return Err(Error::BlobUnknown(d));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Links an existing blob into `repo`: from repository `from` when given (which must hold
+    /// it), else from anywhere in the registry. Returns whether the blob was linked.
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<bool> {
+        let (name, d, from) = (
+            repo.to_string(),
+            digest.to_string(),
+            from.map(|f| f.to_string()),
+        );
+        self.db
+            .write(move |tx| {
+                let found = match &from {
+                    Some(f) => tx
+                        .query_row(
+                            "SELECT 1 FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
+                             WHERE r.name = ?1 AND rb.digest = ?2",
+                            params![f, d],
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some(),
+                    None => tx
+                        .query_row("SELECT 1 FROM blobs WHERE digest = ?1", [&d], |_| Ok(()))
+                        .optional()?
+                        .is_some(),
+                };
+                if !found {
+                    return Ok(false);
+                }
+                let id = ensure_repo(tx, &name)?;
+                link_blob(tx, id, &d)?;
+                Ok(true)
+            })
+            .await
+    }
+
+    // ---------------------------------------------------------------- uploads
+
+    /// Opens an upload session in `repo` (creating the repository).
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadStatus> {
+        let name = repo.to_string();
+        let id = new_id();
+        let sid = id.clone();
+        self.db
+            .write(move |tx| {
+                let rid = ensure_repo(tx, &name)?;
+                let t = now();
+                tx.execute(
+                    "INSERT INTO uploads (id, repo_id, size, created_at, updated_at)
+                     VALUES (?1, ?2, 0, ?3, ?3)",
+                    params![sid, rid, t],
+                )?;
+                Ok(())
+            })
+            .await?;
+        debug!(repo = %repo, upload = %id, "upload started");
+        Ok(UploadStatus { id, size: 0 })
+    }
+
+    /// The committed size of upload `id` in `repo`.
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadStatus> {
+        let (name, id) = (repo.to_string(), id.to_owned());
+        self.db
+            .read(move |c| {
+                let size = upload_size(c, &name, &id)?;
+                Ok(UploadStatus { id, size })
+            })
+            .await
+    }
+
+    /// Appends `body` to upload `id`. When `start` is given the chunk must begin at the current
+    /// end of the upload; when `expected_len` is given the body must have exactly that length.
+    pub async fn append_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        expected_len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadStatus> {
+        let current = self.upload_status(repo, id).await?.size;
+        if let Some(s) = start
+            && s != current
+        {
+            return Err(Error::RangeInvalid {
+                expected: current,
+                got: s,
+            });
+        }
+        let key = Path::from(format!("uploads/{id}/{current:020}-{}", new_id()));
+        let mut hasher = self.take_hasher(id, current);
+        let written = blob::write_stream(&self.objects, &key, body, hasher.as_mut()).await;
+        let n = match written {
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        if let Some(want) = expected_len
+            && want != n
+        {
+            self.delete_quietly(&key).await;
+            return Err(Error::SizeInvalid(format!(
+                "body has {n} bytes, {want} were declared"
+            )));
+        }
+        if n == 0 {
+            self.put_hasher(id, current, hasher);
+            return Ok(UploadStatus {
+                id: id.to_owned(),
+                size: current,
+            });
+        }
+        let (name, sid, k) = (repo.to_string(), id.to_owned(), key.to_string());
+        let committed = self
+            .db
+            .write(move |tx| {
+                let rows = tx.execute(
+                    "UPDATE uploads SET size = size + ?1, updated_at = ?2
+                     WHERE id = ?3 AND size = ?4
+                       AND repo_id = (SELECT id FROM repos WHERE name = ?5)",
+                    params![n as i64, now(), sid, current as i64, name],
+                )?;
+                if rows == 0 {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO upload_parts (upload_id, offset, size, key) VALUES (?1, ?2, ?3, ?4)",
+                    params![sid, current as i64, n as i64, k],
+                )?;
+                Ok(true)
+            })
+            .await;
+        match committed {
+            Ok(true) => {
+                self.put_hasher(id, current + n, hasher);
+                Ok(UploadStatus {
+                    id: id.to_owned(),
+                    size: current + n,
+                })
+            }
+            Ok(false) => {
+                // Another request moved the session (or it was cancelled) while we wrote.
+                self.delete_quietly(&key).await;
+                let now_at = self.upload_status(repo, id).await?.size;
+                Err(Error::RangeInvalid {
+                    expected: now_at,
+                    got: current,
+                })
+            }
+            Err(e) => {
+                self.delete_quietly(&key).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Finishes upload `id`: appends `body` (if any), verifies the whole content against
+    /// `digest`, and makes the blob visible in `repo`. On a digest mismatch the session is
+    /// dropped and nothing becomes visible.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        body: Option<(Option<u64>, Option<u64>, ByteStream)>,
+    ) -> Result<u64> {
+        if let Some((start, len, body)) = body {
+            self.append_upload(repo, id, start, len, body).await?;
+        }
+        let (name, sid) = (repo.to_string(), id.to_owned());
+        let (size, parts) = self
+            .db
+            .read(move |c| {
+                let size = upload_size(c, &name, &sid)?;
+                let mut st =
+                    c.prepare("SELECT key FROM upload_parts WHERE upload_id = ?1 ORDER BY offset")?;
+                let parts = st
+                    .query_map([&sid], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((size, parts))
+            })
+            .await?;
+        if let Err(e) = self.commit_blob(id, digest, size, &parts).await {
+            info!(repo = %repo, upload = %id, error = %e, "upload rejected");
+            // A failed commit ends the session, as clients restart from a new POST.
+            self.drop_upload(id).await?;
+            return Err(e);
+        }
+        let (name, sid, d) = (repo.to_string(), id.to_owned(), digest.to_string());
+        self.db
+            .write(move |tx| {
+                let rid = ensure_repo(tx, &name)?;
+                let t = now();
+                tx.execute(
+                    "INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?1, ?2, ?3, ?3)
+                     ON CONFLICT (digest) DO NOTHING",
+                    params![d, size as i64, t],
+                )?;
+                link_blob(tx, rid, &d)?;
+                tx.execute("DELETE FROM uploads WHERE id = ?1", [&sid])?;
+                Ok(())
+            })
+            .await?;
+        self.forget_upload_objects(id).await;
+        info!(repo = %repo, digest = %digest, size, "blob committed");
+        Ok(size)
+    }
+
+    /// Cancels upload `id` in `repo`.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        self.upload_status(repo, id).await?;
+        self.drop_upload(id).await
+    }
+
+    /// Verifies the session's bytes against `digest` and places them at the blob's key.
+    async fn commit_blob(
+        &self,
+        id: &str,
+        digest: &Digest,
+        size: u64,
+        parts: &[String],
+    ) -> Result<()> {
+        let mut computed = match (digest.algorithm(), self.take_hasher(id, size)) {
+            (Algorithm::Sha256, Some(h)) => Some(h.finish()),
+            _ => None,
+        };
+        let key = blob_key(digest);
+        let source = match parts {
+            [] => None,
+            [one] => Some(Path::from(one.as_str())),
+            many => {
+                // Concatenate the chunks into one object, hashing on the way if needed.
+                let assembled = Path::from(format!("uploads/{id}/assembled-{}", new_id()));
+                let mut hasher = computed.is_none().then(|| digest.algorithm().hasher());
+                let up = self.objects.put_multipart(&assembled).await?;
+                let mut w = WriteMultipart::new_with_chunk_size(up, 5 * 1024 * 1024);
+                for p in many {
+                    let mut s = blob::read(&self.objects, &Path::from(p.as_str()), None).await?;
+                    while let Some(chunk) = s.next().await {
+                        let chunk = chunk?;
+                        if let Some(h) = hasher.as_mut() {
+                            h.update(&chunk);
+                        }
+                        w.wait_for_capacity(1).await?;
+                        w.put(chunk);
+                    }
+                }
+                w.finish().await?;
+                if let Some(h) = hasher {
+                    computed = Some(h.finish());
+                }
+                Some(assembled)
+            }
+        };
+        let computed = match computed {
+            Some(c) => c,
+            None => {
+                let mut h = digest.algorithm().hasher();
+                if let Some(src) = &source {
+                    blob::hash_object(&self.objects, src, &mut h).await?;
+                }
+                h.finish()
+            }
+        };
+        if &computed != digest {
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                computed: computed.to_string(),
+            });
+        }
+        match source {
+            None => blob::put_empty(&self.objects, &key).await,
+            Some(src) => match self.objects.rename_if_not_exists(&src, &key).await {
+                Ok(()) => Ok(()),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+        }?;
+        debug!(size, digest = %digest, "blob object in place");
+        Ok(())
+    }
+
+    async fn drop_upload(&self, id: &str) -> Result<()> {
+        let sid = id.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute("DELETE FROM uploads WHERE id = ?1", [&sid])?;
+                Ok(())
+            })
+            .await?;
+        self.forget_upload_objects(id).await;
+        Ok(())
+    }
+
+    /// Removes an ended session's chunk objects (best effort: a leftover is only disk space,
+    /// and the stale-upload sweep finds it).
+    async fn forget_upload_objects(&self, id: &str) {
+        if let Ok(mut m) = self.hashers.lock() {
+            m.remove(id);
+        }
+        let prefix = upload_prefix(id);
+        let mut list = self.objects.list(Some(&prefix));
+        while let Some(item) = list.next().await {
+            match item {
+                Ok(meta) => self.delete_quietly(&meta.location).await,
+                Err(e) => {
+                    warn!(upload = %id, error = %e, "listing upload chunks failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn delete_quietly(&self, key: &Path) {
+        match self.objects.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => warn!(key = %key, error = %e, "deleting object failed"),
+        }
+    }
+
+    fn take_hasher(&self, id: &str, offset: u64) -> Option<Hasher> {
+        let mut m = self.hashers.lock().ok()?;
+        match m.remove(id) {
+            Some((at, h)) if at == offset => Some(h),
+            _ if offset == 0 => Some(Algorithm::Sha256.hasher()),
+            _ => None,
+        }
+    }
+
+    fn put_hasher(&self, id: &str, offset: u64, hasher: Option<Hasher>) {
+        if let (Some(h), Ok(mut m)) = (hasher, self.hashers.lock()) {
+            m.insert(id.to_owned(), (offset, h));
+        }
+    }
+
+    // ---------------------------------------------------------------- manifests
+
+    /// Stores a manifest pushed to `reference` (a tag, or the digest it must hash to) with
+    /// `content_type`, and points `reference` (if a tag) and `extra_tags` at it.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+        extra_tags: &[Tag],
+    ) -> Result<PutManifest> {
+        if bytes.len() > MAX_MANIFEST_SIZE {
+            return Err(Error::ManifestTooLarge {
+                size: bytes.len(),
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
+        let digest = match reference {
+            Reference::Digest(d) => {
+                let computed = Digest::of(d.algorithm(), &bytes);
+                if &computed != d {
+                    return Err(Error::DigestMismatch {
+                        expected: d.to_string(),
+                        computed: computed.to_string(),
+                    });
+                }
+                computed
+            }
+            Reference::Tag(_) => Digest::sha256(&bytes),
+        };
+        let manifest = Manifest::parse(bytes, content_type, digest.clone())?;
+        let mut tags: Vec<Tag> = extra_tags.to_vec();
+        if let Reference::Tag(t) = reference
+            && !tags.contains(t)
+        {
+            tags.insert(0, t.clone());
+        }
+        let name = repo.to_string();
+        let out = PutManifest {
+            digest: digest.clone(),
+            subject: manifest.subject.clone(),
+            tags: tags.clone(),
+        };
+        self.db
+            .write(move |tx| {
+                let rid = ensure_repo(tx, &name)?;
+                let mut missing = Vec::new();
+                for r in manifest.references.iter().filter(|r| r.required) {
+                    let d = r.digest.to_string();
+                    let sql = match r.kind {
+                        crate::manifest::RefKind::Blob => {
+                            "SELECT 1 FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2"
+                        }
+                        crate::manifest::RefKind::Manifest => {
+                            "SELECT 1 FROM manifests WHERE repo_id = ?1 AND digest = ?2"
+                        }
+                    };
+                    if tx
+                        .query_row(sql, params![rid, d], |_| Ok(()))
+                        .optional()?
+                        .is_none()
+                    {
+                        missing.push(d);
+                    }
+                }
+                if !missing.is_empty() {
+                    return Err(Error::ManifestBlobUnknown(missing));
+                }
+                let d = manifest.digest.to_string();
+                let t = now();
+                tx.execute(
+                    "INSERT INTO manifest_bodies (digest, content, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (digest) DO NOTHING",
+                    params![d, manifest.bytes.as_ref(), t],
+                )?;
+                let inserted = tx.execute(
+                    "INSERT INTO manifests (repo_id, digest, media_type, size, subject,
+                        artifact_type, annotations, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (repo_id, digest) DO NOTHING",
+                    params![
+                        rid,
+                        d,
+                        manifest.media_type,
+                        manifest.bytes.len() as i64,
+                        manifest.subject.as_ref().map(|s| s.to_string()),
+                        manifest.artifact_type,
+                        manifest.annotations,
+                        t
+                    ],
+                )?;
+                if inserted > 0 {
+                    let mut st = tx.prepare_cached(
+                        "INSERT INTO manifest_refs (repo_id, manifest_digest, child_digest, kind)
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                    )?;
+                    for r in &manifest.references {
+                        st.execute(params![rid, d, r.digest.to_string(), r.kind.as_str()])?;
+                    }
+                }
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO tags (repo_id, name, digest, updated_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest,
+                        updated_at = excluded.updated_at",
+                )?;
+                for tag in &tags {
+                    st.execute(params![rid, tag.as_str(), d, t])?;
+                }
+                Ok(())
+            })
+            .await?;
+        info!(repo = %repo, digest = %out.digest, tags = out.tags.len(), "manifest stored");
+        Ok(out)
+    }
+
+    /// Fetches a manifest by tag or digest.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest> {
+        let name = repo.to_string();
+        let reference = reference.clone();
+        self.db
+            .read(move |c| {
+                let row = match &reference {
+                    Reference::Tag(t) => c
+                        .query_row(
+                            "SELECT m.digest, m.media_type, b.content FROM tags t
+                             JOIN repos r ON r.id = t.repo_id
+                             JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest
+                             JOIN manifest_bodies b ON b.digest = m.digest
+                             WHERE r.name = ?1 AND t.name = ?2",
+                            params![name, t.as_str()],
+                            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?)),
+                        )
+                        .optional()?,
+                    Reference::Digest(d) => c
+                        .query_row(
+                            "SELECT m.digest, m.media_type, b.content FROM manifests m
+                             JOIN repos r ON r.id = m.repo_id
+                             JOIN manifest_bodies b ON b.digest = m.digest
+                             WHERE r.name = ?1 AND m.digest = ?2",
+                            params![name, d.to_string()],
+                            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?)),
+                        )
+                        .optional()?,
+                };
+                let (digest, media_type, content) =
+                    row.ok_or_else(|| Error::ManifestUnknown(reference.to_string()))?;
+                Ok(StoredManifest {
+                    digest: digest.parse()?,
+                    media_type,
+                    bytes: Bytes::from(content),
+                })
+            })
+            .await
+    }
+
+    /// Deletes a tag (only the tag) or a manifest by digest (with every tag pointing at it).
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let name = repo.to_string();
+        let r = reference.clone();
+        self.db
+            .write(move |tx| {
+                let reference = r;
+                let rid = repo_id(tx, &name)?.ok_or_else(|| Error::NameUnknown(name.clone()))?;
+                let n = match &reference {
+                    Reference::Tag(t) => tx.execute(
+                        "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2",
+                        params![rid, t.as_str()],
+                    )?,
+                    Reference::Digest(d) => tx.execute(
+                        "DELETE FROM manifests WHERE repo_id = ?1 AND digest = ?2",
+                        params![rid, d.to_string()],
+                    )?,
+                };
+                if n == 0 {
+                    return Err(Error::ManifestUnknown(reference.to_string()));
+                }
+                Ok(())
+            })
+            .await?;
+        info!(repo = %repo, reference = %reference, "manifest deleted");
+        Ok(())
+    }
+
+    /// Tags of `repo` in byte order, strictly after `last`, at most `n`.
+    pub async fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> Result<Page> {
+        let (name, last) = (repo.to_string(), last.unwrap_or("").to_owned());
+        self.db
+            .read(move |c| {
+                let rid = repo_id(c, &name)?.ok_or_else(|| Error::NameUnknown(name.clone()))?;
+                let mut st = c.prepare_cached(
+                    "SELECT name FROM tags WHERE repo_id = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
+                )?;
+                let items = st
+                    .query_map(params![rid, last, (n as i64).saturating_add(1)], |r| {
+                        r.get(0)
+                    })?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(page(items, n))
+            })
+            .await
+    }
+
+    /// Repositories holding at least one manifest, in byte order, strictly after `last`.
+    pub async fn catalog(&self, last: Option<&str>, n: usize) -> Result<Page> {
+        let last = last.unwrap_or("").to_owned();
+        self.db
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT name FROM repos r WHERE name > ?1
+                     AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)
+                     ORDER BY name LIMIT ?2",
+                )?;
+                let items = st
+                    .query_map(params![last, (n as i64).saturating_add(1)], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(page(items, n))
+            })
+            .await
+    }
+
+    /// Manifests in `repo` whose subject is `subject`, optionally only of `artifact_type`.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>> {
+        let (name, s, at) = (
+            repo.to_string(),
+            subject.to_string(),
+            artifact_type.map(str::to_owned),
+        );
+        self.db
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT m.digest, m.media_type, m.size, m.artifact_type, m.annotations
+                     FROM manifests m JOIN repos r ON r.id = m.repo_id
+                     WHERE r.name = ?1 AND m.subject = ?2
+                       AND (?3 IS NULL OR m.artifact_type = ?3)
+                     ORDER BY m.created_at, m.digest",
+                )?;
+                let rows = st
+                    .query_map(params![name, s, at], |r| {
+                        Ok(Referrer {
+                            digest: r.get(0)?,
+                            media_type: r.get(1)?,
+                            size: r.get::<_, i64>(2)? as u64,
+                            artifact_type: r.get(3)?,
+                            annotations: r.get(4)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+}
+
+fn page(mut items: Vec<String>, n: usize) -> Page {
+    let more = items.len() > n;
+    items.truncate(n);
+    Page { items, more }
+}
+
+fn link_blob(tx: &rusqlite::Transaction<'_>, repo_id: i64, digest: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO repo_blobs (repo_id, digest, created_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT DO NOTHING",
+        params![repo_id, digest, now()],
+    )?;
+    Ok(())
+}
+
+fn upload_size(c: &rusqlite::Connection, repo: &str, id: &str) -> Result<u64> {
+    c.query_row(
+        "SELECT u.size FROM uploads u JOIN repos r ON r.id = u.repo_id
+         WHERE u.id = ?1 AND r.name = ?2",
+        params![id, repo],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()?
+    .map(|s| s as u64)
+    .ok_or_else(|| Error::UploadUnknown(id.to_owned()))
+}
