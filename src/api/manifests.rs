@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 
 use super::blobs::accepted;
 use super::error::{ApiError, ApiResult, Code};
-use super::headers::{DIGEST_HEADER, content_length, query, repo, text, value};
+use super::headers::{DIGEST_HEADER, query, repo, text, value};
 use crate::state::AppState;
 
 /// `GET`/`HEAD` a manifest by tag or digest: the exact stored bytes with their media type.
@@ -73,9 +73,6 @@ pub async fn put(state: &AppState, name: &str, reference: &str, req: Request) ->
     let content_type = text(req.headers(), &header::CONTENT_TYPE)
         .unwrap_or("")
         .to_owned();
-    if content_length(req.headers())?.is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
-        return Err(too_large());
-    }
     let bytes = read_limited(req.into_body(), MAX_MANIFEST_SIZE).await?;
     let out = state
         .store
