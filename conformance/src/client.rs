@@ -216,10 +216,9 @@ impl Client {
             .map_err(|e| format!("{} {}: {e}", r.method, r.url))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| format!("reading body of {}: {e}", r.url))?;
+        // A body that cannot be read whole (some registries declare a length they do not send
+        // on error answers) counts as empty: checks that need the bytes compare them anyway.
+        let body = resp.bytes().await.unwrap_or_default();
         Ok(Resp {
             status,
             headers,

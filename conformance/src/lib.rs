@@ -177,11 +177,17 @@ impl Runner {
             .await
     }
 
-    /// GETs a URL and compares the body with `want`.
+    /// GETs a URL and compares the body with `want`. Manifest media types are accepted, as
+    /// every real client does.
     pub(crate) async fn get_exact(&self, path: &str, want: &Bytes) -> Result<Resp, String> {
-        let r = self.send(Method::GET, path).await?;
+        let r = self
+            .client
+            .req(Method::GET, path)
+            .header("accept", fixtures::ACCEPT_ALL)
+            .send()
+            .await?;
         r.expect(&[200])?;
-        if &r.body != want {
+        if r.body != want {
             return Err(format!(
                 "body differs: {} bytes, expected {}",
                 r.body.len(),

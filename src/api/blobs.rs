@@ -20,14 +20,11 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
     let repo = repo(name)?;
     let digest = digest(d)?;
     let size = state.store.stat_blob(&repo, &digest).await?;
-    let range = match byte_range(req.headers(), size) {
-        Ok(r) => r,
-        Err(()) => {
-            return Err(
-                ApiError::new(Code::RangeInvalid, "requested range not satisfiable")
-                    .with_header(header::CONTENT_RANGE, value(&format!("bytes */{size}"))),
-            );
-        }
+    let Ok(range) = byte_range(req.headers(), size) else {
+        return Err(
+            ApiError::new(Code::RangeInvalid, "requested range not satisfiable")
+                .with_header(header::CONTENT_RANGE, value(&format!("bytes */{size}"))),
+        );
     };
     let (status, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),

@@ -273,9 +273,9 @@ impl Runner {
         );
         let r = async {
             let loc = self.start_upload(&ns).await?;
-            let cut = loc.rfind('/').map(|i| &loc[..=i]).unwrap_or("");
-            let q = loc.find('?').map(|i| &loc[i..]).unwrap_or("");
-            let bogus = format!("{cut}0123456789abcdef0123456789abcdef{q}");
+            let path = loc.split('?').next().unwrap_or("");
+            let cut = path.rfind('/').map(|i| &path[..=i]).unwrap_or("");
+            let bogus = format!("{cut}0123456789abcdef0123456789abcdef");
             let r = self.send(Method::GET, &bogus).await?;
             r.expect(&[404])?;
             match r.error_code().as_deref() {

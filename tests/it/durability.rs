@@ -1,0 +1,259 @@
+//! Crash and restart: SIGKILL mid-upload, restarts after pushes. These run the real `berth`
+//! binary as a child process.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use reqwest::{Client, StatusCode};
+use serde_json::json;
+
+use crate::support::{digest, spawn_berth};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn random(n: usize, seed: u8) -> Vec<u8> {
+    // Cheap deterministic noise (xorshift) that does not compress.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_upload_keeps_committed_chunks_and_shows_no_partial_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let c = Client::new();
+    let blob = random(3 << 20, 1);
+    let d = digest(&blob);
+    let first = 1 << 20;
+
+    let p = spawn_berth(&data_dir);
+    let root = p.root();
+    let r = c
+        .post(format!("{root}/v2/crash/test/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let r = c
+        .patch(format!("{root}{loc}"))
+        .header("content-range", format!("0-{}", first - 1))
+        .body(blob[..first].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+
+    // Start a second chunk by hand and die halfway through its body.
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    let rest = blob.len() - first;
+    write!(
+        s,
+        "PATCH {loc} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Range: {first}-{}\r\nContent-Length: {rest}\r\n\r\n",
+        p.addr,
+        blob.len() - 1
+    )
+    .unwrap();
+    s.write_all(&blob[first..first + rest / 2]).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    p.sigkill();
+    drop(s);
+
+    let p = spawn_berth(&data_dir);
+    let root = p.root();
+    let r = c
+        .head(format!("{root}/v2/crash/test/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "a partial blob is visible"
+    );
+    let r = c.get(format!("{root}{loc}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        r.headers()["range"].to_str().unwrap(),
+        format!("0-{}", first - 1),
+        "committed chunk lost"
+    );
+    let r = c
+        .patch(format!("{root}{loc}"))
+        .header("content-range", format!("{first}-{}", blob.len() - 1))
+        .body(blob[first..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .put(format!("{root}{loc}?digest={d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    let got = c
+        .get(format!("{root}/v2/crash/test/blobs/{d}"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(digest(&got), d);
+}
+
+async fn push_image(
+    c: &Client,
+    root: &str,
+    repo: &str,
+    tag: &str,
+    seed: u8,
+) -> (String, Vec<(String, Vec<u8>)>) {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layers = [
+        random(200_000, seed),
+        random(50_000, seed.wrapping_add(100)),
+    ];
+    let mut blobs = vec![(digest(&config), config.clone())];
+    blobs.extend(layers.iter().map(|l| (digest(l), l.clone())));
+    for (d, b) in &blobs {
+        let r = c
+            .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .body(b.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0].0, "size": config.len()},
+        "layers": blobs[1..].iter().map(|(d, b)| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": b.len()})).collect::<Vec<_>>(),
+    }))
+    .unwrap();
+    let r = c
+        .put(format!("{root}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    blobs.push((digest(&m), m));
+    (digest(&blobs.last().unwrap().1), blobs)
+}
+
+async fn pull_all(c: &Client, root: &str, repo: &str, tag: &str, want: &[(String, Vec<u8>)]) {
+    let (md, _) = want.last().unwrap();
+    let r = c
+        .get(format!("{root}/v2/{repo}/manifests/{tag}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{repo}:{tag} lost");
+    assert_eq!(digest(&r.bytes().await.unwrap()), *md);
+    for (d, _) in &want[..want.len() - 1] {
+        let b = c
+            .get(format!("{root}/v2/{repo}/blobs/{d}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(digest(&b), *d, "{repo}: blob {d} lost or corrupt");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_keep_every_pushed_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let c = Client::new();
+    let p = spawn_berth(&data_dir);
+    let mut images = Vec::new();
+    for (i, repo) in ["one", "two/deep", "three"].iter().enumerate() {
+        let (_, blobs) = push_image(&c, &p.root(), repo, "v1", i as u8).await;
+        images.push((repo.to_string(), blobs));
+    }
+    // Graceful stop (SIGTERM) ...
+    let pid = p.child.id();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let mut p = p;
+    let status = p.child.wait().unwrap();
+    assert!(status.success(), "berth exited with {status} on SIGTERM");
+    drop(p);
+    let p = spawn_berth(&data_dir);
+    for (repo, blobs) in &images {
+        pull_all(&c, &p.root(), repo, "v1", blobs).await;
+    }
+    // ... and a crash right after acknowledged pushes.
+    let (_, blobs) = push_image(&c, &p.root(), "four", "latest", 9).await;
+    images.push(("four".into(), blobs));
+    p.sigkill();
+    let p = spawn_berth(&data_dir);
+    for (repo, blobs) in &images {
+        let tag = if repo == "four" { "latest" } else { "v1" };
+        pull_all(&c, &p.root(), repo, tag, blobs).await;
+    }
+}
+
+/// A 1 GiB push streamed through the server: peak RSS must stay far below the blob size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1gib_push_keeps_memory_bounded() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_berth(&dir.path().join("data"));
+    let c = Client::new();
+    const SIZE: usize = 1 << 30;
+    const CHUNK: usize = 1 << 20;
+    let chunk = random(CHUNK, 7);
+    let mut h = sha2::Sha256::new();
+    for i in 0..SIZE / CHUNK {
+        h.update(&chunk[..]);
+        h.update((i as u64).to_le_bytes());
+    }
+    let d = format!("sha256:{}", hex::encode(h.finalize()));
+    let body = futures_util::stream::iter((0..SIZE / CHUNK).map(move |i| {
+        let mut v = chunk.clone();
+        v.extend_from_slice(&(i as u64).to_le_bytes());
+        Ok::<_, std::io::Error>(v)
+    }));
+    let r = c
+        .post(format!("{}/v2/big/blobs/uploads/", p.root()))
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let r = c
+        .patch(format!("{}{loc}", p.root()))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .put(format!("{}{loc}?digest={d}", p.root()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    let peak = p.peak_rss_kib();
+    eprintln!("peak RSS during a 1 GiB push: {} MiB", peak / 1024);
+    assert!(
+        peak > 0 && peak < 64 * 1024,
+        "peak RSS {peak} KiB exceeds 64 MiB"
+    );
+}

@@ -1,0 +1,187 @@
+//! Test servers: Berth in-process or as a child process, and Distribution (Debian's
+//! `docker-registry`) as a reference. Everything listens on 127.0.0.1 only.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth::config::Config;
+use tokio::sync::oneshot;
+
+/// Berth running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    /// Dropping it shuts the server down.
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config {
+            data: dir.path().to_owned(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let state = berth::AppState::open(config).await.expect("open storage");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(berth::serve(listener, state, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            dir,
+            _stop: tx,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn root(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A child process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn root(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn sigkill(mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Waits until something accepts connections on `addr`.
+pub fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{what} did not start listening on {addr}; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Runs the `berth` binary on a free loopback port with `data` as its data directory.
+pub fn spawn_berth(data: &Path) -> Proc {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let log = data.with_extension("log");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["serve", "--listen", &addr.to_string(), "--data"])
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn berth");
+    wait_listening(addr, "berth", &log);
+    Proc { child, addr }
+}
+
+/// The reference registry (CNCF Distribution 2.8, Debian's `docker-registry`), deletes on.
+pub fn spawn_distribution(dir: &Path) -> Proc {
+    let bin = which("docker-registry").expect(
+        "docker-registry is not installed: `apt-get install docker-registry` (./scripts/test does it)",
+    );
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        ),
+    )
+    .expect("write config");
+    let log = dir.join("registry.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("spawn docker-registry");
+    wait_listening(addr, "docker-registry", &log);
+    Proc { child, addr }
+}
+
+/// Finds a program on PATH (or in /usr/sbin, /usr/bin).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// A program the test needs; a clear failure when absent.
+pub fn require(name: &str) -> PathBuf {
+    which(name).unwrap_or_else(|| {
+        panic!("{name} is not installed; ./scripts/test installs the test dependencies")
+    })
+}
+
+/// `sha256:<hex>`.
+pub fn digest(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
