@@ -14,6 +14,7 @@
 //! [registry]
 //! delete_enabled = true         # allow DELETE of manifests, tags and blobs
 //! anonymous_mount = true        # cross-repository mount without `from`
+//! upload_expiry = "24h"         # drop upload sessions untouched this long
 //!
 //! [log]
 //! format = "text"               # "text" or "json"
@@ -22,6 +23,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use berth_storage::StorageConfig;
 use berth_storage::backend::BlobBackend;
@@ -108,6 +110,9 @@ pub struct RegistrySection {
     pub delete_enabled: bool,
     /// Mount a blob from any repository when a client asks for a mount without `from`.
     pub anonymous_mount: bool,
+    /// Upload sessions untouched for this long are dropped with their data.
+    #[serde(with = "humantime_serde")]
+    pub upload_expiry: Duration,
 }
 
 impl Default for RegistrySection {
@@ -115,6 +120,7 @@ impl Default for RegistrySection {
         Self {
             delete_enabled: true,
             anonymous_mount: true,
+            upload_expiry: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -184,6 +190,9 @@ impl Config {
         if self.storage.backend == Backend::Memory && self.storage.root.is_some() {
             problems.push("storage.root: only applies to the filesystem backend".to_owned());
         }
+        if self.registry.upload_expiry < Duration::from_secs(60) {
+            problems.push("registry.upload_expiry: must be at least 1m".to_owned());
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
@@ -225,6 +234,13 @@ mod tests {
         assert!(e.to_string().contains("listne"), "{e}");
         let e = Config::parse("[registry]\ndelete = true\n").unwrap_err();
         assert!(e.to_string().contains("delete"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = Config::parse("[registry]\nupload_expiry = \"12h\"\n").unwrap();
+        assert_eq!(c.registry.upload_expiry, Duration::from_secs(12 * 3600));
+        assert!(Config::parse("[registry]\nupload_expiry = \"5s\"\n").is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`api`]: the HTTP API (axum): one route table, a path parser, handlers per resource.
 //! - [`config`]: the configuration file and its defaults.
+//! - [`jobs`]: background work (pull-time flushes, upload expiry).
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
 //! - [`telemetry`]: logging set-up.
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod jobs;
 pub mod state;
 pub mod telemetry;
 
@@ -26,14 +28,17 @@ pub fn app(state: AppState) -> axum::Router {
     api::router(state)
 }
 
-/// Serves the registry on `listener` until `shutdown` resolves, then lets in-flight requests
-/// finish.
+/// Serves the registry on `listener` until `shutdown` resolves, with its background jobs;
+/// then lets in-flight requests finish, stops the jobs and writes what they hold.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    let jobs = jobs::Jobs::start(&state);
+    let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    jobs.stop().await;
+    served
 }

@@ -33,6 +33,7 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
     let body = if req.method() == Method::HEAD {
         Body::empty()
     } else {
+        state.store.record_blob_pull(&digest);
         Body::from_stream(state.store.read_blob(&repo, &digest, range).await?.body)
     };
     let mut resp = (status, body).into_response();

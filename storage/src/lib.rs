@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod blob;
 pub mod error;
+pub mod maintenance;
 pub mod manifest;
 pub mod meta;
 pub mod names;

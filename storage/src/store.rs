@@ -96,12 +96,15 @@ pub struct Page {
 
 /// The registry's storage: blob objects plus metadata.
 pub struct Store {
-    objects: Arc<dyn ObjectStore>,
-    db: Db,
+    pub(crate) objects: Arc<dyn ObjectStore>,
+    pub(crate) db: Db,
     /// Running SHA-256 state of uploads whose chunks passed through this process, keyed by
     /// session id, with the offset it has hashed up to. Only an optimisation: without it the
     /// chunks are re-read when the upload finishes.
     hashers: Mutex<HashMap<String, (u64, Hasher)>>,
+    /// Pull times not yet written: reads never wait on a database write (see
+    /// [`Store::flush_access`]).
+    pub(crate) pulls: Mutex<crate::maintenance::PendingPulls>,
 }
 
 impl std::fmt::Debug for Store {
@@ -137,6 +140,7 @@ impl Store {
             objects,
             db,
             hashers: Mutex::new(HashMap::new()),
+            pulls: Mutex::new(Default::default()),
         }
     }
 
@@ -497,7 +501,7 @@ impl Store {
         Ok(())
     }
 
-    async fn drop_upload(&self, id: &str) -> Result<()> {
+    pub(crate) async fn drop_upload(&self, id: &str) -> Result<()> {
         let sid = id.to_owned();
         self.db
             .write(move |tx| {

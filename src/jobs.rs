@@ -1,0 +1,82 @@
+//! Background jobs. Each is a `run_once` plus a loop on an interval, spawned on one
+//! [`TaskTracker`] and stopped through one [`CancellationToken`], so shutdown waits for them.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::state::AppState;
+
+/// How often recorded pull times are written.
+const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// How often stale upload sessions are looked for.
+const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// The running jobs.
+pub struct Jobs {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    state: AppState,
+}
+
+impl Jobs {
+    /// Starts every job.
+    pub fn start(state: &AppState) -> Self {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let s = state.clone();
+        tracker.spawn(every(FLUSH_EVERY, cancel.clone(), move || {
+            let s = s.clone();
+            async move {
+                if let Err(e) = s.store.flush_access().await {
+                    warn!(error = %e, "writing pull times failed");
+                }
+            }
+        }));
+        let s = state.clone();
+        tracker.spawn(every(EXPIRE_EVERY, cancel.clone(), move || {
+            let s = s.clone();
+            async move {
+                if let Err(e) = s
+                    .store
+                    .expire_uploads(s.config.registry.upload_expiry)
+                    .await
+                {
+                    warn!(error = %e, "expiring upload sessions failed");
+                }
+            }
+        }));
+        tracker.close();
+        Self {
+            cancel,
+            tracker,
+            state: state.clone(),
+        }
+    }
+
+    /// Stops the jobs, waits for them, and writes pending pull times.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.wait().await;
+        if let Err(e) = self.state.store.flush_access().await {
+            warn!(error = %e, "writing pull times at shutdown failed");
+        }
+    }
+}
+
+async fn every<F, Fut>(period: Duration, cancel: CancellationToken, mut run_once: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => run_once().await,
+        }
+    }
+}

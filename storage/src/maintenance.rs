@@ -1,0 +1,154 @@
+//! Housekeeping the server runs in the background: writing pull times in batches and expiring
+//! abandoned upload sessions.
+//!
+//! Pull times feed cache eviction and the untagged-manifest policy of garbage collection; they
+//! are kept in memory and written every few seconds so that no GET waits on a database write.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rusqlite::params;
+use tracing::info;
+
+use crate::error::Result;
+use crate::meta::now;
+use crate::names::{Digest, RepoName};
+use crate::store::Store;
+
+/// Pulls recorded since the last flush: (repository, digest) → unix time of the latest.
+#[derive(Debug, Default)]
+pub struct PendingPulls {
+    manifests: HashMap<(String, String), i64>,
+    blobs: HashMap<String, i64>,
+}
+
+impl Store {
+    /// Notes that `repo` served manifest `digest` (in memory only).
+    pub fn record_manifest_pull(&self, repo: &RepoName, digest: &Digest) {
+        if let Ok(mut p) = self.pulls.lock() {
+            p.manifests
+                .insert((repo.to_string(), digest.to_string()), now());
+        }
+    }
+
+    /// Notes that blob `digest` was served (in memory only).
+    pub fn record_blob_pull(&self, digest: &Digest) {
+        if let Ok(mut p) = self.pulls.lock() {
+            p.blobs.insert(digest.to_string(), now());
+        }
+    }
+
+    /// Writes recorded pull times in one transaction; returns how many rows were touched.
+    pub async fn flush_access(&self) -> Result<usize> {
+        let pending = match self.pulls.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return Ok(0),
+        };
+        if pending.manifests.is_empty() && pending.blobs.is_empty() {
+            return Ok(0);
+        }
+        self.db
+            .write(move |tx| {
+                let mut n = 0;
+                let mut m = tx.prepare_cached(
+                    "UPDATE manifests SET last_pulled = max(coalesce(last_pulled, 0), ?3)
+                     WHERE digest = ?2 AND repo_id = (SELECT id FROM repos WHERE name = ?1)",
+                )?;
+                for ((repo, digest), t) in &pending.manifests {
+                    n += m.execute(params![repo, digest, t])?;
+                }
+                let mut b = tx.prepare_cached(
+                    "UPDATE blobs SET last_access = max(last_access, ?2) WHERE digest = ?1",
+                )?;
+                for (digest, t) in &pending.blobs {
+                    n += b.execute(params![digest, t])?;
+                }
+                Ok(n)
+            })
+            .await
+    }
+
+    /// Drops upload sessions untouched for `max_age`, with their chunk objects; returns how
+    /// many were dropped.
+    pub async fn expire_uploads(&self, max_age: Duration) -> Result<usize> {
+        let cutoff = now() - i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        let stale: Vec<String> = self
+            .db
+            .read(move |c| {
+                let mut st = c.prepare("SELECT id FROM uploads WHERE updated_at < ?1")?;
+                let ids = st
+                    .query_map([cutoff], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<String>>>()?;
+                Ok(ids)
+            })
+            .await?;
+        for id in &stale {
+            self.drop_upload(id).await?;
+        }
+        if !stale.is_empty() {
+            info!(count = stale.len(), "expired stale upload sessions");
+        }
+        Ok(stale.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::StreamExt;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::meta::Db;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("m.db")).unwrap();
+        (dir, Store::new(Arc::new(InMemory::new()), db))
+    }
+
+    fn body(data: &'static [u8]) -> crate::ByteStream {
+        futures_util::stream::once(async move { Ok(bytes::Bytes::from_static(data)) }).boxed()
+    }
+
+    #[tokio::test]
+    async fn stale_uploads_expire_with_their_chunks() {
+        let (_d, s) = store().await;
+        let repo: RepoName = "a".parse().unwrap();
+        let up = s.start_upload(&repo).await.unwrap();
+        s.append_upload(&repo, &up.id, None, None, body(b"hello"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.expire_uploads(Duration::from_secs(3600)).await.unwrap(),
+            0
+        );
+        s.db.write(|tx| Ok(tx.execute("UPDATE uploads SET updated_at = updated_at - 10", [])?))
+            .await
+            .unwrap();
+        assert_eq!(s.expire_uploads(Duration::from_secs(5)).await.unwrap(), 1);
+        assert!(s.upload_status(&repo, &up.id).await.is_err());
+        let left: Vec<_> = s.objects.list(None).collect().await;
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn pulls_are_written_in_batches() {
+        let (_d, s) = store().await;
+        let repo: RepoName = "a".parse().unwrap();
+        let d = Digest::sha256(b"x");
+        s.finish_upload(
+            &repo,
+            &s.start_upload(&repo).await.unwrap().id,
+            &d,
+            Some((None, None, body(b"x"))),
+        )
+        .await
+        .unwrap();
+        s.record_blob_pull(&d);
+        s.record_blob_pull(&d);
+        assert_eq!(s.flush_access().await.unwrap(), 1);
+        assert_eq!(s.flush_access().await.unwrap(), 0);
+    }
+}
