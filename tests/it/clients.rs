@@ -1,194 +1,630 @@
-//! Real clients against Berth. skopeo copies OCI layouts made here into Berth and back out;
-//! digests must survive the round trip.
+//! Real clients against the real `berth` binary: skopeo, podman, buildah, containerd's `ctr`,
+//! dockerd with the docker CLI, oras (Python SDK) and curl. Every daemon is started here with
+//! its own root, state and socket in a temp dir, and stopped again, also when a check fails.
+//!
+//! One test: it prints `PASS`/`FAIL` per client operation and a closing `N passed, N failed`
+//! (`./scripts/test` runs it with `--nocapture`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::support::{TestServer, digest, require};
+use crate::images::{Layout, OCI_INDEX, OCI_MANIFEST};
+use crate::support::{digest, require, spawn_berth};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// Writes a blob into an OCI layout; returns its descriptor.
-fn put(dir: &Path, media_type: &str, data: &[u8]) -> Value {
-    let d = digest(data);
-    let p = dir.join("blobs/sha256").join(&d["sha256:".len()..]);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, data).unwrap();
-    json!({ "mediaType": media_type, "digest": d, "size": data.len() })
+struct Suite {
+    passed: usize,
+    failed: Vec<String>,
 }
 
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Real gzip, so that clients leave layers as they are instead of compressing them.
-fn gzip(data: &[u8]) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
-/// An image with `layers` random layers for `arch`; returns the manifest descriptor.
-fn image(dir: &Path, arch: &str, layers: usize, seed: u64) -> Value {
-    let ls: Vec<Value> = (0..layers)
-        .map(|i| {
-            put(
-                dir,
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-                &gzip(&noise(300_000 + i * 1000, seed * 10 + i as u64)),
-            )
-        })
-        .collect();
-    let config = json!({
-        "architecture": arch, "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": ls.iter().map(|l| l["digest"].clone()).collect::<Vec<_>>()},
-        "config": {}
-    });
-    let c = put(
-        dir,
-        "application/vnd.oci.image.config.v1+json",
-        &serde_json::to_vec(&config).unwrap(),
-    );
-    let m = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": c, "layers": ls});
-    let mut d = put(dir, OCI_MANIFEST, &serde_json::to_vec(&m).unwrap());
-    d["platform"] = json!({"architecture": arch, "os": "linux"});
-    d
-}
-
-/// A layout holding `top` under tag `v1`.
-fn layout(dir: &Path, mut top: Value) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    top["annotations"] = json!({"org.opencontainers.image.ref.name": "v1"});
-    if top["mediaType"] == OCI_MANIFEST {
-        top.as_object_mut().unwrap().remove("platform");
+impl Suite {
+    fn op(&mut self, name: &str, f: impl FnOnce() -> Result<(), String>) {
+        match f() {
+            Ok(()) => {
+                println!("PASS {name}");
+                self.passed += 1;
+            }
+            Err(e) => {
+                println!("FAIL {name}: {e}");
+                self.failed.push(format!("{name}: {e}"));
+            }
+        }
     }
-    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [top]});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
-struct Skopeo {
-    bin: PathBuf,
+/// Runs a command; its stdout on success, else what it printed.
+fn sh(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: String = err
+            .chars()
+            .rev()
+            .take(1500)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect();
+        Err(format!(
+            "{:?} exited {}: {tail}",
+            cmd.get_program(),
+            out.status
+        ))
+    }
+}
+
+fn expect(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(msg()) }
+}
+
+/// A daemon stopped with SIGTERM (then SIGKILL) on drop.
+struct Daemon {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, log: &Path, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!(
+        "{what} did not come up: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    ))
+}
+
+fn start_containerd(dir: &Path) -> Result<(Daemon, PathBuf), String> {
+    let bin = require("containerd");
+    let sock = dir.join("containerd.sock");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = sock.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = dir.join("containerd.log");
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let d = Daemon {
+        child,
+        name: "containerd",
+    };
+    wait_for("containerd", &log, || {
+        sh(Command::new("ctr").arg("-a").arg(&sock).arg("version")).is_ok()
+    })?;
+    Ok((d, sock))
+}
+
+fn start_dockerd(dir: &Path) -> Result<(Daemon, String), String> {
+    let bin = require("dockerd");
+    let host = format!("unix://{}", dir.join("docker.sock").display());
+    let log = dir.join("dockerd.log");
+    let child = Command::new(bin)
+        .arg("--data-root")
+        .arg(dir.join("data"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("docker.pid"))
+        .args(["-H", &host])
+        .args([
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--ip-forward=false",
+            "--ip-masq=false",
+        ])
+        .args(["--storage-driver", "overlay2"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let d = Daemon {
+        child,
+        name: "dockerd",
+    };
+    wait_for("dockerd", &log, || sh(docker(&host).arg("version")).is_ok())?;
+    Ok((d, host))
+}
+
+fn docker(host: &str) -> Command {
+    // Debian's docker.io client matches its dockerd.
+    let bin = if Path::new("/usr/bin/docker").exists() {
+        PathBuf::from("/usr/bin/docker")
+    } else {
+        require("docker")
+    };
+    let mut c = Command::new(bin);
+    c.env("DOCKER_HOST", host).env(
+        "DOCKER_CONFIG",
+        std::env::temp_dir().join("berth-docker-config"),
+    );
+    c
+}
+
+struct Tools {
+    tmp: PathBuf,
     policy: PathBuf,
+    host: String,
 }
 
-impl Skopeo {
-    fn new(dir: &Path) -> Self {
-        let policy = dir.join("policy.json");
-        std::fs::write(
-            &policy,
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+impl Tools {
+    fn skopeo(&self) -> Command {
+        let mut c = Command::new(require("skopeo"));
+        c.arg("--policy").arg(&self.policy);
+        c
+    }
+
+    fn containers(&self, tool: &str) -> Command {
+        let mut c = Command::new(require(tool));
+        c.arg("--root").arg(self.tmp.join("storage/root"));
+        c.arg("--runroot").arg(self.tmp.join("storage/run"));
+        c.args(["--storage-driver", "vfs"]);
+        c.env(
+            "CONTAINERS_REGISTRIES_CONF",
+            self.tmp.join("registries.conf"),
+        );
+        c.env("REGISTRY_AUTH_FILE", self.tmp.join("auth.json"));
+        c.env("CONTAINERS_POLICY_JSON", &self.policy);
+        c.env("BUILDAH_ISOLATION", "chroot");
+        if tool == "podman" {
+            c.args(["--cgroup-manager", "cgroupfs", "--events-backend", "none"]);
+        }
+        c
+    }
+
+    /// The raw manifest Berth serves for `reference`, via skopeo.
+    fn raw(&self, reference: &str) -> Result<Vec<u8>, String> {
+        let out = self
+            .skopeo()
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                &format!("docker://{}/{reference}", self.host),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        expect(out.status.success(), || {
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        })?;
+        Ok(out.stdout)
+    }
+
+    fn media_type(&self, reference: &str) -> Result<String, String> {
+        let v: Value = serde_json::from_slice(&self.raw(reference)?).map_err(|e| e.to_string())?;
+        Ok(v["mediaType"].as_str().unwrap_or(OCI_MANIFEST).to_owned())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.host)
+    }
+}
+
+fn curl(args: &[&str]) -> Result<String, String> {
+    sh(Command::new(require("curl"))
+        .args(["-sS", "--fail-with-body"])
+        .args(args))
+}
+
+#[test]
+fn real_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let berth = spawn_berth(&tmp.path().join("berth-data"));
+    let host = berth.addr.to_string();
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("registries.conf"),
+        format!("unqualified-search-registries = []\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("auth.json"), "{}").unwrap();
+    let t = Tools {
+        tmp: tmp.path().to_owned(),
+        policy,
+        host: host.clone(),
+    };
+
+    let mut layout = Layout::new(&tmp.path().join("src"));
+    let small = layout.image("amd64", &[200_000], 1);
+    let multi = layout.image("amd64", &[20 << 20, 18 << 20, 12 << 20], 2);
+    let amd = layout.image("amd64", &[100_000], 3);
+    let arm = layout.image("arm64", &[100_000], 4);
+    let index = layout.index(&[amd.clone(), arm.clone()]);
+    layout.tag("small", &small);
+    layout.tag("multi", &multi);
+    layout.tag("index", &index);
+    let d = |v: &Value| v["digest"].as_str().unwrap_or_default().to_owned();
+
+    let mut s = Suite {
+        passed: 0,
+        failed: Vec::new(),
+    };
+
+    // ---- skopeo
+    for (what, tag, desc, all) in [
+        ("small image", "small", &small, false),
+        ("multi-layer image (50 MB)", "multi", &multi, false),
+        ("multi-arch index (--all)", "index", &index, true),
+    ] {
+        s.op(&format!("skopeo copy OCI layout -> berth: {what}"), || {
+            let mut c = t.skopeo();
+            c.args(["copy", "--preserve-digests", "--dest-tls-verify=false"]);
+            if all {
+                c.arg("--all");
+            }
+            sh(c.arg(layout.reference(tag))
+                .arg(format!("docker://{host}/skopeo/{tag}:1")))?;
+            let got = digest(&t.raw(&format!("skopeo/{tag}:1"))?);
+            expect(got == d(desc), || {
+                format!("berth serves {got}, pushed {}", d(desc))
+            })
+        });
+    }
+    s.op(
+        "skopeo copy berth -> OCI layout --all: same digests back",
+        || {
+            let out = tmp.path().join("out");
+            for tag in ["small", "multi", "index"] {
+                sh(t.skopeo()
+                    .args([
+                        "copy",
+                        "--all",
+                        "--preserve-digests",
+                        "--src-tls-verify=false",
+                    ])
+                    .arg(format!("docker://{host}/skopeo/{tag}:1"))
+                    .arg(format!("oci:{}:{tag}", out.display())))?;
+            }
+            for (tag, desc) in [("small", &small), ("multi", &multi), ("index", &index)] {
+                let got = Layout::tagged_digest(&out, tag).unwrap_or_default();
+                expect(got == d(desc), || format!("{tag}: {got} != {}", d(desc)))?;
+            }
+            Ok(())
+        },
+    );
+    s.op("skopeo copy --format v2s2", || {
+        sh(t.skopeo()
+            .args(["copy", "--format", "v2s2", "--dest-tls-verify=false"])
+            .arg(layout.reference("small"))
+            .arg(format!("docker://{host}/skopeo/v2s2:1")))?;
+        let mt = t.media_type("skopeo/v2s2:1")?;
+        expect(mt == DOCKER_MANIFEST, || format!("stored as {mt}"))
+    });
+    s.op("skopeo inspect", || {
+        let out = sh(t
+            .skopeo()
+            .args(["inspect", "--tls-verify=false"])
+            .arg(format!("docker://{host}/skopeo/small:1")))?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        expect(
+            v["Digest"] == d(&small) && v["Architecture"] == "amd64",
+            || format!("{v}"),
         )
-        .unwrap();
-        Self {
-            bin: require("skopeo"),
-            policy,
+    });
+    s.op("skopeo inspect --raw", || {
+        let v: Value =
+            serde_json::from_slice(&t.raw("skopeo/index:1")?).map_err(|e| e.to_string())?;
+        expect(
+            v["mediaType"] == OCI_INDEX && v["manifests"].as_array().map(Vec::len) == Some(2),
+            || format!("{v}"),
+        )
+    });
+    s.op("skopeo list-tags", || {
+        let out = sh(t
+            .skopeo()
+            .args(["list-tags", "--tls-verify=false"])
+            .arg(format!("docker://{host}/skopeo/small")))?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        expect(v["Tags"] == serde_json::json!(["1"]), || format!("{v}"))
+    });
+    s.op(
+        "skopeo copy berth -> berth (cross-repository mount)",
+        || {
+            sh(t.skopeo()
+                .args([
+                    "copy",
+                    "--preserve-digests",
+                    "--src-tls-verify=false",
+                    "--dest-tls-verify=false",
+                ])
+                .arg(format!("docker://{host}/skopeo/multi:1"))
+                .arg(format!("docker://{host}/skopeo/copied:1")))?;
+            let got = digest(&t.raw("skopeo/copied:1")?);
+            expect(got == d(&multi), || format!("{got} != {}", d(&multi)))
+        },
+    );
+    s.op("skopeo delete", || {
+        sh(t.skopeo()
+            .args(["delete", "--tls-verify=false"])
+            .arg(format!("docker://{host}/skopeo/v2s2:1")))?;
+        expect(t.raw("skopeo/v2s2:1").is_err(), || {
+            "still there after delete".into()
+        })
+    });
+
+    // ---- podman and buildah
+    s.op("podman pull", || {
+        sh(t.containers("podman")
+            .args(["pull", "--tls-verify=false"])
+            .arg(format!("{host}/skopeo/small:1")))
+        .map(|_| ())
+    });
+    for (fmt, want) in [("oci", OCI_MANIFEST), ("v2s2", DOCKER_MANIFEST)] {
+        s.op(&format!("podman push --format {fmt}"), || {
+            sh(t.containers("podman")
+                .args(["push", "--tls-verify=false", "--format", fmt])
+                .arg(format!("{host}/skopeo/small:1"))
+                .arg(format!("{host}/podman/{fmt}:1")))?;
+            let mt = t.media_type(&format!("podman/{fmt}:1"))?;
+            expect(mt == want, || format!("stored as {mt}"))
+        });
+    }
+    s.op("podman manifest create/add/push --all", || {
+        let list = "berth-test-list";
+        let _ = sh(t.containers("podman").args(["manifest", "rm", list]));
+        sh(t.containers("podman").args(["manifest", "create", list]))?;
+        sh(t.containers("podman")
+            .args(["manifest", "add", "--all", "--tls-verify=false", list])
+            .arg(format!("docker://{host}/skopeo/index:1")))?;
+        sh(t.containers("podman")
+            .args(["manifest", "push", "--all", "--tls-verify=false", list])
+            .arg(format!("docker://{host}/podman/list:1")))?;
+        let v: Value =
+            serde_json::from_slice(&t.raw("podman/list:1")?).map_err(|e| e.to_string())?;
+        expect(v["manifests"].as_array().map(Vec::len) == Some(2), || {
+            format!("{v}")
+        })
+    });
+    s.op("podman search --list-tags", || {
+        let out = sh(t
+            .containers("podman")
+            .args(["search", "--list-tags", "--tls-verify=false"])
+            .arg(format!("{host}/skopeo/small")))?;
+        expect(
+            out.lines()
+                .any(|l| l.split_whitespace().last() == Some("1")),
+            || out.clone(),
+        )
+    });
+    s.op("buildah from / copy / commit / push", || {
+        let ctr = sh(t
+            .containers("buildah")
+            .args(["from", "--tls-verify=false"])
+            .arg(format!("{host}/skopeo/small:1")))?;
+        let ctr = ctr.trim();
+        let file = tmp.path().join("added.txt");
+        std::fs::write(&file, "added by buildah").map_err(|e| e.to_string())?;
+        sh(t.containers("buildah")
+            .args(["copy", ctr])
+            .arg(&file)
+            .arg("/added.txt"))?;
+        sh(t.containers("buildah")
+            .args(["commit", ctr, "berth-buildah-img"]))?;
+        sh(t.containers("buildah")
+            .args(["push", "--tls-verify=false", "berth-buildah-img"])
+            .arg(format!("docker://{host}/buildah/img:1")))?;
+        let v: Value =
+            serde_json::from_slice(&t.raw("buildah/img:1")?).map_err(|e| e.to_string())?;
+        let _ = sh(t.containers("buildah").args(["rm", ctr]));
+        expect(v["layers"].as_array().map(Vec::len) == Some(2), || {
+            format!("expected 2 layers: {v}")
+        })
+    });
+
+    // ---- containerd
+    let ctd_dir = tmp.path().join("containerd");
+    std::fs::create_dir_all(&ctd_dir).unwrap();
+    match start_containerd(&ctd_dir) {
+        Err(e) => s.op("containerd starts", || Err(e)),
+        Ok((_daemon, sock)) => {
+            let ctr = || {
+                let mut c = Command::new(require("ctr"));
+                c.arg("-a").arg(&sock).args(["-n", "berth"]);
+                c
+            };
+            s.op("ctr images pull --plain-http", || {
+                sh(ctr()
+                    .args(["images", "pull", "--plain-http"])
+                    .arg(format!("{host}/skopeo/multi:1")))
+                .map(|_| ())
+            });
+            s.op("ctr images pull --plain-http --all-platforms", || {
+                sh(ctr()
+                    .args(["images", "pull", "--plain-http", "--all-platforms"])
+                    .arg(format!("{host}/skopeo/index:1")))
+                .map(|_| ())
+            });
+            s.op("ctr images push --plain-http", || {
+                sh(ctr()
+                    .args(["images", "tag"])
+                    .arg(format!("{host}/skopeo/multi:1"))
+                    .arg(format!("{host}/ctr/pushed:1")))?;
+                sh(ctr()
+                    .args(["images", "push", "--plain-http"])
+                    .arg(format!("{host}/ctr/pushed:1")))?;
+                let got = digest(&t.raw("ctr/pushed:1")?);
+                expect(got == d(&multi), || format!("{got} != {}", d(&multi)))
+            });
+            s.op("ctr images push --plain-http (multi-arch index)", || {
+                sh(ctr()
+                    .args(["images", "tag"])
+                    .arg(format!("{host}/skopeo/index:1"))
+                    .arg(format!("{host}/ctr/index:1")))?;
+                sh(ctr()
+                    .args(["images", "push", "--plain-http"])
+                    .arg(format!("{host}/ctr/index:1")))?;
+                let got = digest(&t.raw("ctr/index:1")?);
+                expect(got == d(&index), || format!("{got} != {}", d(&index)))
+            });
         }
     }
 
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.bin)
-            .arg("--policy")
-            .arg(&self.policy)
-            .args(args)
-            .output()
-            .expect("run skopeo");
-        assert!(
-            out.status.success(),
-            "skopeo {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    // ---- Docker engine
+    let dkd_dir = tmp.path().join("dockerd");
+    std::fs::create_dir_all(&dkd_dir).unwrap();
+    match start_dockerd(&dkd_dir) {
+        Err(e) => s.op("dockerd starts", || Err(e)),
+        Ok((_daemon, dh)) => {
+            s.op("docker pull", || {
+                sh(docker(&dh)
+                    .args(["pull", "-q"])
+                    .arg(format!("{host}/skopeo/multi:1")))
+                .map(|_| ())
+            });
+            s.op("docker push", || {
+                sh(docker(&dh)
+                    .arg("tag")
+                    .arg(format!("{host}/skopeo/multi:1"))
+                    .arg(format!("{host}/docker/pushed:1")))?;
+                sh(docker(&dh)
+                    .arg("push")
+                    .arg(format!("{host}/docker/pushed:1")))?;
+                let v: Value = serde_json::from_slice(&t.raw("docker/pushed:1")?)
+                    .map_err(|e| e.to_string())?;
+                expect(v["layers"].as_array().map(Vec::len) == Some(3), || {
+                    format!("{v}")
+                })
+            });
+            s.op("docker pull of what docker pushed", || {
+                sh(docker(&dh)
+                    .arg("rmi")
+                    .arg(format!("{host}/docker/pushed:1"))
+                    .arg(format!("{host}/skopeo/multi:1")))?;
+                sh(docker(&dh)
+                    .args(["pull", "-q"])
+                    .arg(format!("{host}/docker/pushed:1")))
+                .map(|_| ())
+            });
+            let _ = sh(docker(&dh).args(["system", "prune", "-af"]));
+        }
     }
-}
 
-fn top_digest(layout: &Path) -> String {
-    let v: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    v["manifests"][0]["digest"].as_str().unwrap().to_owned()
-}
+    // ---- oras (Python SDK)
+    s.op("oras push (monolithic and chunked), tags, pull", || {
+        let script = tmp.path().join("oras_check.py");
+        std::fs::write(&script, ORAS_SCRIPT).map_err(|e| e.to_string())?;
+        let out = sh(Command::new("python3")
+            .arg(&script)
+            .arg(&host)
+            .arg(tmp.path().join("oras"))
+            .arg(d(&small)))?;
+        expect(out.contains("oras ok"), || out.clone())
+    });
 
-async fn round_trip(all: bool) {
-    let s = TestServer::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    let top = if all {
-        let a = image(&src, "amd64", 2, 1);
-        let b = image(&src, "arm64", 2, 2);
-        let idx = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [a, b]});
-        put(&src, OCI_INDEX, &serde_json::to_vec(&idx).unwrap())
-    } else {
-        image(&src, "amd64", 4, 3)
-    };
-    layout(&src, top);
-    let want = top_digest(&src);
-    let sk = Skopeo::new(tmp.path());
-    let repo = if all {
-        "skopeo/multiarch"
-    } else {
-        "skopeo/multilayer"
-    };
-    let dest = format!("docker://{}/{repo}:v1", s.addr);
-    let src_ref = format!("oci:{}:v1", src.display());
-    let mut args = vec!["copy", "--preserve-digests", "--dest-tls-verify=false"];
-    if all {
-        args.push("--all");
-    }
-    args.extend([src_ref.as_str(), dest.as_str()]);
-    sk.run(&args);
-    let raw = sk.run(&["inspect", "--raw", "--tls-verify=false", &dest]);
-    assert_eq!(
-        digest(raw.as_bytes()),
-        want,
-        "the registry serves other bytes than were pushed"
+    // ---- curl for what the others do not do
+    s.op("curl: referrers of the image oras signed", || {
+        let out = curl(&[&t.url(&format!("/v2/skopeo/small/referrers/{}", d(&small)))])?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        let n = v["manifests"].as_array().map(Vec::len).unwrap_or(0);
+        expect(
+            n == 1 && v["manifests"][0]["artifactType"] == "application/vnd.dev.berth.signature",
+            || out.clone(),
+        )
+    });
+    s.op("curl: catalog", || {
+        let out = curl(&[&t.url("/v2/_catalog")])?;
+        expect(
+            [
+                "skopeo/small",
+                "podman/oci",
+                "buildah/img",
+                "ctr/pushed",
+                "docker/pushed",
+            ]
+            .iter()
+            .all(|r| out.contains(r)),
+            || out.clone(),
+        )
+    });
+
+    drop(berth);
+    println!("{} passed, {} failed", s.passed, s.failed.len());
+    assert!(
+        s.failed.is_empty(),
+        "client operations failed:\n{}",
+        s.failed.join("\n")
     );
-    let out = tmp.path().join("out");
-    let out_ref = format!("oci:{}:v1", out.display());
-    let mut args = vec!["copy", "--preserve-digests", "--src-tls-verify=false"];
-    if all {
-        args.push("--all");
-    }
-    args.extend([dest.as_str(), out_ref.as_str()]);
-    sk.run(&args);
-    assert_eq!(top_digest(&out), want, "digest changed on the way back out");
-    // Every blob that went in came back out, byte for byte.
-    for e in std::fs::read_dir(src.join("blobs/sha256"))
-        .unwrap()
-        .flatten()
-    {
-        let back = out.join("blobs/sha256").join(e.file_name());
-        let got = std::fs::read(&back)
-            .unwrap_or_else(|_| panic!("{} missing after the round trip", back.display()));
-        assert_eq!(got, std::fs::read(e.path()).unwrap());
-    }
-    let tags = sk.run(&[
-        "list-tags",
-        "--tls-verify=false",
-        &format!("docker://{}/{repo}", s.addr),
-    ]);
-    let tags: Value = serde_json::from_str(&tags).unwrap();
-    assert_eq!(tags["Tags"], json!(["v1"]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skopeo_copies_a_multi_layer_image_in_and_out() {
-    round_trip(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skopeo_copies_a_multi_arch_index_in_and_out() {
-    round_trip(true).await;
-}
+/// Pushes an artifact with oras-py monolithically and in chunks (one a signature of the small
+/// image), lists tags and pulls the artifact back.
+const ORAS_SCRIPT: &str = r#"
+import hashlib, json, os, sys
+import oras.client
+host, work, subject = sys.argv[1], sys.argv[2], sys.argv[3]
+os.makedirs(work, exist_ok=True)
+os.chdir(work)
+data = os.urandom(3 * 1024 * 1024 + 17)
+with open("artifact.bin", "wb") as f:
+    f.write(data)
+c = oras.client.OrasClient(hostname=host, insecure=True)
+c.push(target=f"{host}/oras/artifact:mono", files=["artifact.bin"])
+c.push(target=f"{host}/oras/artifact:chunked", files=["artifact.bin"], do_chunked=True, chunk_size=1024 * 1024)
+tags = c.get_tags(f"{host}/oras/artifact")
+assert sorted(tags) == ["chunked", "mono"], tags
+for tag in ["mono", "chunked"]:
+    out = os.path.join(work, "pulled-" + tag)
+    files = c.pull(target=f"{host}/oras/artifact:{tag}", outdir=out)
+    got = open(files[0], "rb").read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), tag
+# A signature-like referrer of the small image.
+import requests, oras.oci
+r = requests.get(f"http://{host}/v2/skopeo/small/manifests/{subject}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+r.raise_for_status()
+sub = oras.oci.Subject(mediaType=r.headers["Content-Type"], digest=subject, size=len(r.content))
+with open("sig.txt", "w") as f:
+    f.write("signature")
+with open("sigconfig.json", "w") as f:
+    f.write("{}")
+c.push(target=f"{host}/skopeo/small:sig", files=["sig.txt"], manifest_config="sigconfig.json:application/vnd.dev.berth.signature", subject=sub)
+print("oras ok")
+"#;

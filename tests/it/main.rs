@@ -5,4 +5,5 @@ mod cli;
 mod clients;
 mod conformance;
 mod durability;
+mod images;
 mod support;

@@ -1,0 +1,143 @@
+//! Test images built offline and deterministically: real tar+gzip layers with matching
+//! `diff_ids`, written as an OCI image layout that skopeo, podman and friends can read.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::support::digest;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// Incompressible bytes from a seed (xorshift).
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// An OCI image layout on disk.
+pub struct Layout {
+    pub dir: PathBuf,
+    refs: Vec<Value>,
+}
+
+impl Layout {
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let l = Self {
+            dir: dir.to_owned(),
+            refs: Vec::new(),
+        };
+        l.write_index();
+        l
+    }
+
+    /// `oci:<dir>:<tag>` for skopeo.
+    pub fn reference(&self, tag: &str) -> String {
+        format!("oci:{}:{tag}", self.dir.display())
+    }
+
+    /// Stores a blob; returns its descriptor.
+    pub fn blob(&self, media_type: &str, data: &[u8]) -> Value {
+        let d = digest(data);
+        std::fs::write(self.dir.join("blobs/sha256").join(&d[7..]), data).unwrap();
+        json!({ "mediaType": media_type, "digest": d, "size": data.len() })
+    }
+
+    /// An image for `arch` with one layer per entry of `layer_sizes` (each a tar holding one
+    /// file of random bytes); returns the manifest descriptor with its platform.
+    pub fn image(&self, arch: &str, layer_sizes: &[usize], seed: u64) -> Value {
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for (i, size) in layer_sizes.iter().enumerate() {
+            let tar = tarball(
+                &format!("data/{arch}-{seed}-{i}.bin"),
+                &noise(*size, seed * 100 + i as u64),
+            );
+            diff_ids.push(digest(&tar));
+            layers.push(self.blob(LAYER_GZIP, &gzip(&tar)));
+        }
+        let config = json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": { "Cmd": ["/bin/true"], "Labels": { "seed": seed.to_string() } },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
+            "history": layer_sizes.iter().map(|_| json!({"created_by": "berth test"})).collect::<Vec<_>>(),
+        });
+        let c = self.blob(
+            "application/vnd.oci.image.config.v1+json",
+            &serde_json::to_vec(&config).unwrap(),
+        );
+        let m =
+            json!({ "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": c, "layers": layers });
+        let mut d = self.blob(OCI_MANIFEST, &serde_json::to_vec(&m).unwrap());
+        d["platform"] = json!({ "architecture": arch, "os": "linux" });
+        d
+    }
+
+    /// An index over `children`.
+    pub fn index(&self, children: &[Value]) -> Value {
+        let m = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children });
+        self.blob(OCI_INDEX, &serde_json::to_vec(&m).unwrap())
+    }
+
+    /// Names `desc` as `tag` in index.json.
+    pub fn tag(&mut self, tag: &str, desc: &Value) {
+        let mut d = desc.clone();
+        if d["mediaType"] == OCI_MANIFEST {
+            d.as_object_mut().unwrap().remove("platform");
+        }
+        d["annotations"] = json!({ "org.opencontainers.image.ref.name": tag });
+        self.refs.push(d);
+        self.write_index();
+    }
+
+    fn write_index(&self) {
+        let idx = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.refs });
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&idx).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// The digest tagged `tag` in a layout on disk (for layouts written by clients).
+    pub fn tagged_digest(dir: &Path, tag: &str) -> Option<String> {
+        let v: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).ok()?).ok()?;
+        v["manifests"]
+            .as_array()?
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .or_else(|| v["manifests"].as_array()?.first())
+            .and_then(|m| m["digest"].as_str().map(str::to_owned))
+    }
+}
+
+fn tarball(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append_data(&mut h, name, data).unwrap();
+    b.into_inner().unwrap()
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
