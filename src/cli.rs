@@ -19,6 +19,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the registry.
     Serve(ServeArgs),
+    /// Collect garbage once and print what was removed. Safe against a stopped or a running
+    /// Berth on the same data: the metadata database serialises it with the server's writes.
+    Gc(GcArgs),
     /// Check a configuration file and exit (0 when valid).
     CheckConfig {
         /// The file to check.
@@ -38,4 +41,18 @@ pub struct ServeArgs {
     /// Configuration file (TOML).
     #[arg(long, env = "BERTH_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// `berth gc` options.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// Data directory [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA")]
+    pub data: Option<PathBuf>,
+    /// Configuration file (TOML); its `[gc]` section is the policy.
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Report what would be removed without removing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }

@@ -16,6 +16,12 @@
 //! anonymous_mount = true        # cross-repository mount without `from`
 //! upload_expiry = "24h"         # drop upload sessions untouched this long
 //!
+//! [gc]
+//! interval = "1h"               # how often the server collects garbage; "0s" turns it off
+//! grace = "1h"                  # unreferenced blobs younger than this are kept
+//! # untagged_after = "7d"       # also delete manifests untagged this long (default: keep)
+//! orphan_referrers = false      # also delete referrers whose subject is gone
+//!
 //! [log]
 //! format = "text"               # "text" or "json"
 //! level = "info"                # a tracing filter, e.g. "info,berth=debug"
@@ -65,6 +71,8 @@ pub struct Config {
     pub storage: StorageSection,
     /// Registry behaviour.
     pub registry: RegistrySection,
+    /// Garbage collection.
+    pub gc: GcSection,
     /// Logging.
     pub log: LogSection,
 }
@@ -76,6 +84,7 @@ impl Default for Config {
             data: PathBuf::from("./berth-data"),
             storage: StorageSection::default(),
             registry: RegistrySection::default(),
+            gc: GcSection::default(),
             log: LogSection::default(),
         }
     }
@@ -121,6 +130,34 @@ impl Default for RegistrySection {
             delete_enabled: true,
             anonymous_mount: true,
             upload_expiry: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// `[gc]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcSection {
+    /// How often the server runs a collection; zero turns scheduled runs off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Unreferenced blobs younger than this (since upload, unlink or last read) are kept.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Delete manifests that nothing keeps once untagged this long; absent = keep them.
+    #[serde(with = "humantime_serde")]
+    pub untagged_after: Option<Duration>,
+    /// Delete referrers whose subject was deleted.
+    pub orphan_referrers: bool,
+}
+
+impl Default for GcSection {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(3600),
+            grace: Duration::from_secs(3600),
+            untagged_after: None,
+            orphan_referrers: false,
         }
     }
 }
@@ -193,6 +230,9 @@ impl Config {
         if self.registry.upload_expiry < Duration::from_secs(60) {
             problems.push("registry.upload_expiry: must be at least 1m".to_owned());
         }
+        if self.gc.grace < Duration::from_secs(60) {
+            problems.push("gc.grace: must be at least 1m (pushes in progress need it)".to_owned());
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
@@ -200,6 +240,16 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The garbage collection policy.
+    pub fn gc_policy(&self) -> berth_storage::GcPolicy {
+        berth_storage::GcPolicy {
+            grace: self.gc.grace,
+            untagged_after: self.gc.untagged_after,
+            orphan_referrers: self.gc.orphan_referrers,
+            upload_expiry: self.registry.upload_expiry,
         }
     }
 
@@ -241,6 +291,18 @@ mod tests {
         let c = Config::parse("[registry]\nupload_expiry = \"12h\"\n").unwrap();
         assert_eq!(c.registry.upload_expiry, Duration::from_secs(12 * 3600));
         assert!(Config::parse("[registry]\nupload_expiry = \"5s\"\n").is_err());
+    }
+
+    #[test]
+    fn gc_section() {
+        let c = Config::parse("[gc]\ninterval = \"0s\"\nuntagged_after = \"7d\"\n").unwrap();
+        assert_eq!(c.gc.interval, Duration::ZERO);
+        assert_eq!(
+            c.gc_policy().untagged_after,
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(Config::default().gc_policy().untagged_after, None);
+        assert!(Config::parse("[gc]\ngrace = \"1s\"\n").is_err());
     }
 
     #[test]

@@ -1,3 +1,5 @@
+//! Background jobs: pull-time flushes, upload expiry, scheduled garbage collection.
+//!
 //! Background jobs. Each is a `run_once` plus a loop on an interval, spawned on one
 //! [`TaskTracker`] and stopped through one [`CancellationToken`], so shutdown waits for them.
 
@@ -48,6 +50,18 @@ impl Jobs {
                 }
             }
         }));
+        let gc_every = state.config.gc.interval;
+        if !gc_every.is_zero() {
+            let s = state.clone();
+            tracker.spawn(every(gc_every, cancel.clone(), move || {
+                let s = s.clone();
+                async move {
+                    if let Err(e) = s.store.gc(&s.config.gc_policy(), false).await {
+                        warn!(error = %e, "garbage collection failed");
+                    }
+                }
+            }));
+        }
         tracker.close();
         Self {
             cancel,

@@ -1,7 +1,7 @@
 //! The `berth` binary: parse the command line, load the configuration, run.
 
 use anyhow::Context;
-use berth::cli::{Cli, Command, ServeArgs};
+use berth::cli::{Cli, Command, GcArgs, ServeArgs};
 use berth::config::Config;
 use clap::Parser;
 
@@ -14,14 +14,44 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(args),
+        Command::Gc(args) => gc(args),
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
+fn load(config: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
-    };
+    })
+}
+
+fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let mut config = load(args.config.as_deref())?;
+    if let Some(d) = args.data {
+        config.data = d;
+    }
+    berth::telemetry::init(&config.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let state = berth::AppState::open(config)
+            .await
+            .context("opening storage")?;
+        let report = state
+            .store
+            .gc(&state.config.gc_policy(), args.dry_run)
+            .await?;
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{report}");
+        }
+        Ok(())
+    })
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = load(args.config.as_deref())?;
     if let Some(l) = args.listen {
         config.listen = l;
     }

@@ -30,10 +30,11 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),
         None => (StatusCode::OK, size),
     };
+    // A HEAD counts as a use: clients HEAD a blob to decide they need not upload it.
+    state.store.record_blob_pull(&digest);
     let body = if req.method() == Method::HEAD {
         Body::empty()
     } else {
-        state.store.record_blob_pull(&digest);
         Body::from_stream(state.store.read_blob(&repo, &digest, range).await?.body)
     };
     let mut resp = (status, body).into_response();

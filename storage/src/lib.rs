@@ -10,6 +10,8 @@
 //! - [`blob`]: the object key layout and streaming reads and writes.
 //! - [`meta`]: SQLite connections, migrations and schema.
 //! - [`backend`]: storage configuration → object store.
+//! - [`gc`]: online garbage collection (mark from SQL review queues, sweep in batches).
+//! - [`maintenance`]: batched pull times, upload expiry.
 //!
 //! # Consistency rules
 //! - An object is written before the row that makes it visible; a row is deleted before its object.
@@ -20,6 +22,7 @@
 pub mod backend;
 pub mod blob;
 pub mod error;
+pub mod gc;
 pub mod maintenance;
 pub mod manifest;
 pub mod meta;
@@ -29,6 +32,7 @@ mod store;
 pub use backend::StorageConfig;
 pub use blob::ByteStream;
 pub use error::{Error, Result};
+pub use gc::{GcPolicy, GcReport};
 pub use names::{Algorithm, Digest, Reference, RepoName, Tag};
 pub use store::{
     BlobRead, MAX_MANIFEST_SIZE, Page, PutManifest, Referrer, Store, StoredManifest, UploadStatus,

@@ -72,6 +72,11 @@ impl Store {
     /// many were dropped.
     pub async fn expire_uploads(&self, max_age: Duration) -> Result<usize> {
         let cutoff = now() - i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        self.expire_uploads_before(cutoff).await
+    }
+
+    /// Drops upload sessions last touched before `cutoff` (unix seconds).
+    pub(crate) async fn expire_uploads_before(&self, cutoff: i64) -> Result<usize> {
         let stale: Vec<String> = self
             .db
             .read(move |c| {

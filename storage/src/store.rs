@@ -401,12 +401,15 @@ impl Store {
                 Ok((size, parts))
             })
             .await?;
-        if let Err(e) = self.commit_blob(id, digest, size, &parts).await {
-            info!(repo = %repo, upload = %id, error = %e, "upload rejected");
-            // A failed commit ends the session, as clients restart from a new POST.
-            self.drop_upload(id).await?;
-            return Err(e);
-        }
+        let source = match self.commit_blob(id, digest, size, &parts).await {
+            Ok(source) => source,
+            Err(e) => {
+                info!(repo = %repo, upload = %id, error = %e, "upload rejected");
+                // A failed commit ends the session, as clients restart from a new POST.
+                self.drop_upload(id).await?;
+                return Err(e);
+            }
+        };
         let (name, sid, d) = (repo.to_string(), id.to_owned(), digest.to_string());
         self.db
             .write(move |tx| {
@@ -422,6 +425,17 @@ impl Store {
                 Ok(())
             })
             .await?;
+        // Garbage collection may have swept an identical, unreferenced blob between placing the
+        // object and the row above; the row now protects it, so put the bytes back if needed.
+        let key = blob_key(digest);
+        match self.objects.head(&key).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                warn!(digest = %digest, "blob swept while committing; placing it again");
+                self.place(source.as_ref(), &key).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.forget_upload_objects(id).await;
         info!(repo = %repo, digest = %digest, size, "blob committed");
         Ok(size)
@@ -433,14 +447,15 @@ impl Store {
         self.drop_upload(id).await
     }
 
-    /// Verifies the session's bytes against `digest` and places them at the blob's key.
+    /// Verifies the session's bytes against `digest` and copies them to the blob's key; returns
+    /// the object they were copied from (kept until the session ends).
     async fn commit_blob(
         &self,
         id: &str,
         digest: &Digest,
         size: u64,
         parts: &[String],
-    ) -> Result<()> {
+    ) -> Result<Option<Path>> {
         let mut computed = match (digest.algorithm(), self.take_hasher(id, size)) {
             (Algorithm::Sha256, Some(h)) => Some(h.finish()),
             _ => None,
@@ -489,16 +504,19 @@ impl Store {
                 computed: computed.to_string(),
             });
         }
-        match source {
-            None => blob::put_empty(&self.objects, &key).await,
-            Some(src) => match self.objects.rename_if_not_exists(&src, &key).await {
-                Ok(()) => Ok(()),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            },
-        }?;
+        self.place(source.as_ref(), &key).await?;
         debug!(size, digest = %digest, "blob object in place");
-        Ok(())
+        Ok(source)
+    }
+
+    /// Puts verified bytes at a blob key: a copy of `source` (a hard link on local disk, a
+    /// server-side copy on object stores), or the empty object. Overwriting an existing blob is
+    /// harmless: same digest, same bytes.
+    async fn place(&self, source: Option<&Path>, key: &Path) -> Result<()> {
+        match source {
+            None => blob::put_empty(&self.objects, key).await,
+            Some(src) => Ok(self.objects.copy(src, key).await?),
+        }
     }
 
     pub(crate) async fn drop_upload(&self, id: &str) -> Result<()> {

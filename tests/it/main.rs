@@ -5,5 +5,6 @@ mod cli;
 mod clients;
 mod conformance;
 mod durability;
+mod gc;
 mod images;
 mod support;

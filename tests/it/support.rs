@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub state: berth::AppState,
     /// Dropping it shuts the server down.
     _stop: oneshot::Sender<()>,
 }
@@ -35,12 +36,13 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(berth::serve(listener, state, async {
+        tokio::spawn(berth::serve(listener, state.clone(), async {
             let _ = rx.await;
         }));
         Self {
             addr,
             dir,
+            state,
             _stop: tx,
         }
     }

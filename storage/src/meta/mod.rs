@@ -15,7 +15,7 @@ use rusqlite::{
 
 use crate::error::{Error, Result};
 
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("gc.sql")];
 const MAX_IDLE_READERS: usize = 8;
 
 /// Seconds since the Unix epoch.
@@ -98,12 +98,25 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
+        self.transaction(false, f).await
+    }
+
+    /// Like [`Db::write`], but rolls back instead of committing when `rollback` is set (dry runs).
+    pub async fn transaction<T, F>(&self, rollback: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
         let writer = self.writer.clone();
         run_blocking(move || {
             let mut conn = writer.lock().map_err(poisoned)?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
-            tx.commit()?;
+            if rollback {
+                tx.rollback()?;
+            } else {
+                tx.commit()?;
+            }
             Ok(out)
         })
         .await

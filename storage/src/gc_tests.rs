@@ -1,0 +1,265 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::ObjectStoreExt;
+use object_store::memory::InMemory;
+use serde_json::json;
+
+use super::*;
+use crate::meta::Db;
+use crate::names::{Reference, RepoName};
+
+const HOUR: i64 = 3600;
+
+struct T {
+    _dir: tempfile::TempDir,
+    s: Store,
+}
+
+fn body(data: Vec<u8>) -> crate::ByteStream {
+    futures_util::stream::once(async move { Ok(Bytes::from(data)) }).boxed()
+}
+
+impl T {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("m.db")).unwrap();
+        Self {
+            _dir: dir,
+            s: Store::new(Arc::new(InMemory::new()), db),
+        }
+    }
+
+    async fn blob(&self, repo: &str, data: &[u8]) -> Digest {
+        let repo: RepoName = repo.parse().unwrap();
+        let d = Digest::sha256(data);
+        let up = self.s.start_upload(&repo).await.unwrap();
+        self.s
+            .finish_upload(&repo, &up.id, &d, Some((None, None, body(data.to_vec()))))
+            .await
+            .unwrap();
+        d
+    }
+
+    async fn image(
+        &self,
+        repo: &str,
+        reference: &str,
+        seed: &str,
+        subject: Option<&Digest>,
+    ) -> (Digest, Vec<Digest>) {
+        let c = self.blob(repo, format!("config {seed}").as_bytes()).await;
+        let l = self.blob(repo, format!("layer {seed}").as_bytes()).await;
+        let mut m = json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c.to_string(), "size": 1},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l.to_string(), "size": 1}],
+        });
+        if let Some(s) = subject {
+            m["subject"] = json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": s.to_string(), "size": 1});
+        }
+        let out = self
+            .s
+            .put_manifest(
+                &repo.parse().unwrap(),
+                &reference.parse().unwrap(),
+                "application/vnd.oci.image.manifest.v1+json",
+                Bytes::from(m.to_string()),
+                &[],
+            )
+            .await
+            .unwrap();
+        (out.digest, vec![c, l])
+    }
+
+    async fn exists(&self, d: &Digest) -> bool {
+        self.s.objects.head(&blob_key(d)).await.is_ok()
+    }
+
+    async fn counts(&self) -> Vec<i64> {
+        self.s
+            .db
+            .read(|c| {
+                let mut v = Vec::new();
+                for t in [
+                    "blobs",
+                    "repo_blobs",
+                    "manifests",
+                    "manifest_bodies",
+                    "tags",
+                    "gc_pending",
+                    "uploads",
+                ] {
+                    v.push(c.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))?);
+                }
+                Ok(v)
+            })
+            .await
+            .unwrap()
+    }
+}
+
+fn policy() -> GcPolicy {
+    GcPolicy {
+        grace: Duration::from_secs(HOUR as u64),
+        ..GcPolicy::default()
+    }
+}
+
+#[tokio::test]
+async fn unreferenced_blobs_go_after_the_grace_period_and_referenced_ones_stay() {
+    let t = T::new();
+    let (_, live) = t.image("app", "v1", "live", None).await;
+    let orphan = t.blob("app", b"pushed but never referenced").await;
+    let (gone, gone_blobs) = t.image("app", "v2", "gone", None).await;
+    t.s.delete_manifest(&"app".parse().unwrap(), &Reference::Digest(gone))
+        .await
+        .unwrap();
+
+    let r = t.s.gc(&policy(), false).await.unwrap();
+    assert_eq!(
+        (r.blobs, r.objects_deleted),
+        (0, 0),
+        "inside the grace period: {r}"
+    );
+    assert_eq!(r.manifest_bodies, 1, "bodies need no grace: {r}");
+
+    let r =
+        t.s.gc_as_of(&policy(), false, now() + 2 * HOUR)
+            .await
+            .unwrap();
+    assert_eq!(r.blobs, 3, "{r}");
+    assert_eq!(r.objects_deleted, 3);
+    for d in gone_blobs.iter().chain([&orphan]) {
+        assert!(!t.exists(d).await, "{d} survived");
+        assert!(t.s.stat_blob(&"app".parse().unwrap(), d).await.is_err());
+    }
+    for d in &live {
+        assert!(t.exists(d).await, "{d} was collected");
+    }
+    // Nothing left to do.
+    let r =
+        t.s.gc_as_of(&policy(), false, now() + 4 * HOUR)
+            .await
+            .unwrap();
+    assert_eq!(r, GcReport::default());
+}
+
+#[tokio::test]
+async fn dry_run_changes_nothing_and_reports_what_a_real_run_does() {
+    let t = T::new();
+    t.image("app", "v1", "live", None).await;
+    t.blob("app", b"orphan one").await;
+    t.blob("other", b"orphan two").await;
+    let before = t.counts().await;
+    let later = now() + 2 * HOUR;
+    let dry = t.s.gc_as_of(&policy(), true, later).await.unwrap();
+    assert!(dry.dry_run);
+    assert_eq!(t.counts().await, before);
+    assert_eq!(t.s.objects.list(None).count().await, 4);
+    let real = t.s.gc_as_of(&policy(), false, later).await.unwrap();
+    assert_eq!((dry.blobs, dry.blob_bytes), (real.blobs, real.blob_bytes));
+    assert_eq!(real.blobs, 2);
+}
+
+#[tokio::test]
+async fn untagged_manifests_and_orphan_referrers_follow_the_policy() {
+    let t = T::new();
+    let repo: RepoName = "app".parse().unwrap();
+    let (subject, _) = t.image("app", "v1", "subject", None).await;
+    let (sig, _) = t.image("app", "sigtag", "sig", Some(&subject)).await;
+    t.s.delete_manifest(&repo, &"sigtag".parse().unwrap())
+        .await
+        .unwrap(); // referrers are untagged
+    let (old, _) = t.image("app", "v0", "old", None).await;
+    t.image("app", "v0", "new", None).await; // moves v0: `old` is now untagged
+
+    let p = GcPolicy {
+        untagged_after: Some(Duration::from_secs(24 * HOUR as u64)),
+        orphan_referrers: true,
+        ..policy()
+    };
+    let r = t.s.gc_as_of(&p, false, now() + 2 * HOUR).await.unwrap();
+    assert_eq!(r.manifests, 0, "too young: {r}");
+    let r = t.s.gc_as_of(&p, false, now() + 25 * HOUR).await.unwrap();
+    assert_eq!(r.manifests, 1, "{r}");
+    assert!(
+        t.s.get_manifest(&repo, &Reference::Digest(old))
+            .await
+            .is_err()
+    );
+    assert!(
+        t.s.get_manifest(&repo, &Reference::Digest(sig.clone()))
+            .await
+            .is_ok(),
+        "a live referrer was collected"
+    );
+
+    // Once the subject is gone, its referrer is an orphan.
+    t.s.delete_manifest(&repo, &Reference::Digest(subject))
+        .await
+        .unwrap();
+    let r = t.s.gc_as_of(&p, false, now() + 27 * HOUR).await.unwrap();
+    assert_eq!(r.manifests, 1, "{r}");
+    assert!(
+        t.s.get_manifest(&repo, &Reference::Digest(sig))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_blob_swept_during_a_push_of_the_same_content_is_put_back() {
+    let t = T::new();
+    let repo: RepoName = "app".parse().unwrap();
+    let data = b"content that is garbage and pushed again".to_vec();
+    let d = t.blob("app", &data).await;
+    t.s.delete_blob(&repo, &d).await.unwrap();
+    // The new push places its object first ...
+    let up = t.s.start_upload(&repo).await.unwrap();
+    t.s.append_upload(&repo, &up.id, None, None, body(data.clone()))
+        .await
+        .unwrap();
+    // ... GC marks and sweeps the old copy before the push commits its row ...
+    let r =
+        t.s.gc_as_of(&policy(), false, now() + 2 * HOUR)
+            .await
+            .unwrap();
+    assert_eq!(r.objects_deleted, 1);
+    // ... and the commit finds the object gone and restores it.
+    t.s.finish_upload(&repo, &up.id, &d, None).await.unwrap();
+    assert!(t.exists(&d).await);
+    let got =
+        t.s.read_blob(&repo, &d, None)
+            .await
+            .unwrap()
+            .body
+            .collect::<Vec<_>>()
+            .await;
+    let got: Vec<u8> = got.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
+    assert_eq!(got, data);
+}
+
+#[tokio::test]
+async fn recently_read_blobs_are_kept() {
+    let t = T::new();
+    let repo: RepoName = "app".parse().unwrap();
+    let d = t.blob("app", b"unreferenced but in use").await;
+    // Age everything, then read the blob "now".
+    t.s.db
+        .write(|tx| {
+            tx.execute_batch(
+                "UPDATE blobs SET created_at = created_at - 7200, last_access = last_access - 7200;
+                 UPDATE repo_blobs SET created_at = created_at - 7200;
+                 UPDATE blob_review SET queued_at = queued_at - 7200;",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    t.s.record_blob_pull(&d);
+    let r = t.s.gc(&policy(), false).await.unwrap();
+    assert_eq!(r.blobs, 0, "{r}");
+    assert!(t.s.stat_blob(&repo, &d).await.is_ok());
+}
