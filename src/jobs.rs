@@ -56,8 +56,10 @@ impl Jobs {
             tracker.spawn(every(gc_every, cancel.clone(), move || {
                 let s = s.clone();
                 async move {
-                    if let Err(e) = s.store.gc(&s.config.gc_policy(), false).await {
-                        warn!(error = %e, "garbage collection failed");
+                    let start = std::time::Instant::now();
+                    match s.store.gc(&s.config.gc_policy(), false).await {
+                        Ok(r) => crate::metrics::gc_finished(&r, start.elapsed().as_secs_f64()),
+                        Err(e) => warn!(error = %e, "garbage collection failed"),
                     }
                 }
             }));

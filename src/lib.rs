@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`api`]: the HTTP API (axum): one route table, a path parser, handlers per resource.
 //! - [`config`]: the configuration file and its defaults.
-//! - [`jobs`]: background work (pull-time flushes, upload expiry).
+//! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection).
+//! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
 //! - [`telemetry`]: logging set-up.
@@ -16,6 +17,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod jobs;
+pub mod metrics;
 pub mod state;
 pub mod telemetry;
 

@@ -18,6 +18,7 @@ pub struct AppState {
 impl AppState {
     /// Opens storage as `config` says.
     pub async fn open(config: Config) -> Result<Self, berth_storage::Error> {
+        crate::metrics::handle();
         let store = Store::open(&config.storage_config()).await?;
         Ok(Self {
             store: Arc::new(store),

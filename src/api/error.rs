@@ -189,6 +189,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Body(_) => Self::new(Code::BlobUploadInvalid, msg),
             other => {
+                metrics::counter!("berth_storage_errors_total").increment(1);
                 tracing::error!(error = %other, "storage failure");
                 Self::new(Code::Unknown, "internal storage error")
             }

@@ -68,6 +68,9 @@ pub fn content_range(h: &HeaderMap) -> ApiResult<Option<(u64, u64)>> {
 pub fn stream(body: Body) -> ByteStream {
     body.into_data_stream()
         .map_err(std::io::Error::other)
+        .inspect_ok(|chunk| {
+            metrics::counter!("berth_bytes_received_total").increment(chunk.len() as u64)
+        })
         .boxed()
 }
 

@@ -31,9 +31,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::render))
         .fallback(dispatch)
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(add_api_version))
+        .layer(axum::middleware::from_fn(crate::metrics::track))
         .layer(TraceLayer::new_for_http())
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,

@@ -68,6 +68,15 @@ impl Store {
             .await
     }
 
+    /// How many upload sessions are open.
+    pub async fn uploads_in_progress(&self) -> Result<u64> {
+        self.db
+            .read(|c| {
+                Ok(c.query_row("SELECT count(*) FROM uploads", [], |r| r.get::<_, i64>(0))? as u64)
+            })
+            .await
+    }
+
     /// Drops upload sessions untouched for `max_age`, with their chunk objects; returns how
     /// many were dropped.
     pub async fn expire_uploads(&self, max_age: Duration) -> Result<usize> {

@@ -622,3 +622,25 @@ async fn health_endpoints() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_endpoint() {
+    let t = T::new().await;
+    let d = t.push_blob("m", b"metered").await;
+    t.req(Method::GET, &format!("/v2/m/blobs/{d}"), None, &[])
+        .await;
+    t.req(Method::POST, "/v2/m/blobs/uploads/", None, &[]).await;
+    let r = t.req(Method::GET, "/metrics", None, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    for want in [
+        "berth_requests_total{endpoint=\"blob\",method=\"GET\",status=\"200\"}",
+        "berth_requests_total{endpoint=\"uploads\",method=\"POST\",status=\"201\"}",
+        "berth_request_duration_seconds_bucket{endpoint=\"blob\",method=\"GET\"",
+        "berth_bytes_received_total",
+        "berth_bytes_sent_total",
+        "berth_uploads_in_progress",
+    ] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,95 @@
+//! Prometheus metrics, served at `/metrics`.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `berth_requests_total` | counter | endpoint, method, status |
+//! | `berth_request_duration_seconds` | histogram | endpoint, method |
+//! | `berth_bytes_received_total` | counter | |
+//! | `berth_bytes_sent_total` | counter | |
+//! | `berth_uploads_in_progress` | gauge | |
+//! | `berth_storage_errors_total` | counter | |
+//! | `berth_gc_last_run_timestamp_seconds`, `berth_gc_last_duration_seconds`, `berth_gc_last_removed_blobs`, `berth_gc_last_removed_bytes`, `berth_gc_last_removed_manifests` | gauge | |
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::api::endpoint::Endpoint;
+use crate::state::AppState;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide recorder's handle, installing the recorder on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("berth_request_duration_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
+                ],
+            )
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .build_recorder();
+        let h = recorder.handle();
+        // Only the first recorder of a process wins (tests run several servers).
+        let _ = metrics::set_global_recorder(recorder);
+        h
+    })
+}
+
+/// Middleware: counts and times every request, by endpoint.
+pub async fn track(req: Request, next: Next) -> Response {
+    let label = match req.uri().path() {
+        "/metrics" => "metrics",
+        "/livez" | "/readyz" => "health",
+        p => Endpoint::parse(p).map(|e| e.label()).unwrap_or("other"),
+    };
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!("berth_request_duration_seconds", "endpoint" => label, "method" => method.clone())
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!("berth_requests_total", "endpoint" => label, "method" => method, "status" => status)
+        .increment(1);
+    if let Some(n) = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        metrics::counter!("berth_bytes_sent_total").increment(n);
+    }
+    resp
+}
+
+/// `GET /metrics`.
+pub async fn render(State(state): State<AppState>) -> Response {
+    if let Ok(n) = state.store.uploads_in_progress().await {
+        metrics::gauge!("berth_uploads_in_progress").set(n as f64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle().render(),
+    )
+        .into_response()
+}
+
+/// Records a finished garbage collection.
+pub fn gc_finished(report: &berth_storage::GcReport, seconds: f64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::gauge!("berth_gc_last_run_timestamp_seconds").set(now);
+    metrics::gauge!("berth_gc_last_duration_seconds").set(seconds);
+    metrics::gauge!("berth_gc_last_removed_blobs").set(report.blobs as f64);
+    metrics::gauge!("berth_gc_last_removed_bytes").set(report.blob_bytes as f64);
+    metrics::gauge!("berth_gc_last_removed_manifests").set(report.manifests as f64);
+}
