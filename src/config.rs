@@ -8,8 +8,20 @@
 //! data = "./berth-data"         # metadata database and (by default) blobs live here
 //!
 //! [storage]
-//! backend = "filesystem"        # "filesystem" (under `data`, or `root`) or "memory"
+//! backend = "filesystem"        # "filesystem" (under `data`, or `root`), "memory",
+//!                               # "s3", "azure" or "gcs"
 //! # root = "/srv/berth/blobs"
+//! # For s3, azure and gcs:
+//! # bucket = "registry"         # bucket, or Azure container
+//! # prefix = "berth"            # keys go under this prefix
+//! # endpoint = "http://127.0.0.1:9000"   # S3-compatible server, Azurite, private cloud
+//! # region = "us-east-1"        # s3
+//! # access_key_id = "..."       # s3 key id, or Azure account name
+//! # secret_access_key_file = "/run/secrets/s3"   # or secret_access_key = "..."
+//! # service_account_key = "/run/secrets/gcs.json"  # gcs
+//! # allow_http = false          # plain HTTP to the endpoint (loopback test servers)
+//! # redirect = true             # blob GETs answer 307 to a presigned URL
+//! # Credentials absent here come from each cloud's usual environment variables or metadata.
 //!
 //! [registry]
 //! delete_enabled = true         # allow DELETE of manifests, tags and blobs
@@ -32,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_storage::StorageConfig;
-use berth_storage::backend::BlobBackend;
+use berth_storage::backend::{BlobBackend, CloudConfig};
 use serde::Deserialize;
 
 /// Errors loading the configuration.
@@ -98,6 +110,43 @@ pub struct StorageSection {
     pub backend: Backend,
     /// For `filesystem`: where blobs go (default `<data>/objects`).
     pub root: Option<PathBuf>,
+    /// Bucket (s3, gcs) or container (azure).
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    pub prefix: Option<String>,
+    /// Endpoint URL (S3-compatible servers, Azurite, private clouds).
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: Option<String>,
+    /// S3 access key id, or Azure storage account name.
+    pub access_key_id: Option<String>,
+    /// S3 secret key, or Azure account key.
+    pub secret_access_key: Option<String>,
+    /// A file holding `secret_access_key`.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// GCS service account key file.
+    pub service_account_key: Option<PathBuf>,
+    /// Allow plain HTTP to `endpoint`.
+    pub allow_http: bool,
+    /// S3: virtual-hosted-style bucket addressing.
+    pub virtual_hosted_style: bool,
+    /// Redirect blob downloads to presigned URLs (default on for object stores).
+    pub redirect: Option<bool>,
+    /// How long presigned URLs stay valid.
+    #[serde(with = "humantime_serde")]
+    pub redirect_expiry: Option<Duration>,
+}
+
+impl StorageSection {
+    /// Whether blob GETs are redirected to the object store.
+    pub fn redirects(&self) -> bool {
+        self.backend.is_cloud() && self.redirect.unwrap_or(true)
+    }
+
+    /// Validity of presigned URLs.
+    pub fn redirect_ttl(&self) -> Duration {
+        self.redirect_expiry.unwrap_or(Duration::from_secs(20 * 60))
+    }
 }
 
 /// Blob storage backends.
@@ -109,6 +158,19 @@ pub enum Backend {
     Filesystem,
     /// Process memory: everything is lost on exit (tests, experiments).
     Memory,
+    /// Amazon S3 or an S3-compatible server.
+    S3,
+    /// Azure Blob Storage.
+    Azure,
+    /// Google Cloud Storage.
+    Gcs,
+}
+
+impl Backend {
+    /// Whether this is an object store reached over the network.
+    pub fn is_cloud(self) -> bool {
+        matches!(self, Self::S3 | Self::Azure | Self::Gcs)
+    }
 }
 
 /// `[registry]`.
@@ -224,8 +286,43 @@ impl Config {
         if self.data.as_os_str().is_empty() {
             problems.push("data: must not be empty".to_owned());
         }
-        if self.storage.backend == Backend::Memory && self.storage.root.is_some() {
+        let st = &self.storage;
+        if st.backend != Backend::Filesystem && st.root.is_some() {
             problems.push("storage.root: only applies to the filesystem backend".to_owned());
+        }
+        if st.backend.is_cloud() {
+            if st.bucket.as_deref().is_none_or(str::is_empty) {
+                problems.push(
+                    format!("storage.bucket: required for the {:?} backend", st.backend)
+                        .to_lowercase(),
+                );
+            }
+            if st.secret_access_key.is_some() && st.secret_access_key_file.is_some() {
+                problems.push(
+                    "storage: give secret_access_key or secret_access_key_file, not both"
+                        .to_owned(),
+                );
+            }
+        } else {
+            for (key, set) in [
+                ("bucket", st.bucket.is_some()),
+                ("prefix", st.prefix.is_some()),
+                ("endpoint", st.endpoint.is_some()),
+                ("region", st.region.is_some()),
+                ("access_key_id", st.access_key_id.is_some()),
+                (
+                    "secret_access_key",
+                    st.secret_access_key.is_some() || st.secret_access_key_file.is_some(),
+                ),
+                ("service_account_key", st.service_account_key.is_some()),
+                ("redirect", st.redirect.is_some()),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "storage.{key}: only applies to the s3, azure and gcs backends"
+                    ));
+                }
+            }
         }
         if self.registry.upload_expiry < Duration::from_secs(60) {
             problems.push("registry.upload_expiry: must be at least 1m".to_owned());
@@ -253,17 +350,44 @@ impl Config {
         }
     }
 
-    /// What the storage layer needs.
-    pub fn storage_config(&self) -> StorageConfig {
+    /// What the storage layer needs (reads `secret_access_key_file`).
+    pub fn storage_config(&self) -> Result<StorageConfig, ConfigError> {
+        let st = &self.storage;
         let mut s = StorageConfig::local(&self.data);
-        s.blobs = match self.storage.backend {
+        let secret = match &st.secret_access_key_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|source| ConfigError::Read {
+                        path: f.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => st.secret_access_key.clone(),
+        };
+        let cloud = || CloudConfig {
+            bucket: st.bucket.clone().unwrap_or_default(),
+            prefix: st.prefix.clone(),
+            endpoint: st.endpoint.clone(),
+            region: st.region.clone(),
+            access_key_id: st.access_key_id.clone(),
+            secret_access_key: secret.clone(),
+            service_account_key: st.service_account_key.clone(),
+            allow_http: st.allow_http,
+            virtual_hosted_style: st.virtual_hosted_style,
+        };
+        s.blobs = match st.backend {
             Backend::Memory => BlobBackend::Memory,
-            Backend::Filesystem => match &self.storage.root {
+            Backend::Filesystem => match &st.root {
                 Some(root) => BlobBackend::Filesystem(root.clone()),
                 None => s.blobs,
             },
+            Backend::S3 => BlobBackend::S3(cloud()),
+            Backend::Azure => BlobBackend::Azure(cloud()),
+            Backend::Gcs => BlobBackend::Gcs(cloud()),
         };
-        s
+        Ok(s)
     }
 }
 
@@ -303,6 +427,26 @@ mod tests {
         );
         assert_eq!(Config::default().gc_policy().untagged_after, None);
         assert!(Config::parse("[gc]\ngrace = \"1s\"\n").is_err());
+    }
+
+    #[test]
+    fn storage_keys_are_checked_against_the_backend() {
+        let c = Config::parse(
+            "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        assert!(c.storage.redirects());
+        let e = Config::parse("[storage]\nbackend = \"s3\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.bucket"), "{e}");
+        let e = Config::parse("[storage]\nbucket = \"b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only applies"), "{e}");
+        let c = Config::parse("[storage]\nbackend = \"azure\"\nbucket = \"c\"\nredirect = false\n")
+            .unwrap();
+        assert!(!c.storage.redirects());
     }
 
     #[test]

@@ -19,7 +19,10 @@ impl AppState {
     /// Opens storage as `config` says.
     pub async fn open(config: Config) -> Result<Self, berth_storage::Error> {
         crate::metrics::handle();
-        let store = Store::open(&config.storage_config()).await?;
+        let storage = config
+            .storage_config()
+            .map_err(|e| berth_storage::Error::Internal(e.to_string()))?;
+        let store = Store::open(&storage).await?;
         Ok(Self {
             store: Arc::new(store),
             config: Arc::new(config),

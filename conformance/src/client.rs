@@ -151,6 +151,8 @@ pub fn parse_challenge(h: &str) -> Option<Challenge> {
 impl Client {
     /// A client for the registry at `root` (e.g. `http://127.0.0.1:5000`).
     pub fn new(root: &str, creds: Option<(String, String)>) -> Result<Self, String> {
+        // HTTPS registries: rustls with the ring provider (idempotent across clients).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::limited(5))
             .build()

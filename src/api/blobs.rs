@@ -32,6 +32,23 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
     };
     // A HEAD counts as a use: clients HEAD a blob to decide they need not upload it.
     state.store.record_blob_pull(&digest);
+    // Ranged reads are served here: not every object store takes every range form (Azure has
+    // no suffix ranges), and they are resumptions, not bulk downloads.
+    if req.method() == Method::GET
+        && range.is_none()
+        && state.config.storage.redirects()
+        && let Some(url) = state
+            .store
+            .blob_url(&digest, state.config.storage.redirect_ttl())
+            .await?
+    {
+        let mut resp = (StatusCode::TEMPORARY_REDIRECT, Body::empty()).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::LOCATION, value(&url));
+        h.insert(DIGEST_HEADER, value(&digest.to_string()));
+        h.insert(header::CONTENT_LENGTH, value("0"));
+        return Ok(resp);
+    }
     let body = if req.method() == Method::HEAD {
         Body::empty()
     } else {

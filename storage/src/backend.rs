@@ -1,13 +1,47 @@
 //! Storage configuration: which object store holds the blobs, where the metadata lives.
+//!
+//! Local disk and memory always; S3 (and S3-compatibles: MinIO, Ceph RGW, R2), Azure Blob and
+//! Google Cloud Storage through `object_store`'s cloud clients. Credentials come from the
+//! configuration or, when absent there, the usual environment variables and instance metadata
+//! of each cloud (`object_store`'s `from_env` builders).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::signer::Signer;
 
 use crate::error::{Error, Result};
+
+/// Settings shared by the cloud backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CloudConfig {
+    /// Bucket (S3, GCS) or container (Azure).
+    pub bucket: String,
+    /// Key prefix inside the bucket, so several registries can share one.
+    pub prefix: Option<String>,
+    /// Endpoint URL for S3-compatible servers, Azurite or a private cloud.
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: Option<String>,
+    /// S3 access key id, or Azure storage account name.
+    pub access_key_id: Option<String>,
+    /// S3 secret access key, or Azure storage account key.
+    pub secret_access_key: Option<String>,
+    /// GCS service account key file.
+    pub service_account_key: Option<PathBuf>,
+    /// Allow plain HTTP to the endpoint (test servers on loopback).
+    pub allow_http: bool,
+    /// S3: address buckets as `bucket.host` rather than `host/bucket`.
+    pub virtual_hosted_style: bool,
+}
 
 /// Where blob bytes are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +50,25 @@ pub enum BlobBackend {
     Filesystem(PathBuf),
     /// Process memory (tests).
     Memory,
+    /// Amazon S3 or an S3-compatible server.
+    S3(CloudConfig),
+    /// Azure Blob Storage (or Azurite).
+    Azure(CloudConfig),
+    /// Google Cloud Storage.
+    Gcs(CloudConfig),
+}
+
+impl BlobBackend {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Filesystem(_) => "filesystem",
+            Self::Memory => "memory",
+            Self::S3(_) => "s3",
+            Self::Azure(_) => "azure",
+            Self::Gcs(_) => "gcs",
+        }
+    }
 }
 
 /// Everything [`crate::Store::open`] needs.
@@ -27,8 +80,23 @@ pub struct StorageConfig {
     pub database: PathBuf,
 }
 
+/// An object store, and a URL signer when the backend can presign reads.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// The store, with any configured prefix applied.
+    pub objects: Arc<dyn ObjectStore>,
+    /// Presigns URLs for direct downloads; `None` for local disk and memory.
+    pub signer: Option<Arc<dyn Signer>>,
+    /// The prefix to put in front of keys handed to `signer`.
+    pub signer_prefix: Option<Path>,
+}
+
+fn cloud_err(backend: &str, e: object_store::Error) -> Error {
+    Error::Internal(format!("{backend} storage: {e}"))
+}
+
 impl StorageConfig {
-    /// Blobs under `<data>/blobs-root`, metadata in `<data>/berth.db`.
+    /// Blobs under `<data>/objects`, metadata in `<data>/berth.db`.
     pub fn local(data: impl Into<PathBuf>) -> Self {
         let data = data.into();
         Self {
@@ -37,16 +105,97 @@ impl StorageConfig {
         }
     }
 
-    /// Builds the object store.
-    pub fn object_store(&self) -> Result<Arc<dyn ObjectStore>> {
+    /// Builds the object store (and signer).
+    pub fn backend(&self) -> Result<Backend> {
         Ok(match &self.blobs {
             BlobBackend::Filesystem(root) => {
                 std::fs::create_dir_all(root)?;
-                Arc::new(LocalFileSystem::new_with_prefix(root).map_err(|e| {
+                let fs = LocalFileSystem::new_with_prefix(root).map_err(|e| {
                     Error::Internal(format!("storage root {}: {e}", root.display()))
-                })?)
+                })?;
+                Backend::local(Arc::new(fs.with_automatic_cleanup(true)))
             }
-            BlobBackend::Memory => Arc::new(InMemory::new()),
+            BlobBackend::Memory => Backend::local(Arc::new(InMemory::new())),
+            BlobBackend::S3(c) => {
+                install_crypto();
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(&c.bucket)
+                    .with_allow_http(c.allow_http)
+                    .with_virtual_hosted_style_request(c.virtual_hosted_style);
+                if let Some(v) = &c.region {
+                    b = b.with_region(v);
+                }
+                if let Some(v) = &c.endpoint {
+                    b = b.with_endpoint(v);
+                }
+                if let Some(v) = &c.access_key_id {
+                    b = b.with_access_key_id(v);
+                }
+                if let Some(v) = &c.secret_access_key {
+                    b = b.with_secret_access_key(v);
+                }
+                Backend::cloud(Arc::new(b.build().map_err(|e| cloud_err("s3", e))?), c)
+            }
+            BlobBackend::Azure(c) => {
+                install_crypto();
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&c.bucket)
+                    .with_allow_http(c.allow_http);
+                if let Some(v) = &c.access_key_id {
+                    b = b.with_account(v);
+                }
+                if let Some(v) = &c.secret_access_key {
+                    b = b.with_access_key(v);
+                }
+                if let Some(v) = &c.endpoint {
+                    b = b.with_endpoint(v.clone());
+                }
+                Backend::cloud(Arc::new(b.build().map_err(|e| cloud_err("azure", e))?), c)
+            }
+            BlobBackend::Gcs(c) => {
+                install_crypto();
+                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&c.bucket);
+                if let Some(v) = &c.service_account_key {
+                    b = b.with_service_account_path(v.to_string_lossy());
+                }
+                if let Some(v) = &c.endpoint {
+                    b = b.with_url(v);
+                }
+                Backend::cloud(Arc::new(b.build().map_err(|e| cloud_err("gcs", e))?), c)
+            }
         })
     }
+}
+
+impl Backend {
+    fn local(objects: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            objects,
+            signer: None,
+            signer_prefix: None,
+        }
+    }
+
+    /// A cloud store that can presign, under the configured prefix.
+    fn cloud<S: ObjectStore + Signer>(store: Arc<S>, c: &CloudConfig) -> Self {
+        let prefix = c
+            .prefix
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(Path::from);
+        let objects: Arc<dyn ObjectStore> = match &prefix {
+            Some(p) => Arc::new(PrefixStore::new(store.clone(), p.clone())),
+            None => store.clone(),
+        };
+        Self {
+            objects,
+            signer: Some(store),
+            signer_prefix: prefix,
+        }
+    }
+}
+
+/// The cloud clients use rustls; pick its ring provider once per process.
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

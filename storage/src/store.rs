@@ -105,6 +105,9 @@ pub struct Store {
     /// Pull times not yet written: reads never wait on a database write (see
     /// [`Store::flush_access`]).
     pub(crate) pulls: Mutex<crate::maintenance::PendingPulls>,
+    /// Presigns direct download URLs on object stores that can.
+    signer: Option<Arc<dyn object_store::signer::Signer>>,
+    signer_prefix: Option<Path>,
 }
 
 impl std::fmt::Debug for Store {
@@ -123,7 +126,15 @@ fn new_id() -> String {
 impl Store {
     /// Opens storage as configured, creating what is missing.
     pub async fn open(config: &StorageConfig) -> Result<Self> {
-        let objects = config.object_store()?;
+        let backend = config.backend()?;
+        if !matches!(config.blobs, crate::backend::BlobBackend::Memory) {
+            check_writable(&backend.objects).await.map_err(|e| {
+                Error::Internal(format!(
+                    "{} storage is not usable: {e}",
+                    config.blobs.name()
+                ))
+            })?;
+        }
         if let Some(parent) = config.database.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -131,7 +142,10 @@ impl Store {
         let db = tokio::task::spawn_blocking(move || Db::open(&path))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-        Ok(Self::new(objects, db))
+        let mut store = Self::new(backend.objects, db);
+        store.signer = backend.signer;
+        store.signer_prefix = backend.signer_prefix;
+        Ok(store)
     }
 
     /// A store over an existing object store and database.
@@ -141,6 +155,8 @@ impl Store {
             db,
             hashers: Mutex::new(HashMap::new()),
             pulls: Mutex::new(Default::default()),
+            signer: None,
+            signer_prefix: None,
         }
     }
 
@@ -196,6 +212,27 @@ impl Store {
             _ => blob::read(&self.objects, &blob_key(digest), range).await?,
         };
         Ok(BlobRead { size, range, body })
+    }
+
+    /// A presigned URL from which a client may download blob `digest` directly, valid for
+    /// `expires`; `None` when the backend cannot presign (local disk, memory).
+    pub async fn blob_url(
+        &self,
+        digest: &Digest,
+        expires: std::time::Duration,
+    ) -> Result<Option<String>> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let key = blob_key(digest);
+        let key = match &self.signer_prefix {
+            Some(p) => Path::from(format!("{p}/{key}")),
+            None => key,
+        };
+        let url = signer
+            .signed_url(object_store::signer::Method::GET, &key, expires)
+            .await?;
+        Ok(Some(url.to_string()))
     }
 
     /// Unlinks `digest` from `repo`. The bytes stay until garbage collection finds them unused.
@@ -860,4 +897,16 @@ fn upload_size(c: &rusqlite::Connection, repo: &str, id: &str) -> Result<u64> {
     .optional()?
     .map(|s| s as u64)
     .ok_or_else(|| Error::UploadUnknown(id.to_owned()))
+}
+
+/// Writes, reads back and deletes a probe object, so that a misconfigured bucket fails at
+/// start-up rather than on the first push.
+async fn check_writable(objects: &Arc<dyn ObjectStore>) -> Result<()> {
+    let key = Path::from(format!("_berth/probe-{}", new_id()));
+    objects
+        .put(&key, bytes::Bytes::from_static(b"berth").into())
+        .await?;
+    objects.get(&key).await?.bytes().await?;
+    objects.delete(&key).await?;
+    Ok(())
 }

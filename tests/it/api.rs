@@ -17,7 +17,7 @@ impl T {
     async fn new() -> Self {
         Self {
             s: TestServer::start().await,
-            c: Client::new(),
+            c: crate::support::client(),
         }
     }
 
@@ -217,7 +217,7 @@ async fn anonymous_mount_can_be_switched_off() {
     let s = TestServer::start_with(|c| c.registry.anonymous_mount = false).await;
     let t = T {
         s,
-        c: Client::new(),
+        c: crate::support::client(),
     };
     let d = t.push_blob("a", b"x").await;
     let r = t
@@ -592,7 +592,7 @@ async fn deletes_can_be_disabled() {
     let s = TestServer::start_with(|c| c.registry.delete_enabled = false).await;
     let t = T {
         s,
-        c: Client::new(),
+        c: crate::support::client(),
     };
     let (_, d) = t.push_image("a", "t", "x").await;
     let r = t

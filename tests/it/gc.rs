@@ -133,7 +133,7 @@ fn object_path(root: &std::path::Path, d: &str) -> std::path::PathBuf {
 async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image() {
     let s = TestServer::start().await;
     let root = s.root();
-    let c = Client::new();
+    let c = crate::support::client();
 
     // Old content: kept images, and garbage (orphan blobs, deleted images).
     for i in 0..6 {
@@ -298,7 +298,7 @@ async fn gc_cli_dry_run_changes_nothing() {
     let data = dir.path().join("data");
     {
         let p = crate::support::spawn_berth(&data);
-        let c = Client::new();
+        let c = crate::support::client();
         let b = b"an orphan".to_vec();
         let d = digest(&b);
         let r = c

@@ -117,6 +117,11 @@ pub fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
 
 /// Runs the `berth` binary on a free loopback port with `data` as its data directory.
 pub fn spawn_berth(data: &Path) -> Proc {
+    spawn_berth_with(data, None)
+}
+
+/// Like [`spawn_berth`], with a configuration file's text.
+pub fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let log = data.with_extension("log");
@@ -125,9 +130,15 @@ pub fn spawn_berth(data: &Path) -> Proc {
         .append(true)
         .open(&log)
         .expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["serve", "--listen", &addr.to_string(), "--data"])
-        .arg(data)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+    cmd.args(["serve", "--listen", &addr.to_string(), "--data"])
+        .arg(data);
+    if let Some(text) = config {
+        let file = data.with_extension("toml");
+        std::fs::write(&file, text).expect("write config");
+        cmd.arg("--config").arg(file);
+    }
+    let child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(out)
@@ -186,4 +197,10 @@ pub fn require(name: &str) -> PathBuf {
 pub fn digest(data: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// An HTTP client (installs the TLS crypto provider the build uses, once).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
