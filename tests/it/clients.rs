@@ -279,6 +279,8 @@ fn real_clients() {
     let amd = layout.image("amd64", &[100_000], 3);
     let arm = layout.image("arm64", &[100_000], 4);
     let index = layout.index(&[amd.clone(), arm.clone()]);
+    let big = layout.big_image("amd64", 1 << 30, 5);
+    layout.tag("big", &big);
     layout.tag("small", &small);
     layout.tag("multi", &multi);
     layout.tag("index", &index);
@@ -294,6 +296,7 @@ fn real_clients() {
         ("small image", "small", &small, false),
         ("multi-layer image (50 MB)", "multi", &multi, false),
         ("multi-arch index (--all)", "index", &index, true),
+        ("1 GiB single-layer image", "big", &big, false),
     ] {
         s.op(&format!("skopeo copy OCI layout -> berth: {what}"), || {
             let mut c = t.skopeo();
@@ -313,7 +316,7 @@ fn real_clients() {
         "skopeo copy berth -> OCI layout --all: same digests back",
         || {
             let out = tmp.path().join("out");
-            for tag in ["small", "multi", "index"] {
+            for tag in ["small", "multi", "index", "big"] {
                 sh(t.skopeo()
                     .args([
                         "copy",
@@ -324,7 +327,12 @@ fn real_clients() {
                     .arg(format!("docker://{host}/skopeo/{tag}:1"))
                     .arg(format!("oci:{}:{tag}", out.display())))?;
             }
-            for (tag, desc) in [("small", &small), ("multi", &multi), ("index", &index)] {
+            for (tag, desc) in [
+                ("small", &small),
+                ("multi", &multi),
+                ("index", &index),
+                ("big", &big),
+            ] {
                 let got = Layout::tagged_digest(&out, tag).unwrap_or_default();
                 expect(got == d(desc), || format!("{tag}: {got} != {}", d(desc)))?;
             }
@@ -586,6 +594,14 @@ fn real_clients() {
         )
     });
 
+    s.op(
+        "berth's peak RSS over the whole run stays under 64 MiB",
+        || {
+            let kib = berth.peak_rss_kib();
+            println!("  berth peak RSS: {} MiB", kib / 1024);
+            expect(kib > 0 && kib < 64 * 1024, || format!("{kib} KiB"))
+        },
+    );
     drop(berth);
     println!("{} passed, {} failed", s.passed, s.failed.len());
     assert!(

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use berth_conformance::{Config, run};
 
-use crate::support::{TestServer, spawn_distribution};
+use crate::support::{TestServer, require, spawn_distribution, spawn_distribution_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn berth_passes_every_check() {
@@ -141,6 +141,54 @@ async fn distribution_fails_exactly_its_known_gaps() {
     assert!(
         report.passed() > 80,
         "only {} checks passed",
+        report.passed()
+    );
+}
+
+/// With credentials the runner answers Basic challenges too: against Distribution with an
+/// htpasswd file it gets in, and reports the same gaps as without auth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_work_against_distribution_with_basic_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let htpasswd = dir.path().join("htpasswd");
+    let out = std::process::Command::new(require("htpasswd"))
+        .args(["-Bbc"])
+        .arg(&htpasswd)
+        .args(["tester", "s3cret"])
+        .output()
+        .expect("htpasswd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reg = spawn_distribution_with(dir.path(), Some(&htpasswd));
+    let mut cfg = Config::new(&reg.root(), "conformance/basic");
+    cfg.credentials = Some(("tester".into(), "s3cret".into()));
+    let report = run(cfg.clone(), false).await.expect("run");
+    let auth: Vec<_> = report
+        .outcomes
+        .iter()
+        .filter(|o| o.workflow == "auth")
+        .collect();
+    assert_eq!(auth.len(), 2);
+    assert!(auth.iter().all(|o| o.result.is_ok()), "{auth:#?}");
+    let failed: BTreeSet<(String, String)> = report
+        .failures()
+        .iter()
+        .map(|o| (o.workflow.to_owned(), o.name.clone()))
+        .collect();
+    let expected: BTreeSet<(String, String)> = DISTRIBUTION_GAPS
+        .iter()
+        .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
+        .collect();
+    assert_eq!(failed, expected);
+    // Wrong credentials: every authenticated check fails.
+    cfg.credentials = Some(("tester".into(), "wrong".into()));
+    let report = run(cfg, false).await.expect("run");
+    assert!(
+        report.passed() < 10,
+        "{} checks passed with a wrong password",
         report.passed()
     );
 }

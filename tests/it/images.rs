@@ -87,6 +87,49 @@ impl Layout {
         d
     }
 
+    /// A single-layer image whose layer holds `size` random bytes, streamed to disk (the
+    /// layer is gzip with stored blocks: valid, and quick to make at 1 GiB).
+    pub fn big_image(&self, arch: &str, size: u64, seed: u64) -> Value {
+        use sha2::Digest as _;
+        let tmp = self.dir.join("big-layer.tmp");
+        let file = HashingWriter::new(std::fs::File::create(&tmp).unwrap());
+        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::none());
+        let mut tar = tar::Builder::new(HashingWriter::new(gz));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(
+            &mut h,
+            "data/big.bin",
+            NoiseReader {
+                left: size,
+                x: seed | 1,
+            },
+        )
+        .unwrap();
+        let diff = tar.into_inner().unwrap();
+        let diff_id = format!("sha256:{}", hex::encode(diff.hash.finalize()));
+        let file = diff.inner.finish().unwrap();
+        let (len, compressed) = (
+            file.len,
+            format!("sha256:{}", hex::encode(file.hash.finalize())),
+        );
+        std::fs::rename(&tmp, self.dir.join("blobs/sha256").join(&compressed[7..])).unwrap();
+        let layer = json!({ "mediaType": LAYER_GZIP, "digest": compressed, "size": len });
+        let config = json!({
+            "architecture": arch, "os": "linux", "config": {},
+            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        });
+        let c = self.blob(
+            "application/vnd.oci.image.config.v1+json",
+            &serde_json::to_vec(&config).unwrap(),
+        );
+        let m = json!({ "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": c, "layers": [layer] });
+        self.blob(OCI_MANIFEST, &serde_json::to_vec(&m).unwrap())
+    }
+
     /// An index over `children`.
     pub fn index(&self, children: &[Value]) -> Value {
         let m = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children });
@@ -140,4 +183,56 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();
     e.finish().unwrap()
+}
+
+/// Counts and hashes what passes through to `inner`.
+struct HashingWriter<W> {
+    inner: W,
+    hash: sha2::Sha256,
+    len: u64,
+}
+
+impl<W> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        use sha2::Digest as _;
+        Self {
+            inner,
+            hash: sha2::Sha256::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `left` bytes of xorshift noise, produced as they are read.
+struct NoiseReader {
+    left: u64,
+    x: u64,
+}
+
+impl std::io::Read for NoiseReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for chunk in buf[..n].chunks_mut(8) {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            chunk.copy_from_slice(&self.x.to_le_bytes()[..chunk.len()]);
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }

@@ -150,6 +150,11 @@ pub fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
 
 /// The reference registry (CNCF Distribution 2.8, Debian's `docker-registry`), deletes on.
 pub fn spawn_distribution(dir: &Path) -> Proc {
+    spawn_distribution_with(dir, None)
+}
+
+/// Distribution with Basic auth from an htpasswd file when `htpasswd` is given.
+pub fn spawn_distribution_with(dir: &Path, htpasswd: Option<&Path>) -> Proc {
     let bin = which("docker-registry").expect(
         "docker-registry is not installed: `apt-get install docker-registry` (./scripts/test does it)",
     );
@@ -159,8 +164,11 @@ pub fn spawn_distribution(dir: &Path) -> Proc {
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-            dir.join("data").display()
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}",
+            dir.join("data").display(),
+            htpasswd
+                .map(|p| format!("auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n", p.display()))
+                .unwrap_or_default()
         ),
     )
     .expect("write config");
