@@ -113,7 +113,7 @@ impl StorageConfig {
                 let fs = LocalFileSystem::new_with_prefix(root).map_err(|e| {
                     Error::Internal(format!("storage root {}: {e}", root.display()))
                 })?;
-                Backend::local(Arc::new(fs.with_automatic_cleanup(true)))
+                Backend::local(Arc::new(fs))
             }
             BlobBackend::Memory => Backend::local(Arc::new(InMemory::new())),
             BlobBackend::S3(c) => {

@@ -3,8 +3,8 @@
 //! # Key layout
 //! ```text
 //! blobs/<algorithm>/<first two hex>/<hex>     a verified blob; written once, never modified
-//! uploads/<session-id>/<offset>-<nonce>       one committed chunk of an upload session
-//! uploads/<session-id>/assembled-<nonce>      the chunks concatenated, while a session finishes
+//! uploads/<session-id>.<offset>-<nonce>       one committed chunk of an upload session
+//! uploads/<session-id>.assembled-<nonce>      the chunks concatenated, while a session finishes
 //! ```
 //! A blob object is written only after its digest was verified, and always before the metadata
 //! row that makes it visible; it is removed only after the metadata says nothing needs it.
@@ -44,9 +44,18 @@ pub fn blob_key(digest: &Digest) -> Path {
     ))
 }
 
-/// The key prefix holding an upload session's chunks.
-pub fn upload_prefix(id: &str) -> Path {
-    Path::from(format!("uploads/{id}"))
+/// Where upload chunks live: one flat directory, so that no per-session directory has to be
+/// created and removed (which races on local disk).
+pub const UPLOADS: &str = "uploads";
+
+/// The key of a piece (`what`) of upload session `id`.
+pub fn upload_part_key(id: &str, what: &str) -> Path {
+    Path::from(format!("{UPLOADS}/{id}.{what}"))
+}
+
+/// The session id an upload object belongs to.
+pub fn upload_of(key: &Path) -> Option<&str> {
+    key.filename()?.split('.').next()
 }
 
 /// Writes `body` to `key` as a multipart upload, feeding `hasher` on the way; returns the byte

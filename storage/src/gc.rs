@@ -73,6 +73,8 @@ pub struct GcReport {
     pub objects_deleted: u64,
     /// Upload sessions dropped.
     pub uploads: u64,
+    /// Upload chunk objects that belonged to no session (left by crashes) and were deleted.
+    pub upload_leftovers: u64,
 }
 
 impl std::fmt::Display for GcReport {
@@ -84,13 +86,14 @@ impl std::fmt::Display for GcReport {
         };
         write!(
             f,
-            "{verb}: {} blobs ({} bytes), {} manifests, {} manifest bodies ({} bytes), {} upload sessions; {} objects deleted",
+            "{verb}: {} blobs ({} bytes), {} manifests, {} manifest bodies ({} bytes), {} upload sessions, {} upload leftovers; {} objects deleted",
             self.blobs,
             self.blob_bytes,
             self.manifests,
             self.manifest_bodies,
             self.manifest_body_bytes,
             self.uploads,
+            self.upload_leftovers,
             self.objects_deleted
         )
     }
@@ -135,6 +138,9 @@ impl Store {
                 .expire_uploads_before(t - secs(policy.upload_expiry))
                 .await? as u64;
         }
+        report.upload_leftovers = self
+            .upload_leftovers(t - secs(policy.grace), dry_run)
+            .await?;
         info!(
             dry_run,
             blobs = report.blobs,
@@ -146,6 +152,48 @@ impl Store {
             "garbage collection finished"
         );
         Ok(report)
+    }
+
+    /// Deletes (or counts) objects under `uploads/` that belong to no open session and were last
+    /// written before `cutoff`: chunks of sessions that ended in a crash.
+    async fn upload_leftovers(&self, cutoff: i64, dry_run: bool) -> Result<u64> {
+        let prefix = object_store::path::Path::from(crate::blob::UPLOADS);
+        let mut list = self.objects.list(Some(&prefix));
+        let mut old = Vec::new();
+        while let Some(meta) = list.next().await {
+            let meta = meta?;
+            if meta.last_modified.timestamp() < cutoff {
+                old.push(meta.location);
+            }
+        }
+        let ids: Vec<String> = old
+            .iter()
+            .filter_map(|k| crate::blob::upload_of(k).map(str::to_owned))
+            .collect();
+        let live: std::collections::HashSet<String> = self
+            .db
+            .read(move |c| {
+                let mut st = c.prepare_cached("SELECT 1 FROM uploads WHERE id = ?1")?;
+                let mut live = std::collections::HashSet::new();
+                for id in ids {
+                    if st.exists([&id])? {
+                        live.insert(id);
+                    }
+                }
+                Ok(live)
+            })
+            .await?;
+        let mut n = 0;
+        for key in old {
+            if crate::blob::upload_of(&key).is_some_and(|id| live.contains(id)) {
+                continue;
+            }
+            if !dry_run {
+                self.delete_quietly(&key).await;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Deletes the objects of blobs marked garbage, re-checking each batch under the write lock.

@@ -263,3 +263,45 @@ async fn recently_read_blobs_are_kept() {
     assert_eq!(r.blobs, 0, "{r}");
     assert!(t.s.stat_blob(&repo, &d).await.is_ok());
 }
+
+#[tokio::test]
+async fn chunks_left_by_a_crash_are_swept_after_the_grace_period() {
+    let t = T::new();
+    let repo: RepoName = "app".parse().unwrap();
+    let live = t.s.start_upload(&repo).await.unwrap();
+    t.s.append_upload(&repo, &live.id, None, None, body(b"in progress".to_vec()))
+        .await
+        .unwrap();
+    // A chunk whose session row is gone, as after a crash between writing and committing.
+    let orphan = crate::blob::upload_part_key("deadbeef", "00000000000000000000-x");
+    t.s.objects
+        .put(&orphan, Bytes::from_static(b"lost").into())
+        .await
+        .unwrap();
+    let r = t.s.gc(&policy(), false).await.unwrap();
+    assert_eq!(r.upload_leftovers, 0, "too young: {r}");
+    let r =
+        t.s.gc_as_of(&policy(), true, now() + 2 * HOUR)
+            .await
+            .unwrap();
+    assert_eq!(r.upload_leftovers, 1, "{r}");
+    assert!(t.s.objects.head(&orphan).await.is_ok(), "dry run deleted");
+    let r =
+        t.s.gc_as_of(&policy(), false, now() + 2 * HOUR)
+            .await
+            .unwrap();
+    assert_eq!(r.upload_leftovers, 1, "{r}");
+    assert!(t.s.objects.head(&orphan).await.is_err());
+    assert_eq!(
+        t.s.upload_status(&repo, &live.id).await.unwrap().size,
+        11,
+        "a live session lost data"
+    );
+    assert_eq!(
+        t.s.objects
+            .list(Some(&object_store::path::Path::from("uploads")))
+            .count()
+            .await,
+        1
+    );
+}

@@ -11,7 +11,7 @@ use rusqlite::{OptionalExtension, params};
 use tracing::{debug, info, warn};
 
 use crate::backend::StorageConfig;
-use crate::blob::{self, ByteStream, blob_key, upload_prefix};
+use crate::blob::{self, ByteStream, blob_key};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::meta::{Db, ensure_repo, now, repo_id};
@@ -346,7 +346,7 @@ impl Store {
                 got: s,
             });
         }
-        let key = Path::from(format!("uploads/{id}/{current:020}-{}", new_id()));
+        let key = blob::upload_part_key(id, &format!("{current:020}-{}", new_id()));
         let mut hasher = self.take_hasher(id, current);
         let written = blob::write_stream(&self.objects, &key, body, hasher.as_mut()).await;
         let n = match written {
@@ -473,7 +473,9 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
-        self.forget_upload_objects(id).await;
+        let mut leftovers: Vec<Path> = parts.iter().map(|p| Path::from(p.as_str())).collect();
+        leftovers.extend(source.filter(|s| !leftovers.contains(s)));
+        self.forget_upload_objects(id, leftovers).await;
         info!(repo = %repo, digest = %digest, size, "blob committed");
         Ok(size)
     }
@@ -503,7 +505,7 @@ impl Store {
             [one] => Some(Path::from(one.as_str())),
             many => {
                 // Concatenate the chunks into one object, hashing on the way if needed.
-                let assembled = Path::from(format!("uploads/{id}/assembled-{}", new_id()));
+                let assembled = blob::upload_part_key(id, &format!("assembled-{}", new_id()));
                 let mut hasher = computed.is_none().then(|| digest.algorithm().hasher());
                 let up = self.objects.put_multipart(&assembled).await?;
                 let mut w = WriteMultipart::new_with_chunk_size(up, 5 * 1024 * 1024);
@@ -536,6 +538,9 @@ impl Store {
             }
         };
         if &computed != digest {
+            if let (Some(src), [_, _, ..]) = (&source, parts) {
+                self.delete_quietly(src).await;
+            }
             return Err(Error::DigestMismatch {
                 expected: digest.to_string(),
                 computed: computed.to_string(),
@@ -558,36 +563,35 @@ impl Store {
 
     pub(crate) async fn drop_upload(&self, id: &str) -> Result<()> {
         let sid = id.to_owned();
-        self.db
+        let parts = self
+            .db
             .write(move |tx| {
+                let parts = {
+                    let mut st = tx.prepare("SELECT key FROM upload_parts WHERE upload_id = ?1")?;
+                    st.query_map([&sid], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                };
                 tx.execute("DELETE FROM uploads WHERE id = ?1", [&sid])?;
-                Ok(())
+                Ok(parts)
             })
             .await?;
-        self.forget_upload_objects(id).await;
+        let keys = parts.iter().map(|p| Path::from(p.as_str())).collect();
+        self.forget_upload_objects(id, keys).await;
         Ok(())
     }
 
     /// Removes an ended session's chunk objects (best effort: a leftover is only disk space,
-    /// and the stale-upload sweep finds it).
-    async fn forget_upload_objects(&self, id: &str) {
+    /// and garbage collection's sweep of `uploads/` finds it).
+    async fn forget_upload_objects(&self, id: &str, keys: Vec<Path>) {
         if let Ok(mut m) = self.hashers.lock() {
             m.remove(id);
         }
-        let prefix = upload_prefix(id);
-        let mut list = self.objects.list(Some(&prefix));
-        while let Some(item) = list.next().await {
-            match item {
-                Ok(meta) => self.delete_quietly(&meta.location).await,
-                Err(e) => {
-                    warn!(upload = %id, error = %e, "listing upload chunks failed");
-                    break;
-                }
-            }
+        for key in keys {
+            self.delete_quietly(&key).await;
         }
     }
 
-    async fn delete_quietly(&self, key: &Path) {
+    pub(crate) async fn delete_quietly(&self, key: &Path) {
         match self.objects.delete(key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => warn!(key = %key, error = %e, "deleting object failed"),

@@ -644,3 +644,36 @@ async fn metrics_count_requests_by_endpoint() {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
 }
+
+/// Regression: concurrent uploads once raced on creating and removing per-session directories
+/// on local disk (500 "Unable to create dir").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_uploads_all_commit() {
+    let t = T::new().await;
+    let mut tasks = Vec::new();
+    for w in 0..16u32 {
+        let (c, root) = (t.c.clone(), t.s.root());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25u32 {
+                let data = format!("worker {w} blob {i}").into_bytes();
+                let d = digest(&data);
+                let r = c
+                    .post(format!("{root}/v2/busy/blobs/uploads/"))
+                    .send()
+                    .await
+                    .unwrap();
+                let loc = r.headers()["location"].to_str().unwrap().to_owned();
+                let r = c
+                    .put(format!("{root}{loc}?digest={d}"))
+                    .body(data)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Berth against the reference registry (CNCF Distribution 2.8, Debian's docker-registry).
+
+Both run side by side on loopback with equivalent settings (filesystem storage in a temp dir, no
+auth, info logging). Every figure is measured for both, RUNS times, and reported as the median
+and the ratio Berth/Distribution. Benchmarks are not tests: nothing here asserts a speed.
+
+Usage: bench/run [--runs N] [--quick] [--out FILE]   (bench/run installs what it needs)
+"""
+
+import argparse
+import gzip
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BERTH = os.path.join(ROOT, "target", "release", "berth")
+GIB = 1 << 30
+SIZE = GIB  # bytes of the pushed layer file, set in main()
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_up(port, proc, what):
+    for _ in range(300):
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited at start")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/v2/")
+            c.getresponse().read()
+            return
+        except OSError:
+            time.sleep(0.02)
+    sys.exit(f"{what} did not start")
+
+
+class Registry:
+    def __init__(self, name, work):
+        self.name = name
+        self.dir = tempfile.mkdtemp(prefix=f"bench-{name}-", dir=work)
+        self.port = free_port()
+        self.proc = None
+
+    def url(self, path=""):
+        if path.startswith("http"):
+            return path  # Distribution answers with absolute Locations
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self):
+        log = open(os.path.join(self.dir, "log"), "ab")
+        t = time.monotonic()
+        if self.name == "berth":
+            self.proc = subprocess.Popen(
+                [BERTH, "serve", "--listen", f"127.0.0.1:{self.port}", "--data", os.path.join(self.dir, "data")],
+                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "RUST_LOG": "info"})
+        else:
+            cfg = os.path.join(self.dir, "config.yml")
+            with open(cfg, "w") as f:
+                f.write(f"version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {self.dir}/data\n"
+                        f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{self.port}\n")
+            self.proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL, stderr=log)
+        wait_up(self.port, self.proc, self.name)
+        return time.monotonic() - t
+
+    def stop(self):
+        if self.proc:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+    def status(self, key):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0  # MiB
+        return 0.0
+
+    def reset_peak(self):
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
+
+
+def conn(reg):
+    return http.client.HTTPConnection("127.0.0.1", reg.port, timeout=600)
+
+
+def request(c, method, path, body=None, headers=None):
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    data = r.read()
+    return r.status, dict((k.lower(), v) for k, v in r.getheaders()), data
+
+
+def sha(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def push_small(reg, repo, data):
+    c = conn(reg)
+    d = sha(data)
+    st, h, _ = request(c, "POST", f"/v2/{repo}/blobs/uploads/")
+    loc = h["location"]
+    sep = "&" if "?" in loc else "?"
+    st, _, body = request(c, "PUT", f"{loc}{sep}digest={d}", data, {"Content-Type": "application/octet-stream"})
+    assert st == 201, (st, body)
+    return d
+
+
+def manifest_for(config_digest, config_len, layers=()):
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_len},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n} for d, n in layers],
+    }).encode()
+
+
+def put_manifest(c, repo, ref, m):
+    st, _, body = request(c, "PUT", f"/v2/{repo}/manifests/{ref}", m, {"Content-Type": OCI_MANIFEST})
+    assert st == 201, (st, body)
+
+
+# ------------------------------------------------------------------------------------------- push
+
+
+def push_monolithic(reg, path, digest):
+    c = conn(reg)
+    _, h, _ = request(c, "POST", "/v2/bench/mono/blobs/uploads/")
+    loc = h["location"]
+    sep = "&" if "?" in loc else "?"
+    t = time.monotonic()
+    out = subprocess.run(["curl", "-sS", "-X", "PUT", "-H", "Content-Type: application/octet-stream", "-T", path,
+                          "-w", "%{http_code}", "-o", "/dev/null", reg.url(f"{loc}{sep}digest={digest}")],
+                         capture_output=True, text=True)
+    dt = time.monotonic() - t
+    assert out.stdout == "201", (out.stdout, out.stderr)
+    return SIZE / dt / 1e6
+
+
+def push_chunked(reg, path, digest, chunk=64 << 20):
+    c = conn(reg)
+    _, h, _ = request(c, "POST", "/v2/bench/chunked/blobs/uploads/")
+    loc = h["location"]
+    t = time.monotonic()
+    with open(path, "rb") as f:
+        off = 0
+        while True:
+            data = f.read(chunk)
+            if not data:
+                break
+            st, h, body = request(c, "PATCH", loc, data, {
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{off}-{off + len(data) - 1}"})
+            assert st == 202, (st, body)
+            loc = h["location"]
+            off += len(data)
+    sep = "&" if "?" in loc else "?"
+    st, _, body = request(c, "PUT", f"{loc}{sep}digest={digest}")
+    assert st == 201, (st, body)
+    return SIZE / (time.monotonic() - t) / 1e6
+
+
+def oci_layout(work, path, digest):
+    """An OCI layout holding one image whose (uncompressed) layer is the 1 GiB file."""
+    d = os.path.join(work, "layout")
+    if os.path.exists(os.path.join(d, "index.json")):
+        return d
+    os.makedirs(os.path.join(d, "blobs", "sha256"))
+    os.link(path, os.path.join(d, "blobs", "sha256", digest[7:]))
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+    cd = sha(cfg)
+    open(os.path.join(d, "blobs", "sha256", cd[7:]), "wb").write(cfg)
+    m = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(cfg)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": SIZE}],
+    }).encode()
+    md = sha(m)
+    open(os.path.join(d, "blobs", "sha256", md[7:]), "wb").write(m)
+    open(os.path.join(d, "oci-layout"), "w").write('{"imageLayoutVersion":"1.0.0"}')
+    json.dump({"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": md, "size": len(m),
+                                                  "annotations": {"org.opencontainers.image.ref.name": "v1"}}]},
+              open(os.path.join(d, "index.json"), "w"))
+    return d
+
+
+def skopeo(args, policy):
+    out = subprocess.run(["skopeo", "--policy", policy] + args, capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+
+
+def push_skopeo(reg, layout, policy, n):
+    t = time.monotonic()
+    skopeo(["copy", "--dest-tls-verify=false", "--preserve-digests",
+            f"oci:{layout}:v1", f"docker://127.0.0.1:{reg.port}/bench/skopeo{n}:v1"], policy)
+    return SIZE / (time.monotonic() - t) / 1e6
+
+
+def pull_curl(reg, digest):
+    t = time.monotonic()
+    out = subprocess.run(["curl", "-sfL", "-o", "/dev/null", reg.url(f"/v2/bench/mono/blobs/{digest}")])
+    assert out.returncode == 0
+    return SIZE / (time.monotonic() - t) / 1e6
+
+
+def pull_skopeo(reg, work, policy, n):
+    dest = os.path.join(work, f"pulled-{reg.name}-{n}")
+    t = time.monotonic()
+    skopeo(["copy", "--src-tls-verify=false", f"docker://127.0.0.1:{reg.port}/bench/skopeo0:v1", f"oci:{dest}:v1"], policy)
+    dt = time.monotonic() - t
+    shutil.rmtree(dest, ignore_errors=True)
+    return SIZE / dt / 1e6
+
+
+# --------------------------------------------------------------------------------------- requests
+
+
+def wrk(url, seconds, conns=32):
+    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    return rps, pct(50), pct(99)
+
+
+def ab_head(url, n, conns=32):
+    out = subprocess.run(["ab", "-q", "-k", "-i", "-n", str(n), "-c", str(conns), url], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))
+    p50 = float(re.search(r"\s50%\s+(\d+)", out).group(1))
+    p99 = float(re.search(r"\s99%\s+(\d+)", out).group(1))
+    return rps, p50, p99
+
+
+def latency_p99(reg, path, n=200):
+    c = conn(reg)
+    times = []
+    for _ in range(n):
+        t = time.monotonic()
+        st, _, _ = request(c, "GET", path)
+        times.append((time.monotonic() - t) * 1000)
+        assert st == 200, st
+    times.sort()
+    return times[int(len(times) * 0.99) - 1]
+
+
+def populate_listing(reg, repos, tags):
+    """`repos` repositories with one manifest each, and one repository with `tags` tags."""
+    cfg = b'{"architecture":"amd64","os":"linux"}'
+
+    def one_repo(i):
+        c = conn(reg)
+        d = push_small(reg, f"many/r{i:05d}", cfg)
+        put_manifest(c, f"many/r{i:05d}", "v1", manifest_for(d, len(cfg)))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(one_repo, range(repos)))
+    d = push_small(reg, "tagged/repo", cfg)
+
+    def tag_batch(start):
+        c = conn(reg)
+        for i in range(start, min(start + 500, tags)):
+            put_manifest(c, "tagged/repo", f"t{i:05d}", manifest_for(d, len(cfg)))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(tag_batch, range(0, tags, 500)))
+
+
+def populate_blobs(reg, n):
+    def batch(start):
+        c = conn(reg)
+        for i in range(start, min(start + 1000, n)):
+            data = f"blob {i}".encode()
+            st, h, _ = request(c, "POST", "/v2/startup/blobs/uploads/")
+            loc = h["location"]
+            sep = "&" if "?" in loc else "?"
+            st, _, _ = request(c, "PUT", f"{loc}{sep}digest={sha(data)}", data)
+            assert st == 201
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(batch, range(0, n, 1000)))
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="shorter loads and smaller listings")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    a = ap.parse_args()
+    load_s = 3 if a.quick else 10
+    listing_n = 1000 if a.quick else 10_000
+    startup_n = 10_000 if a.quick else 100_000
+
+    work = tempfile.mkdtemp(prefix="berth-bench-")
+    policy = os.path.join(work, "policy.json")
+    open(policy, "w").write('{"default":[{"type":"insecureAcceptAnything"}]}')
+    # The layer: 1 GiB of random bytes as gzip with stored blocks, so clients keep it as it is.
+    big = os.path.join(work, "layer.bin")
+    with gzip.open(big, "wb", compresslevel=0) as f:
+        for _ in range(GIB // (16 << 20)):
+            f.write(os.urandom(16 << 20))
+    global SIZE
+    SIZE = os.path.getsize(big)
+    h = hashlib.sha256()
+    with open(big, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    digest = "sha256:" + h.hexdigest()
+    layout = oci_layout(work, big, digest)
+
+    regs = [Registry("berth", work), Registry("distribution", work)]
+    results = {r.name: {} for r in regs}
+
+    def record(reg, key, value):
+        results[reg.name].setdefault(key, []).append(value)
+
+    try:
+        for reg in regs:
+            reg.start()
+            time.sleep(0.5)
+            record(reg, "RSS idle (MiB)", reg.status("VmRSS"))
+            for n in range(a.runs):
+                reg.reset_peak()
+                record(reg, "push 1 GiB monolithic (MB/s)", push_monolithic(reg, big, digest))
+                record(reg, "peak RSS during 1 GiB push (MiB)", reg.status("VmHWM"))
+                record(reg, "push 1 GiB chunked, 64 MiB PATCHes (MB/s)", push_chunked(reg, big, digest))
+                record(reg, "push 1 GiB via skopeo (MB/s)", push_skopeo(reg, layout, policy, n))
+                record(reg, "pull 1 GiB blob, curl (MB/s)", pull_curl(reg, digest))
+                record(reg, "pull 1 GiB via skopeo (MB/s)", pull_skopeo(reg, work, policy, n))
+            # Small requests.
+            c = conn(reg)
+            cfg = b'{"architecture":"amd64","os":"linux","bench":true}'
+            cd = push_small(reg, "bench/small", cfg)
+            put_manifest(c, "bench/small", "latest", manifest_for(cd, len(cfg)))
+            for n in range(a.runs):
+                reg.reset_peak()
+                rps, p50, p99 = wrk(reg.url("/v2/bench/small/manifests/latest"), load_s)
+                record(reg, "manifest GET by tag, 32 conns (req/s)", rps)
+                record(reg, "manifest GET p50 (ms)", p50)
+                record(reg, "manifest GET p99 (ms)", p99)
+                record(reg, "peak RSS under GET load (MiB)", reg.status("VmHWM"))
+                rps, p50, p99 = ab_head(reg.url(f"/v2/bench/small/blobs/{cd}"), 20000 if a.quick else 100000)
+                record(reg, "blob HEAD, 32 conns (req/s)", rps)
+                record(reg, "blob HEAD p50 (ms)", p50)
+                record(reg, "blob HEAD p99 (ms)", p99)
+            populate_listing(reg, listing_n, listing_n)
+            for n in range(a.runs):
+                record(reg, f"catalog of {listing_n} repos, n={listing_n}, p99 (ms)", latency_p99(reg, f"/v2/_catalog?n={listing_n}"))
+                record(reg, f"tags list of {listing_n} tags, p99 (ms)", latency_p99(reg, "/v2/tagged/repo/tags/list"))
+            populate_blobs(reg, startup_n)
+            reg.stop()
+            for n in range(a.runs):
+                record(reg, f"start-up with {startup_n} blobs stored (ms)", reg.start() * 1000)
+                reg.stop()
+    finally:
+        for r in regs:
+            r.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    keys = list(results["berth"].keys())
+    print(f"\n{'measure':<48} {'berth':>12} {'distribution':>14} {'ratio':>8}")
+    table = []
+    for k in keys:
+        b = statistics.median(results["berth"][k])
+        d = statistics.median(results["distribution"][k])
+        ratio = b / d if d else float("nan")
+        table.append({"measure": k, "berth": b, "distribution": d, "ratio": ratio,
+                      "berth_runs": results["berth"][k], "distribution_runs": results["distribution"][k]})
+        print(f"{k:<48} {b:>12.2f} {d:>14.2f} {ratio:>8.2f}")
+    if a.out:
+        json.dump(table, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
