@@ -89,6 +89,9 @@ pub struct Backend {
     pub signer: Option<Arc<dyn Signer>>,
     /// The prefix to put in front of keys handed to `signer`.
     pub signer_prefix: Option<Path>,
+    /// For local disk: the directory keys live under, so uploads can be written to files
+    /// directly, without the buffering object stores need.
+    pub local_root: Option<PathBuf>,
 }
 
 fn cloud_err(backend: &str, e: object_store::Error) -> Error {
@@ -113,7 +116,9 @@ impl StorageConfig {
                 let fs = LocalFileSystem::new_with_prefix(root).map_err(|e| {
                     Error::Internal(format!("storage root {}: {e}", root.display()))
                 })?;
-                Backend::local(Arc::new(fs))
+                let mut b = Backend::local(Arc::new(fs));
+                b.local_root = Some(root.canonicalize()?);
+                b
             }
             BlobBackend::Memory => Backend::local(Arc::new(InMemory::new())),
             BlobBackend::S3(c) => {
@@ -173,6 +178,7 @@ impl Backend {
             objects,
             signer: None,
             signer_prefix: None,
+            local_root: None,
         }
     }
 
@@ -191,6 +197,7 @@ impl Backend {
             objects,
             signer: Some(store),
             signer_prefix: prefix,
+            local_root: None,
         }
     }
 }

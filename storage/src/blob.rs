@@ -32,6 +32,9 @@ pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 const WRITE_CHUNK: usize = 5 * 1024 * 1024;
 /// Size of the reads from local files when serving blobs.
 const READ_CHUNK: usize = 256 * 1024;
+/// Parts being written while the next one fills: enough to overlap receiving, hashing and
+/// writing, few enough to keep memory at a few parts per upload.
+const WRITES_IN_FLIGHT: usize = 2;
 
 /// The object key of a blob.
 pub fn blob_key(digest: &Digest) -> Path {
@@ -93,7 +96,7 @@ pub(crate) async fn write_stream(
                 writer.insert(WriteMultipart::new_with_chunk_size(up, WRITE_CHUNK))
             }
         };
-        if let Err(e) = w.wait_for_capacity(1).await {
+        if let Err(e) = w.wait_for_capacity(WRITES_IN_FLIGHT).await {
             if let Some(w) = writer {
                 let _ = w.abort().await;
             }
@@ -103,6 +106,121 @@ pub(crate) async fn write_stream(
     }
     if let Some(w) = writer {
         w.finish().await?;
+    }
+    Ok(n)
+}
+
+/// Bytes gathered before each write to a local file.
+const FILE_BATCH: usize = 1024 * 1024;
+
+/// Local-disk fast path of [`write_stream`]: batches of the body's buffers are hashed and
+/// written to a temporary file on a blocking thread, without copying, while the next batch is
+/// received (two cores work: one on the socket, one on hashing and the file); the file is
+/// renamed to `key` (under `root`) when complete. Creates nothing when the body is empty.
+pub(crate) async fn write_file(
+    root: &std::path::Path,
+    key: &Path,
+    mut body: ByteStream,
+    hasher: Option<&mut Hasher>,
+) -> Result<u64> {
+    use std::io::Write as _;
+    type Job = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Option<Hasher>)>>;
+    let dest = root.join(key.as_ref());
+    let tmp = dest.with_file_name(format!(
+        "{}.tmp-{}",
+        dest.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("upload"),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let joined = |h: Job| async move {
+        h.await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(Error::from)
+    };
+    // The hasher travels with the batches; it is handed back at the end.
+    let mut state: Option<(Option<std::fs::File>, Option<Hasher>)> =
+        Some((None, hasher.as_ref().map(|h| (*h).clone())));
+    let mut pending: Option<Job> = None;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
+    let mut n = 0u64;
+    let result: Result<()> = async {
+        loop {
+            let chunk = match body.next().await {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => return Err(Error::Body(e.to_string())),
+            };
+            if let Some(c) = &chunk {
+                n += c.len() as u64;
+                batch_len += c.len();
+            }
+            let last = chunk.is_none();
+            batch.extend(chunk.filter(|c| !c.is_empty()));
+            if batch_len < FILE_BATCH && !last {
+                continue;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let (file, mut h) = match pending.take() {
+                Some(job) => {
+                    let (f, h) = joined(job).await?;
+                    (Some(f), h)
+                }
+                None => state.take().unwrap_or((None, None)),
+            };
+            let bufs = std::mem::take(&mut batch);
+            batch_len = 0;
+            let tmp = tmp.clone();
+            pending = Some(tokio::task::spawn_blocking(move || {
+                let mut f = match file {
+                    Some(f) => f,
+                    None => {
+                        if let Some(dir) = tmp.parent() {
+                            std::fs::create_dir_all(dir)?;
+                        }
+                        std::fs::File::create(&tmp)?
+                    }
+                };
+                for b in &bufs {
+                    if let Some(h) = h.as_mut() {
+                        h.update(b);
+                    }
+                    f.write_all(b)?;
+                }
+                Ok((f, h))
+            }));
+            if last {
+                break;
+            }
+        }
+        if let Some(job) = pending.take() {
+            let (f, h) = joined(job).await?;
+            state = Some((Some(f), h));
+        }
+        Ok(())
+    }
+    .await;
+    if let Some(job) = pending.take() {
+        let _ = job.await;
+    }
+    let (file, h) = match (result, state) {
+        (Ok(()), Some((Some(f), h))) => (f, h),
+        (Ok(()), _) => return Ok(0), // empty body: nothing written
+        (Err(e), _) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    drop(file);
+    if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e.into());
+    }
+    if let (Some(out), Some(h)) = (hasher, h) {
+        *out = h;
     }
     Ok(n)
 }

@@ -108,6 +108,8 @@ pub struct Store {
     /// Presigns direct download URLs on object stores that can.
     signer: Option<Arc<dyn object_store::signer::Signer>>,
     signer_prefix: Option<Path>,
+    /// Local disk root, for writing uploads straight to files.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -145,6 +147,7 @@ impl Store {
         let mut store = Self::new(backend.objects, db);
         store.signer = backend.signer;
         store.signer_prefix = backend.signer_prefix;
+        store.local_root = backend.local_root;
         Ok(store)
     }
 
@@ -157,6 +160,7 @@ impl Store {
             pulls: Mutex::new(Default::default()),
             signer: None,
             signer_prefix: None,
+            local_root: None,
         }
     }
 
@@ -348,7 +352,10 @@ impl Store {
         }
         let key = blob::upload_part_key(id, &format!("{current:020}-{}", new_id()));
         let mut hasher = self.take_hasher(id, current);
-        let written = blob::write_stream(&self.objects, &key, body, hasher.as_mut()).await;
+        let written = match &self.local_root {
+            Some(root) => blob::write_file(root, &key, body, hasher.as_mut()).await,
+            None => blob::write_stream(&self.objects, &key, body, hasher.as_mut()).await,
+        };
         let n = match written {
             Ok(n) => n,
             Err(e) => return Err(e),
