@@ -22,6 +22,13 @@ pub enum Command {
     /// Collect garbage once and print what was removed. Safe against a stopped or a running
     /// Berth on the same data: the metadata database serialises it with the server's writes.
     Gc(GcArgs),
+    /// Exit 0 when the Berth on this host answers `/livez` (for container health checks,
+    /// where no curl is at hand).
+    Healthcheck {
+        /// Address Berth listens on; a wildcard address is probed on loopback.
+        #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:5000")]
+        listen: SocketAddr,
+    },
     /// Check a configuration file and exit (0 when valid).
     CheckConfig {
         /// The file to check.

@@ -15,7 +15,29 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args),
         Command::Gc(args) => gc(args),
+        Command::Healthcheck { listen } => healthcheck(listen),
     }
+}
+
+/// One `GET /livez` over HTTP/1.0 with a short timeout.
+fn healthcheck(mut addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET /livez HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut head = [0u8; 32];
+    let n = s.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    anyhow::ensure!(
+        line.starts_with("HTTP/1.") && line.contains(" 200"),
+        "unhealthy: {line}"
+    );
+    Ok(())
 }
 
 fn load(config: Option<&std::path::Path>) -> anyhow::Result<Config> {

@@ -41,3 +41,30 @@ fn serve_refuses_a_bad_config_before_listening() {
     let (ok, err) = berth(&["serve", "--config", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("listen"), "{err}");
 }
+
+#[test]
+fn healthcheck_answers_for_a_running_berth_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::support::spawn_berth(&dir.path().join("data"));
+    let (ok, err) = berth(&["healthcheck", "--listen", &p.addr.to_string()]);
+    assert!(ok, "{err}");
+    let port = p.addr.port();
+    p.sigkill();
+    let (ok, _) = berth(&["healthcheck", "--listen", &format!("0.0.0.0:{port}")]);
+    assert!(!ok, "healthy with nothing listening");
+}
+
+#[test]
+fn every_shipped_config_file_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let (ok, err) = berth(&["check-config", p.to_str().unwrap()]);
+            assert!(ok, "{}: {err}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "only {n} config files under deploy/config");
+}
