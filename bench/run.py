@@ -182,9 +182,32 @@ def push_chunked(reg, path, digest, chunk=64 << 20):
     return SIZE / (time.monotonic() - t) / 1e6
 
 
-def oci_layout(work, path, digest):
-    """An OCI layout holding one image whose (uncompressed) layer is the 1 GiB file."""
-    d = os.path.join(work, "layout")
+def make_layer(path):
+    """1 GiB of random bytes as gzip with stored blocks (clients keep it as it is); returns
+    (digest, size)."""
+    h = hashlib.sha256()
+
+    class Tee:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            h.update(b)
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    with open(path, "wb") as raw:
+        with gzip.GzipFile(fileobj=Tee(raw), mode="wb", compresslevel=0) as f:
+            for _ in range(GIB // (16 << 20)):
+                f.write(os.urandom(16 << 20))
+    return "sha256:" + h.hexdigest(), os.path.getsize(path)
+
+
+def oci_layout(work, name, path, digest):
+    """An OCI layout holding one image whose layer is the file at `path`."""
+    d = os.path.join(work, name)
     if os.path.exists(os.path.join(d, "index.json")):
         return d
     os.makedirs(os.path.join(d, "blobs", "sha256"))
@@ -195,7 +218,7 @@ def oci_layout(work, path, digest):
     m = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(cfg)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": SIZE}],
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": os.path.getsize(path)}],
     }).encode()
     md = sha(m)
     open(os.path.join(d, "blobs", "sha256", md[7:]), "wb").write(m)
@@ -211,7 +234,11 @@ def skopeo(args, policy):
     assert out.returncode == 0, out.stderr.decode()
 
 
-def push_skopeo(reg, layout, policy, n):
+def push_skopeo(reg, work, policy, n):
+    path = os.path.join(work, "skopeo-layer.bin")
+    digest, _ = make_layer(path)
+    layout = oci_layout(work, f"layout-{reg.name}-{n}", path, digest)
+    os.unlink(path)
     t = time.monotonic()
     skopeo(["copy", "--dest-tls-verify=false", "--preserve-digests",
             f"oci:{layout}:v1", f"docker://127.0.0.1:{reg.port}/bench/skopeo{n}:v1"], policy)
@@ -232,6 +259,12 @@ def pull_skopeo(reg, work, policy, n):
     dt = time.monotonic() - t
     shutil.rmtree(dest, ignore_errors=True)
     return SIZE / dt / 1e6
+
+
+def drop_layouts(work):
+    for name in os.listdir(work):
+        if name.startswith("layout-"):
+            shutil.rmtree(os.path.join(work, name), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------- requests
@@ -257,8 +290,9 @@ def ab_head(url, n, conns=32):
     return rps, p50, p99
 
 
-def latency_p99(reg, path, n=200):
-    """p99 of fetching `path` and every page its Link headers lead to, in ms."""
+def latency_p99(reg, path, n=20):
+    """p99 (of `n`: Distribution walks its storage for every catalog page) of fetching `path`
+    and every page its Link headers lead to, in ms."""
     c = conn(reg)
     times = []
     for _ in range(n):
@@ -339,19 +373,11 @@ def main():
     work = tempfile.mkdtemp(prefix="berth-bench-")
     policy = os.path.join(work, "policy.json")
     open(policy, "w").write('{"default":[{"type":"insecureAcceptAnything"}]}')
-    # The layer: 1 GiB of random bytes as gzip with stored blocks, so clients keep it as it is.
-    big = os.path.join(work, "layer.bin")
-    with gzip.open(big, "wb", compresslevel=0) as f:
-        for _ in range(GIB // (16 << 20)):
-            f.write(os.urandom(16 << 20))
+    # The layer pushed with curl; skopeo gets a fresh layer per run and registry, or it would
+    # mount the blob it already knows instead of uploading it.
     global SIZE
-    SIZE = os.path.getsize(big)
-    h = hashlib.sha256()
-    with open(big, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    digest = "sha256:" + h.hexdigest()
-    layout = oci_layout(work, big, digest)
+    big = os.path.join(work, "layer.bin")
+    digest, SIZE = make_layer(big)
 
     regs = [Registry("berth", work), Registry("distribution", work)]
     results = {r.name: {} for r in regs}
@@ -370,9 +396,10 @@ def main():
                 record(reg, "push 1 GiB monolithic (MB/s)", push_monolithic(reg, big, digest))
                 record(reg, "peak RSS during 1 GiB push (MiB)", reg.status("VmHWM"))
                 record(reg, "push 1 GiB chunked, 64 MiB PATCHes (MB/s)", push_chunked(reg, big, digest))
-                record(reg, "push 1 GiB via skopeo (MB/s)", push_skopeo(reg, layout, policy, n))
+                record(reg, "push 1 GiB via skopeo (MB/s)", push_skopeo(reg, work, policy, n))
                 record(reg, "pull 1 GiB blob, curl (MB/s)", pull_curl(reg, digest))
                 record(reg, "pull 1 GiB via skopeo (MB/s)", pull_skopeo(reg, work, policy, n))
+                drop_layouts(work)
             # Small requests.
             c = conn(reg)
             cfg = b'{"architecture":"amd64","os":"linux","bench":true}'

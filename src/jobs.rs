@@ -13,6 +13,8 @@ use crate::state::AppState;
 
 /// How often recorded pull times are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
+/// How often queued metric samples are folded into histograms.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often stale upload sessions are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
 
@@ -49,6 +51,11 @@ impl Jobs {
                     warn!(error = %e, "expiring upload sessions failed");
                 }
             }
+        }));
+        // The Prometheus recorder queues histogram samples until they are folded into their
+        // buckets: without this, memory would grow with every request between scrapes.
+        tracker.spawn(every(UPKEEP_EVERY, cancel.clone(), || async {
+            crate::metrics::handle().run_upkeep();
         }));
         let gc_every = state.config.gc.interval;
         if !gc_every.is_zero() {

@@ -83,6 +83,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     berth::telemetry::init(&config.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(64)
         .build()?;
     rt.block_on(async move {
         let listen = config.listen;

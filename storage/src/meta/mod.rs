@@ -16,7 +16,9 @@ use rusqlite::{
 use crate::error::{Error, Result};
 
 const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("gc.sql")];
-const MAX_IDLE_READERS: usize = 8;
+/// Read connections, and so reads running at once: more only adds memory and contention on a
+/// few cores.
+const READERS: usize = 4;
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now() -> i64 {
@@ -32,6 +34,7 @@ pub struct Db {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    read_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Db {
@@ -58,6 +61,7 @@ impl Db {
             path: path.to_owned(),
             writer: Arc::new(Mutex::new(conn)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
         })
     }
 
@@ -79,14 +83,17 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        // Waiting here, not on a blocking thread, keeps threads and connections bounded.
+        let _permit = self
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("database closed".into()))?;
         let db = self.clone();
         run_blocking(move || {
             let conn = db.reader()?;
             let out = f(&conn);
-            let mut idle = db.readers.lock().map_err(poisoned)?;
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(conn);
-            }
+            db.readers.lock().map_err(poisoned)?.push(conn);
             out
         })
         .await
