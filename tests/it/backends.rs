@@ -165,7 +165,6 @@ async fn a_chunked_upload_resumes_on_s3_after_a_restart() {
     let data_dir = dir.path().to_owned();
     let c = crate::support::client();
     let blob = noise(12 << 20, 9);
-    let d = digest(&blob);
     let half = 6 << 20;
     let tweak = |data: std::path::PathBuf, prefix: String| {
         move |cfg: &mut Config| {
@@ -191,34 +190,7 @@ async fn a_chunked_upload_resumes_on_s3_after_a_restart() {
     drop(s); // the server goes away; its session lives in SQLite and S3
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let s = TestServer::start_with(tweak(data_dir, prefix)).await;
-    let r = c.get(s.url(&loc)).send().await.unwrap();
-    assert_eq!(
-        r.headers()["range"].to_str().unwrap(),
-        format!("0-{}", half - 1)
-    );
-    let r = c
-        .patch(s.url(&loc))
-        .header("content-range", format!("{half}-{}", blob.len() - 1))
-        .body(blob[half..].to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
-    let got = c
-        .get(s.url(&format!("/v2/resume/blobs/{d}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(digest(&got), d);
+    crate::durability::resume_upload(&c, &s.root(), "resume", &loc, &blob, half).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

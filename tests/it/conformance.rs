@@ -115,6 +115,21 @@ const DISTRIBUTION_GAPS: &[(&str, &str)] = &[
     ("extras", "a manifest of about 4097 KiB is 413"),
 ];
 
+fn failed_checks(report: &berth_conformance::Report) -> BTreeSet<(String, String)> {
+    report
+        .failures()
+        .iter()
+        .map(|o| (o.workflow.to_owned(), o.name.clone()))
+        .collect()
+}
+
+fn known_gaps() -> BTreeSet<(String, String)> {
+    DISTRIBUTION_GAPS
+        .iter()
+        .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distribution_fails_exactly_its_known_gaps() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -122,15 +137,7 @@ async fn distribution_fails_exactly_its_known_gaps() {
     let report = run(Config::new(&reg.root(), "conformance/distribution"), false)
         .await
         .expect("run");
-    let failed: BTreeSet<(String, String)> = report
-        .failures()
-        .iter()
-        .map(|o| (o.workflow.to_owned(), o.name.clone()))
-        .collect();
-    let expected: BTreeSet<(String, String)> = DISTRIBUTION_GAPS
-        .iter()
-        .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
-        .collect();
+    let (failed, expected) = (failed_checks(&report), known_gaps());
     let unexpected: Vec<_> = failed.difference(&expected).collect();
     let missing: Vec<_> = expected.difference(&failed).collect();
     assert!(
@@ -173,15 +180,7 @@ async fn credentials_work_against_distribution_with_basic_auth() {
         .collect();
     assert_eq!(auth.len(), 2);
     assert!(auth.iter().all(|o| o.result.is_ok()), "{auth:#?}");
-    let failed: BTreeSet<(String, String)> = report
-        .failures()
-        .iter()
-        .map(|o| (o.workflow.to_owned(), o.name.clone()))
-        .collect();
-    let expected: BTreeSet<(String, String)> = DISTRIBUTION_GAPS
-        .iter()
-        .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
-        .collect();
+    let (failed, expected) = (failed_checks(&report), known_gaps());
     assert_eq!(failed, expected);
     // Wrong credentials: every authenticated check fails.
     cfg.credentials = Some(("tester".into(), "wrong".into()));

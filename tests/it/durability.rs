@@ -79,17 +79,31 @@ async fn sigkill_mid_upload_keeps_committed_chunks_and_shows_no_partial_blob() {
         StatusCode::NOT_FOUND,
         "a partial blob is visible"
     );
+    resume_upload(&c, &root, "crash/test", &loc, &blob, first).await;
+}
+
+/// Continues an upload whose first `committed` bytes were acknowledged before a restart:
+/// checks the server still has exactly those, sends the rest, commits, reads the blob back.
+pub(crate) async fn resume_upload(
+    c: &Client,
+    root: &str,
+    repo: &str,
+    loc: &str,
+    blob: &[u8],
+    committed: usize,
+) {
+    let d = digest(blob);
     let r = c.get(format!("{root}{loc}")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(
         r.headers()["range"].to_str().unwrap(),
-        format!("0-{}", first - 1),
+        format!("0-{}", committed - 1),
         "committed chunk lost"
     );
     let r = c
         .patch(format!("{root}{loc}"))
-        .header("content-range", format!("{first}-{}", blob.len() - 1))
-        .body(blob[first..].to_vec())
+        .header("content-range", format!("{committed}-{}", blob.len() - 1))
+        .body(blob[committed..].to_vec())
         .send()
         .await
         .unwrap();
@@ -101,7 +115,7 @@ async fn sigkill_mid_upload_keeps_committed_chunks_and_shows_no_partial_blob() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
     let got = c
-        .get(format!("{root}/v2/crash/test/blobs/{d}"))
+        .get(format!("{root}/v2/{repo}/blobs/{d}"))
         .send()
         .await
         .unwrap()
