@@ -35,6 +35,9 @@ pub struct Db {
     writer: Arc<Mutex<Connection>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Arc<tokio::sync::Semaphore>,
+    /// Writers queue here, not on blocking threads: a writer that holds the lock (GC's sweep
+    /// deletes objects inside its transaction) must always find a blocking thread free.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -62,6 +65,7 @@ impl Db {
             writer: Arc::new(Mutex::new(conn)),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -114,6 +118,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
+        let _turn = self.write_gate.lock().await;
         let writer = self.writer.clone();
         run_blocking(move || {
             let mut conn = writer.lock().map_err(poisoned)?;
