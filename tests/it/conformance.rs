@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use berth_conformance::{Config, run};
 
-use crate::support::{TestServer, require, spawn_distribution, spawn_distribution_with};
+use crate::support::{
+    DistributionAuth, TestServer, free_port, require, spawn_distribution, spawn_distribution_with,
+    wait_listening,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn berth_passes_every_check() {
@@ -169,7 +172,7 @@ async fn credentials_work_against_distribution_with_basic_auth() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reg = spawn_distribution_with(dir.path(), Some(&htpasswd));
+    let reg = spawn_distribution_with(dir.path(), Some(DistributionAuth::Htpasswd(&htpasswd)));
     let mut cfg = Config::new(&reg.root(), "conformance/basic");
     cfg.credentials = Some(("tester".into(), "s3cret".into()));
     let report = run(cfg.clone(), false).await.expect("run");
@@ -190,4 +193,75 @@ async fn credentials_work_against_distribution_with_basic_auth() {
         "{} checks passed with a wrong password",
         report.passed()
     );
+}
+
+/// The Docker token flow: against Distribution with token auth and a token server started
+/// here, the runner follows each 401 challenge to the realm, gets a token for the scope it
+/// names, and retries; the auth checks pass and the gaps are the usual ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_against_distribution_with_token_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    let out = std::process::Command::new(require("openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=berth-test-token",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/token_server.py");
+    let log = dir.path().join("token.log");
+    let child = std::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .args(["berth-test", "tester", "s3cret"])
+        .arg(&key)
+        .arg(&cert)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("token server");
+    let token_server = crate::support::Proc {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+    };
+    wait_listening(token_server.addr, "token server", &log);
+    let realm = format!("http://127.0.0.1:{port}/token");
+    let reg = spawn_distribution_with(
+        dir.path(),
+        Some(DistributionAuth::Token {
+            realm: &realm,
+            service: "berth-test",
+            cert: &cert,
+        }),
+    );
+    let mut cfg = Config::new(&reg.root(), "conformance/token");
+    cfg.credentials = Some(("tester".into(), "s3cret".into()));
+    let report = run(cfg, false).await.expect("run");
+    let auth: Vec<_> = report
+        .outcomes
+        .iter()
+        .filter(|o| o.workflow == "auth")
+        .collect();
+    assert_eq!(auth.len(), 2);
+    assert!(auth.iter().all(|o| o.result.is_ok()), "{auth:#?}");
+    assert_eq!(failed_checks(&report), known_gaps());
+    drop(token_server);
 }

@@ -153,8 +153,20 @@ pub fn spawn_distribution(dir: &Path) -> Proc {
     spawn_distribution_with(dir, None)
 }
 
-/// Distribution with Basic auth from an htpasswd file when `htpasswd` is given.
-pub fn spawn_distribution_with(dir: &Path, htpasswd: Option<&Path>) -> Proc {
+/// How a test Distribution authenticates clients.
+pub enum DistributionAuth<'a> {
+    /// Basic auth from an htpasswd file.
+    Htpasswd(&'a Path),
+    /// Docker token auth: the realm URL, the service, and the certificate tokens are signed with.
+    Token {
+        realm: &'a str,
+        service: &'a str,
+        cert: &'a Path,
+    },
+}
+
+/// Distribution with the given client authentication.
+pub fn spawn_distribution_with(dir: &Path, auth: Option<DistributionAuth<'_>>) -> Proc {
     let bin = which("docker-registry").expect(
         "docker-registry is not installed: `apt-get install docker-registry` (./scripts/test does it)",
     );
@@ -166,9 +178,15 @@ pub fn spawn_distribution_with(dir: &Path, htpasswd: Option<&Path>) -> Proc {
         format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}",
             dir.join("data").display(),
-            htpasswd
-                .map(|p| format!("auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n", p.display()))
-                .unwrap_or_default()
+            match auth {
+                None => String::new(),
+                Some(DistributionAuth::Htpasswd(p)) =>
+                    format!("auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n", p.display()),
+                Some(DistributionAuth::Token { realm, service, cert }) => format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: berth-test-issuer\n    rootcertbundle: {}\n",
+                    cert.display()
+                ),
+            }
         ),
     )
     .expect("write config");
