@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt};
 use rusqlite::{OptionalExtension, params};
 use tracing::{debug, info, warn};
 
@@ -352,10 +352,7 @@ impl Store {
         }
         let key = blob::upload_part_key(id, &format!("{current:020}-{}", new_id()));
         let mut hasher = self.take_hasher(id, current);
-        let written = match &self.local_root {
-            Some(root) => blob::write_file(root, &key, body, hasher.as_mut()).await,
-            None => blob::write_stream(&self.objects, &key, body, hasher.as_mut()).await,
-        };
+        let written = self.write_object(&key, body, hasher.as_mut()).await;
         let n = match written {
             Ok(n) => n,
             Err(e) => return Err(e),
@@ -514,20 +511,21 @@ impl Store {
                 // Concatenate the chunks into one object, hashing on the way if needed.
                 let assembled = blob::upload_part_key(id, &format!("assembled-{}", new_id()));
                 let mut hasher = computed.is_none().then(|| digest.algorithm().hasher());
-                let up = self.objects.put_multipart(&assembled).await?;
-                let mut w = WriteMultipart::new_with_chunk_size(up, 5 * 1024 * 1024);
-                for p in many {
-                    let mut s = blob::read(&self.objects, &Path::from(p.as_str()), None).await?;
-                    while let Some(chunk) = s.next().await {
-                        let chunk = chunk?;
-                        if let Some(h) = hasher.as_mut() {
-                            h.update(&chunk);
+                let objects = self.objects.clone();
+                let keys: Vec<Path> = many.iter().map(|p| Path::from(p.as_str())).collect();
+                let chunks = futures_util::stream::iter(keys)
+                    .then(move |k| {
+                        let objects = objects.clone();
+                        async move {
+                            blob::read(&objects, &k, None)
+                                .await
+                                .map_err(std::io::Error::other)
                         }
-                        w.wait_for_capacity(1).await?;
-                        w.put(chunk);
-                    }
-                }
-                w.finish().await?;
+                    })
+                    .try_flatten()
+                    .boxed();
+                self.write_object(&assembled, chunks, hasher.as_mut())
+                    .await?;
                 if let Some(h) = hasher {
                     computed = Some(h.finish());
                 }
@@ -556,6 +554,20 @@ impl Store {
         self.place(source.as_ref(), &key).await?;
         debug!(size, digest = %digest, "blob object in place");
         Ok(source)
+    }
+
+    /// Streams `body` into a new object at `key`, feeding `hasher`: straight to a file on local
+    /// disk, as a multipart upload on object stores.
+    async fn write_object(
+        &self,
+        key: &Path,
+        body: ByteStream,
+        hasher: Option<&mut Hasher>,
+    ) -> Result<u64> {
+        match &self.local_root {
+            Some(root) => blob::write_file(root, key, body, hasher).await,
+            None => blob::write_stream(&self.objects, key, body, hasher).await,
+        }
     }
 
     /// Puts verified bytes at a blob key: a copy of `source` (a hard link on local disk, a
