@@ -29,6 +29,14 @@ pub enum Command {
         #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:5000")]
         listen: SocketAddr,
     },
+    /// Print an htpasswd line (bcrypt) for a user; the password is read from standard input.
+    Passwd {
+        /// The user name.
+        user: String,
+        /// bcrypt cost (work factor).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=16))]
+        cost: u32,
+    },
     /// Check a configuration file and exit (0 when valid).
     CheckConfig {
         /// The file to check.

@@ -37,6 +37,39 @@
 //! [log]
 //! format = "text"               # "text" or "json"
 //! level = "info"                # a tracing filter, e.g. "info,berth=debug"
+//!
+//! # public_url = "https://registry.example.com"  # how clients reach Berth (behind a proxy)
+//!
+//! [tls]                         # serve HTTPS; files are re-read when they change
+//! # cert = "/etc/berth/tls/tls.crt"     # certificate chain, PEM
+//! # key = "/etc/berth/tls/tls.key"      # private key, PEM
+//! # client_ca = "/etc/berth/tls/clients.crt"  # require client certificates from this CA
+//! # client_auth = "required"    # or "optional": verify a certificate when one is sent
+//!
+//! [auth]
+//! mode = "none"                 # "none", "basic" (htpasswd, every request) or "token"
+//! # htpasswd = "/etc/berth/htpasswd"    # bcrypt users (`berth passwd NAME` makes a line)
+//! # admins = ["alice"]          # may do anything, see the whole catalog
+//! max_failures = 10             # failed logins per client address ...
+//! failure_window = "5m"         # ... within this window, then refused until it passes
+//!
+//! [auth.token]                  # the built-in token service at /auth/token
+//! service = "berth"             # audience of tokens (`service=` in challenges)
+//! issuer = "berth"
+//! # key = "<data>/auth/token.key"      # PKCS#8 PEM, generated (EC P-256) when absent
+//! ttl = "5m"
+//! # realm = "https://auth.example.com/token"  # default: <public_url or request>/auth/token
+//! # [[auth.token.trusted]]      # accept tokens of another issuer too
+//! # issuer = "gitlab-issuer"
+//! # key = "/etc/berth/gitlab.crt"       # public key or certificate, PEM
+//! # jwks = "/etc/berth/jwks.json"       # or a JWKS file
+//!
+//! # [auth.groups]
+//! # dev = ["alice", "bob"]
+//! # [[auth.rule]]               # none: signed-in users may do everything
+//! # repositories = ["team/**"]  # globs; `*` one component, `**` any, `${user}` the user
+//! # users = ["@dev"]            # names, @group, "*" (signed in) or "anonymous"
+//! # actions = ["pull", "push"]  # pull, push, delete
 //! ```
 
 use std::net::SocketAddr;
@@ -87,6 +120,12 @@ pub struct Config {
     pub gc: GcSection,
     /// Logging.
     pub log: LogSection,
+    /// The URL clients use to reach Berth, when a proxy or ingress sits in front of it.
+    pub public_url: Option<String>,
+    /// HTTPS.
+    pub tls: TlsSection,
+    /// Authentication and access control.
+    pub auth: AuthSection,
 }
 
 impl Default for Config {
@@ -98,6 +137,9 @@ impl Default for Config {
             registry: RegistrySection::default(),
             gc: GcSection::default(),
             log: LogSection::default(),
+            public_url: None,
+            tls: TlsSection::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -254,6 +296,145 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA certificates that sign client certificates (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Whether client certificates are required or only checked when sent.
+    pub client_auth: ClientAuth,
+}
+
+impl TlsSection {
+    /// Whether HTTPS is on.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+}
+
+/// Client certificate requirement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Every client must present a certificate signed by `client_ca`.
+    #[default]
+    Required,
+    /// A certificate is verified when sent; clients without one are let through.
+    Optional,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// How clients authenticate.
+    pub mode: AuthMode,
+    /// bcrypt users.
+    pub htpasswd: Option<PathBuf>,
+    /// Users who may do anything.
+    pub admins: Vec<String>,
+    /// Group name → members.
+    pub groups: std::collections::HashMap<String, Vec<String>>,
+    /// Access rules.
+    pub rule: Vec<RuleSection>,
+    /// Failed logins allowed per client address within `failure_window`.
+    pub max_failures: u32,
+    /// The failed-login window.
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// The token service.
+    pub token: TokenSection,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            htpasswd: None,
+            admins: Vec::new(),
+            groups: Default::default(),
+            rule: Vec::new(),
+            max_failures: 10,
+            failure_window: Duration::from_secs(300),
+            token: TokenSection::default(),
+        }
+    }
+}
+
+/// Authentication modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Everyone may do everything.
+    #[default]
+    None,
+    /// HTTP Basic with htpasswd users on every request.
+    Basic,
+    /// Docker token authentication (Bearer), with the built-in token service.
+    Token,
+}
+
+/// `[[auth.rule]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuleSection {
+    /// Repository globs.
+    pub repositories: Vec<String>,
+    /// User names, `@group`, `*` or `anonymous`.
+    pub users: Vec<String>,
+    /// `pull`, `push`, `delete`.
+    pub actions: Vec<String>,
+}
+
+/// `[auth.token]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenSection {
+    /// The registry's service name: the tokens' audience.
+    pub service: String,
+    /// The `iss` of tokens we issue.
+    pub issuer: String,
+    /// Signing key (default `<data>/auth/token.key`).
+    pub key: Option<PathBuf>,
+    /// Access token lifetime.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Token endpoint URL announced in challenges.
+    pub realm: Option<String>,
+    /// Other issuers whose tokens are accepted.
+    pub trusted: Vec<TrustedSection>,
+}
+
+impl Default for TokenSection {
+    fn default() -> Self {
+        Self {
+            service: "berth".into(),
+            issuer: "berth".into(),
+            key: None,
+            ttl: Duration::from_secs(300),
+            realm: None,
+            trusted: Vec::new(),
+        }
+    }
+}
+
+/// `[[auth.token.trusted]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrustedSection {
+    /// The issuer's `iss`.
+    pub issuer: String,
+    /// Its public key or certificate (PEM).
+    pub key: Option<PathBuf>,
+    /// Its keys as a JWKS file.
+    pub jwks: Option<PathBuf>,
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -333,11 +514,85 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
+        if let Some(u) = &self.public_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            problems.push(format!(
+                "public_url: {u:?} must start with http:// or https://"
+            ));
+        }
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            problems.push("tls: cert and key go together".to_owned());
+        }
+        if tls.client_ca.is_some() && !tls.enabled() {
+            problems.push("tls.client_ca: needs tls.cert and tls.key".to_owned());
+        }
+        self.validate_auth(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    fn validate_auth(&self, problems: &mut Vec<String>) {
+        let a = &self.auth;
+        if a.mode != AuthMode::None && a.htpasswd.is_none() && a.token.trusted.is_empty() {
+            problems.push(
+                format!(
+                    "auth.htpasswd: required for mode {:?} (or trust an external token issuer)",
+                    a.mode
+                )
+                .to_lowercase(),
+            );
+        }
+        if a.mode == AuthMode::Basic && !a.token.trusted.is_empty() {
+            problems.push("auth.token.trusted: only applies to mode \"token\"".to_owned());
+        }
+        if a.max_failures == 0 {
+            problems.push("auth.max_failures: must be at least 1".to_owned());
+        }
+        for (i, t) in a.token.trusted.iter().enumerate() {
+            if t.issuer.is_empty() {
+                problems.push(format!("auth.token.trusted[{i}].issuer: required"));
+            }
+            if t.key.is_some() == t.jwks.is_some() {
+                problems.push(format!(
+                    "auth.token.trusted[{i}]: give key or jwks (one of them)"
+                ));
+            }
+        }
+        if let Err(e) = self
+            .policy_config()
+            .and_then(|p| berth_auth::Policy::new(&p).map_err(|e| e.to_string()))
+        {
+            problems.push(format!("auth.rule: {e}"));
+        }
+    }
+
+    /// The access policy as the auth crate takes it.
+    pub fn policy_config(&self) -> Result<berth_auth::PolicyConfig, String> {
+        let mut rules = Vec::new();
+        for r in &self.auth.rule {
+            let mut actions = berth_auth::Actions::NONE;
+            for w in &r.actions {
+                match berth_auth::Actions::parse_one(w) {
+                    Some(a) if a != berth_auth::Actions::ALL => actions = actions | a,
+                    _ => return Err(format!("unknown action {w:?} (pull, push, delete)")),
+                }
+            }
+            rules.push(berth_auth::Rule {
+                repositories: r.repositories.clone(),
+                users: r.users.clone(),
+                actions,
+            });
+        }
+        Ok(berth_auth::PolicyConfig {
+            admins: self.auth.admins.clone(),
+            groups: self.auth.groups.clone(),
+            rules,
+        })
     }
 
     /// The garbage collection policy.
@@ -455,5 +710,34 @@ mod tests {
             .unwrap_err();
         let s = e.to_string();
         assert!(s.contains("data:") && s.contains("storage.root"), "{s}");
+    }
+
+    #[test]
+    fn auth_and_tls_sections() {
+        let c = Config::parse(
+            "[auth]\nmode = \"token\"\nhtpasswd = \"/h\"\nadmins = [\"root\"]\n\
+             [auth.groups]\ndev = [\"a\"]\n\
+             [[auth.rule]]\nrepositories = [\"team/**\"]\nusers = [\"@dev\", \"anonymous\"]\nactions = [\"pull\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Token);
+        assert_eq!(c.auth.token.service, "berth");
+        let p = berth_auth::Policy::new(&c.policy_config().unwrap()).unwrap();
+        assert!(p.anonymous_allowed());
+
+        let e = Config::parse(
+            "[auth]\nmode = \"basic\"\n[[auth.rule]]\nrepositories = [\"a\"]\nusers = [\"@nobody\"]\nactions = [\"fly\"]\n\
+             [tls]\ncert = \"/c\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in ["auth.htpasswd", "unknown action", "tls: cert and key"] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+        let e = Config::parse("[auth]\nmode = \"token\"\n[[auth.token.trusted]]\nissuer = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give key or jwks"), "{e}");
+        assert!(Config::parse("public_url = \"registry.example\"\n").is_err());
     }
 }

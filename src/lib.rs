@@ -2,24 +2,28 @@
 //!
 //! # Layout
 //! - [`api`]: the HTTP API (axum): one route table, a path parser, handlers per resource.
+//! - [`auth`]: who is calling and what they may do (rules in the `berth-auth` crate).
 //! - [`config`]: the configuration file and its defaults.
 //! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection).
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
 //! - [`telemetry`]: logging set-up.
+//! - [`tls`]: HTTPS configuration and certificate reloading.
 //!
 //! Persistence and the registry's invariants live in the `berth-storage` crate; this crate
 //! only speaks HTTP. [`serve`] takes its listener and shutdown signal from the caller, so
 //! tests run the real server on a random port.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod jobs;
 pub mod metrics;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 
@@ -30,17 +34,77 @@ pub fn app(state: AppState) -> axum::Router {
     api::router(state)
 }
 
+/// How often the TLS files are looked at for rotation.
+const TLS_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long in-flight requests get to finish on shutdown under TLS.
+const TLS_DRAIN: std::time::Duration = std::time::Duration::from_secs(25);
+
 /// Serves the registry on `listener` until `shutdown` resolves, with its background jobs;
-/// then lets in-flight requests finish, stops the jobs and writes what they hold.
+/// then lets in-flight requests finish, stops the jobs and writes what they hold. Serves
+/// HTTPS when `[tls]` names a certificate.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let jobs = jobs::Jobs::start(&state);
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let make = app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = if state.config.tls.enabled() {
+        serve_tls(listener, &state, make, shutdown).await
+    } else {
+        axum::serve(listener, make)
+            .with_graceful_shutdown(shutdown)
+            .await
+    };
     jobs.stop().await;
+    served
+}
+
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: &AppState,
+    make: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
+        axum::Router,
+        std::net::SocketAddr,
+    >,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tls_section = state.config.tls.clone();
+    let server_config = tls::server_config(&tls_section).map_err(std::io::Error::other)?;
+    let rustls = axum_server::tls_rustls::RustlsConfig::from_config(server_config);
+    let handle = axum_server::Handle::new();
+    let h = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h.graceful_shutdown(Some(TLS_DRAIN));
+    });
+    // Certificate rotation: rebuild when a file's modification time changes; keep serving the
+    // old certificate if the new files do not load.
+    let reload = rustls.clone();
+    let watcher = tokio::spawn(async move {
+        let mut seen = tls::stamp(&tls_section);
+        loop {
+            tokio::time::sleep(TLS_RELOAD_EVERY).await;
+            let now = tls::stamp(&tls_section);
+            if now == seen {
+                continue;
+            }
+            match tls::server_config(&tls_section) {
+                Ok(c) => {
+                    reload.reload_from_config(c);
+                    seen = now;
+                    tracing::info!("TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous certificate")
+                }
+            }
+        }
+    });
+    let served = axum_server::from_tcp_rustls(listener.into_std()?, rustls)?
+        .handle(handle)
+        .serve(make)
+        .await;
+    watcher.abort();
     served
 }

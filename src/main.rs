@@ -16,7 +16,26 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Gc(args) => gc(args),
         Command::Healthcheck { listen } => healthcheck(listen),
+        Command::Passwd { user, cost } => passwd(&user, cost),
     }
+}
+
+/// Reads a password from standard input and prints `user:<bcrypt hash>`.
+fn passwd(user: &str, cost: u32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !user.is_empty() && !user.contains(':'),
+        "a user name must be non-empty and must not contain ':'"
+    );
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "no password on standard input");
+    let hash = berth_auth::htpasswd::hash(password, cost)?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{user}:{hash}");
+    }
+    Ok(())
 }
 
 /// One `GET /livez` over HTTP/1.0 with a short timeout.

@@ -4,7 +4,22 @@ use std::sync::Arc;
 
 use berth_storage::Store;
 
+use crate::auth::{AuthService, AuthSetupError};
 use crate::config::Config;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Storage did not open.
+    #[error("opening storage: {0}")]
+    Storage(#[from] berth_storage::Error),
+    /// Authentication could not be set up.
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+}
 
 /// What handlers share.
 #[derive(Clone, Debug)]
@@ -13,19 +28,21 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// The configuration the server runs with.
     pub config: Arc<Config>,
+    /// Authentication and access control; `None` when `auth.mode` is `none`.
+    pub auth: Option<Arc<AuthService>>,
 }
 
 impl AppState {
-    /// Opens storage as `config` says.
-    pub async fn open(config: Config) -> Result<Self, berth_storage::Error> {
+    /// Opens storage and sets up authentication as `config` says.
+    pub async fn open(config: Config) -> Result<Self, StartError> {
         crate::metrics::handle();
-        let storage = config
-            .storage_config()
-            .map_err(|e| berth_storage::Error::Internal(e.to_string()))?;
+        let auth = AuthService::from_config(&config)?.map(Arc::new);
+        let storage = config.storage_config()?;
         let store = Store::open(&storage).await?;
         Ok(Self {
             store: Arc::new(store),
             config: Arc::new(config),
+            auth,
         })
     }
 }

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{param, query, repo, value};
+use crate::auth::Caller;
 use crate::state::AppState;
 
 /// Largest page served; a larger `n` is clamped and answered with a `Link` to the next page.
@@ -55,10 +56,44 @@ pub async fn tags(state: &AppState, name: &str, req: Request) -> ApiResult {
 }
 
 /// `GET /v2/_catalog[?n=&last=]`.
+///
+/// With access control on, only repositories the caller may pull are listed; pages are
+/// filled from further storage pages so `n` still means `n`.
 pub async fn catalog(state: &AppState, req: Request) -> ApiResult {
     let q = query(req.uri());
     let n = page_size(&q, DEFAULT_CATALOG_PAGE)?;
-    let page = state.store.catalog(param(&q, "last"), n).await?;
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Open);
+    let page = match state.auth.as_deref() {
+        None => state.store.catalog(param(&q, "last"), n).await?,
+        Some(auth) => {
+            let mut items = Vec::new();
+            let mut last = param(&q, "last").map(str::to_owned);
+            let more = loop {
+                let p = state.store.catalog(last.as_deref(), n).await?;
+                last = p.items.last().cloned();
+                let mut rest = p.items.into_iter();
+                for name in rest.by_ref() {
+                    if auth.may_list(&caller, &name) {
+                        items.push(name);
+                        if items.len() == n {
+                            break;
+                        }
+                    }
+                }
+                if items.len() == n {
+                    break rest.len() > 0 || p.more;
+                }
+                if !p.more {
+                    break false;
+                }
+            };
+            Page { items, more }
+        }
+    };
     let body = json!({ "repositories": page.items });
     Ok(json_page(body, &page, "/v2/_catalog", n))
 }

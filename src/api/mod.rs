@@ -3,12 +3,14 @@
 //! Handlers speak HTTP only; every change to what the registry holds goes through
 //! [`berth_storage::Store`].
 
+pub mod access;
 mod blobs;
 pub mod endpoint;
 pub mod error;
 mod headers;
 mod listing;
 mod manifests;
+mod token;
 mod uploads;
 
 use axum::Router;
@@ -32,6 +34,7 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::render))
+        .route("/auth/token", get(token::get).post(token::post))
         .fallback(dispatch)
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(add_api_version))
@@ -60,13 +63,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let Some(ep) = Endpoint::parse(&path) else {
         return ApiError::new(Code::NameUnknown, "no such API path")
             .with_status(StatusCode::NOT_FOUND)
             .into_response();
     };
+    let ip = access::client_ip(&req);
+    match access::authorize(&state, &ep, req.method(), req.headers(), ip).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+        }
+        Err(denied) => return denied,
+    }
     let result = route(&state, ep, req).await;
     result.unwrap_or_else(IntoResponse::into_response)
 }

@@ -9,11 +9,13 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_storage::{Digest, RepoName, UploadStatus};
 
+use super::access::{may_mount_anywhere, may_pull};
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{
     DIGEST_HEADER, content_length, content_range, param, query, repo, stream, upload_location,
     upload_range, value,
 };
+use crate::auth::Caller;
 use crate::state::AppState;
 
 fn session(repo: &RepoName, s: &UploadStatus, status: StatusCode) -> Response {
@@ -49,14 +51,22 @@ fn digest_param(q: &[(String, String)]) -> ApiResult<Option<Digest>> {
 pub async fn post(state: &AppState, name: &str, req: Request) -> ApiResult {
     let repo = repo(name)?;
     let q = query(req.uri());
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Open);
     if let Some(m) = param(&q, "mount") {
         let digest: Digest = m.parse().map_err(ApiError::from)?;
+        // A mount the caller may not make (no pull on the source) falls back to a session.
         let from = match param(&q, "from") {
             Some(f) => match f.parse::<RepoName>() {
-                Ok(f) => Some(Some(f)),
-                Err(_) => None, // an invalid source cannot hold the blob
+                Ok(f) if may_pull(state, &caller, f.as_str()) => Some(Some(f)),
+                _ => None, // an invalid or unreadable source cannot lend the blob
             },
-            None if state.config.registry.anonymous_mount => Some(None),
+            None if state.config.registry.anonymous_mount && may_mount_anywhere(state, &caller) => {
+                Some(None)
+            }
             None => None,
         };
         if let Some(from) = from

@@ -16,6 +16,10 @@ async fn berth_passes_every_check() {
     let report = run(Config::new(&s.root(), "conformance/berth"), false)
         .await
         .expect("run");
+    assert_all_pass(&report);
+}
+
+fn assert_all_pass(report: &berth_conformance::Report) {
     let failures: Vec<String> = report
         .failures()
         .iter()
@@ -201,7 +205,34 @@ async fn credentials_work_against_distribution_with_basic_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_flow_against_distribution_with_token_auth() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    let (token_server, realm, cert) = start_token_server(dir.path());
+    let reg = spawn_distribution_with(
+        dir.path(),
+        Some(DistributionAuth::Token {
+            realm: &realm,
+            service: "berth-test",
+            cert: &cert,
+        }),
+    );
+    let mut cfg = Config::new(&reg.root(), "conformance/token");
+    cfg.credentials = Some(("tester".into(), "s3cret".into()));
+    let report = run(cfg, false).await.expect("run");
+    let auth: Vec<_> = report
+        .outcomes
+        .iter()
+        .filter(|o| o.workflow == "auth")
+        .collect();
+    assert_eq!(auth.len(), 2);
+    assert!(auth.iter().all(|o| o.result.is_ok()), "{auth:#?}");
+    assert_eq!(failed_checks(&report), known_gaps());
+    drop(token_server);
+}
+
+/// Starts tests/it/fixtures/token_server.py (an external Docker token server signing RS256
+/// tokens with an `x5c` header, issuer `berth-test-issuer`, service `berth-test`, user
+/// `tester`/`s3cret`); the process, its realm URL and its certificate.
+fn start_token_server(dir: &std::path::Path) -> (crate::support::Proc, String, std::path::PathBuf) {
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
     let out = std::process::Command::new(require("openssl"))
         .args([
             "req",
@@ -228,7 +259,7 @@ async fn bearer_token_flow_against_distribution_with_token_auth() {
     let port = free_port();
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/token_server.py");
-    let log = dir.path().join("token.log");
+    let log = dir.join("token.log");
     let child = std::process::Command::new("python3")
         .arg(script)
         .arg(port.to_string())
@@ -244,24 +275,80 @@ async fn bearer_token_flow_against_distribution_with_token_auth() {
     };
     wait_listening(token_server.addr, "token server", &log);
     let realm = format!("http://127.0.0.1:{port}/token");
-    let reg = spawn_distribution_with(
-        dir.path(),
-        Some(DistributionAuth::Token {
-            realm: &realm,
-            service: "berth-test",
-            cert: &cert,
-        }),
+    (token_server, realm, cert)
+}
+
+/// A Berth with users in htpasswd and the given auth mode; `tester` is an admin.
+async fn berth_with_auth(mode: berth::config::AuthMode) -> TestServer {
+    TestServer::start_with(|c| {
+        let line = format!(
+            "tester:{}\n",
+            berth_auth::htpasswd::hash("s3cret", 4).expect("hash")
+        );
+        let path = c.data.join("htpasswd");
+        std::fs::write(&path, line).expect("htpasswd");
+        c.auth.mode = mode;
+        c.auth.htpasswd = Some(path);
+        c.auth.admins = vec!["tester".into()];
+    })
+    .await
+}
+
+/// Every check, plus the auth workflow, against Berth's own token service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_passes_every_check_with_token_auth() {
+    let s = berth_with_auth(berth::config::AuthMode::Token).await;
+    let mut cfg = Config::new(&s.root(), "conformance/token");
+    cfg.credentials = Some(("tester".into(), "s3cret".into()));
+    let report = run(cfg.clone(), false).await.expect("run");
+    assert_all_pass(&report);
+    assert_eq!(
+        report
+            .outcomes
+            .iter()
+            .filter(|o| o.workflow == "auth")
+            .count(),
+        2
     );
-    let mut cfg = Config::new(&reg.root(), "conformance/token");
+    cfg.credentials = Some(("tester".into(), "wrong".into()));
+    let report = run(cfg, false).await.expect("run");
+    assert!(
+        report.passed() < 10,
+        "{} checks passed with a wrong password",
+        report.passed()
+    );
+}
+
+/// Every check with Basic auth straight on the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_passes_every_check_with_basic_auth() {
+    let s = berth_with_auth(berth::config::AuthMode::Basic).await;
+    let mut cfg = Config::new(&s.root(), "conformance/basic");
     cfg.credentials = Some(("tester".into(), "s3cret".into()));
     let report = run(cfg, false).await.expect("run");
-    let auth: Vec<_> = report
-        .outcomes
-        .iter()
-        .filter(|o| o.workflow == "auth")
-        .collect();
-    assert_eq!(auth.len(), 2);
-    assert!(auth.iter().all(|o| o.result.is_ok()), "{auth:#?}");
-    assert_eq!(failed_checks(&report), known_gaps());
+    assert_all_pass(&report);
+}
+
+/// Berth trusting an external token server (its certificate, `x5c` tokens, RS256): clients are
+/// sent to that realm and Berth accepts what it signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_passes_every_check_with_an_external_token_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (token_server, realm, cert) = start_token_server(dir.path());
+    let s = TestServer::start_with(|c| {
+        c.auth.mode = berth::config::AuthMode::Token;
+        c.auth.token.service = "berth-test".into();
+        c.auth.token.realm = Some(realm.clone());
+        c.auth.token.trusted = vec![berth::config::TrustedSection {
+            issuer: "berth-test-issuer".into(),
+            key: Some(cert.clone()),
+            jwks: None,
+        }];
+    })
+    .await;
+    let mut cfg = Config::new(&s.root(), "conformance/external");
+    cfg.credentials = Some(("tester".into(), "s3cret".into()));
+    let report = run(cfg, false).await.expect("run");
+    assert_all_pass(&report);
     drop(token_server);
 }

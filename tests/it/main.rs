@@ -1,6 +1,7 @@
 //! Berth's integration tests: one binary (see `support` for the servers they start).
 
 mod api;
+mod auth;
 mod backends;
 mod cli;
 mod clients;

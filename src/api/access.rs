@@ -1,0 +1,257 @@
+//! Access control on the distribution API: the scope each request needs, the caller's
+//! identity, and the 401/403/429 answers with their challenges.
+//!
+//! Checked before the handler looks anything up, so an anonymous request for a private
+//! repository gets the same 401 whether the repository exists or not.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_auth::{Actions, Challenge, ChallengeError, Scope};
+use serde_json::json;
+
+use super::endpoint::Endpoint;
+use super::error::{ApiError, Code};
+use crate::auth::{AuthService, Caller, Rejection};
+use crate::config::AuthMode;
+use crate::state::AppState;
+
+/// The scopes a request needs: pull to read, pull+push to write, delete to delete.
+pub fn required(ep: &Endpoint<'_>, method: &Method) -> Vec<Scope> {
+    let repo = |name: &str, actions| vec![Scope::repository(name, actions)];
+    let write = Actions::PULL | Actions::PUSH;
+    match *ep {
+        Endpoint::Base => Vec::new(),
+        Endpoint::Catalog => vec![Scope::catalog()],
+        Endpoint::Tags { name } | Endpoint::Referrers { name, .. } => repo(name, Actions::PULL),
+        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } => match *method {
+            Method::PUT => repo(name, write),
+            Method::DELETE => repo(name, Actions::DELETE),
+            _ => repo(name, Actions::PULL),
+        },
+        Endpoint::Uploads { name } | Endpoint::Upload { name, .. } => repo(name, write),
+    }
+}
+
+/// The client's address (for failed-login limiting).
+pub fn client_ip(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
+/// The token endpoint URL to announce: configured, or built from how the client reached us.
+pub fn realm(state: &AppState, auth: &AuthService, headers: &HeaderMap) -> String {
+    if let Some(r) = auth.realm() {
+        return r.to_owned();
+    }
+    let scheme = if state.config.tls.enabled() {
+        "https"
+    } else {
+        "http"
+    };
+    // Only a plausible host[:port] is echoed back; anything else falls back to localhost.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}/auth/token")
+}
+
+/// The challenge for a request needing `scopes`.
+fn challenge(
+    state: &AppState,
+    auth: &AuthService,
+    headers: &HeaderMap,
+    scopes: &[Scope],
+    error: Option<ChallengeError>,
+) -> Challenge {
+    match auth.mode() {
+        AuthMode::Token => Challenge::Bearer {
+            realm: realm(state, auth, headers),
+            service: auth.service().to_owned(),
+            scopes: scopes.to_vec(),
+            error,
+        },
+        _ => Challenge::Basic {
+            realm: "Berth".to_owned(),
+        },
+    }
+}
+
+fn detail(scopes: &[Scope]) -> serde_json::Value {
+    scopes
+        .iter()
+        .map(
+            |s| json!({ "Type": s.kind.as_str(), "Name": s.name, "Action": s.actions.to_string() }),
+        )
+        .collect()
+}
+
+/// A 401 with a challenge.
+pub fn unauthorized(challenge: &Challenge, message: &str, scopes: &[Scope]) -> Response {
+    let mut e = ApiError::new(Code::Unauthorized, message);
+    if !scopes.is_empty() {
+        e = e.with_detail(detail(scopes));
+    }
+    match HeaderValue::from_str(&challenge.to_string()) {
+        Ok(v) => e.with_header(header::WWW_AUTHENTICATE, v).into_response(),
+        Err(_) => e.into_response(),
+    }
+}
+
+/// A 429 for a client that failed to log in too often.
+pub fn too_many(retry: std::time::Duration) -> Response {
+    let secs = retry.as_secs().max(1).to_string();
+    let e = ApiError::new(
+        Code::TooManyRequests,
+        "too many failed logins from this address; try again later",
+    );
+    match HeaderValue::from_str(&secs) {
+        Ok(v) => e.with_header(header::RETRY_AFTER, v).into_response(),
+        Err(_) => e.into_response(),
+    }
+}
+
+/// Identifies the caller and checks it may make this request; the answer to send otherwise.
+pub async fn authorize(
+    state: &AppState,
+    ep: &Endpoint<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    ip: IpAddr,
+) -> Result<Caller, Response> {
+    let Some(auth) = state.auth.as_deref() else {
+        return Ok(Caller::Open);
+    };
+    let scopes = required(ep, method);
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = match auth.authenticate(authorization, ip).await {
+        Ok(c) => c,
+        Err(Rejection::TooManyFailures(d)) => return Err(too_many(d)),
+        Err(Rejection::BadToken(e)) => {
+            let c = challenge(
+                state,
+                auth,
+                headers,
+                &scopes,
+                Some(ChallengeError::InvalidToken),
+            );
+            return Err(unauthorized(&c, &e.to_string(), &scopes));
+        }
+        Err(Rejection::BadCredentials | Rejection::Unsupported) => {
+            let c = challenge(state, auth, headers, &scopes, None);
+            return Err(unauthorized(&c, "invalid credentials", &scopes));
+        }
+    };
+    if matches!(ep, Endpoint::Base) {
+        // `/v2/` answers 200 to any valid credential and challenges anonymous clients, which is
+        // how `docker login` and every client's first ping find the auth scheme.
+        return match caller {
+            Caller::Anonymous => {
+                let c = challenge(state, auth, headers, &[], None);
+                Err(unauthorized(&c, "authentication required", &[]))
+            }
+            c => Ok(c),
+        };
+    }
+    if auth.permits(&caller, &scopes) {
+        return Ok(caller);
+    }
+    match caller {
+        Caller::Anonymous => {
+            let c = challenge(state, auth, headers, &scopes, None);
+            Err(unauthorized(&c, "authentication required", &scopes))
+        }
+        // A token for other scopes: the client fetches one for these and retries.
+        Caller::Token { .. } => {
+            let c = challenge(
+                state,
+                auth,
+                headers,
+                &scopes,
+                Some(ChallengeError::InsufficientScope),
+            );
+            Err(unauthorized(
+                &c,
+                "the token does not grant this access",
+                &scopes,
+            ))
+        }
+        Caller::User(_) | Caller::Open => Err(ApiError::new(
+            Code::Denied,
+            "requested access to the resource is denied",
+        )
+        .with_detail(detail(&scopes))
+        .with_status(StatusCode::FORBIDDEN)
+        .into_response()),
+    }
+}
+
+/// Whether the caller may pull `repo` (cross-repository mount sources).
+pub fn may_pull(state: &AppState, caller: &Caller, repo: &str) -> bool {
+    crate::auth::permits(
+        state.auth.as_deref(),
+        caller,
+        &[Scope::repository(repo, Actions::PULL)],
+    )
+}
+
+/// Whether the caller may mount a blob without naming its source: only when nothing is
+/// private (no auth) or for admins, since the blob may live only in repositories the caller
+/// cannot read.
+pub fn may_mount_anywhere(state: &AppState, caller: &Caller) -> bool {
+    match state.auth.as_deref() {
+        None => true,
+        Some(a) => a.policy().is_admin(caller.user()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_per_operation() {
+        let m = Endpoint::Manifest {
+            name: "a/b",
+            reference: "t",
+        };
+        assert_eq!(
+            required(&m, &Method::GET)[0].to_string(),
+            "repository:a/b:pull"
+        );
+        assert_eq!(
+            required(&m, &Method::HEAD)[0].to_string(),
+            "repository:a/b:pull"
+        );
+        assert_eq!(
+            required(&m, &Method::PUT)[0].to_string(),
+            "repository:a/b:pull,push"
+        );
+        assert_eq!(
+            required(&m, &Method::DELETE)[0].to_string(),
+            "repository:a/b:delete"
+        );
+        let u = Endpoint::Upload { name: "a", id: "x" };
+        assert_eq!(
+            required(&u, &Method::GET)[0].to_string(),
+            "repository:a:pull,push"
+        );
+        assert_eq!(
+            required(&Endpoint::Catalog, &Method::GET)[0].to_string(),
+            "registry:catalog:*"
+        );
+        assert!(required(&Endpoint::Base, &Method::GET).is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! Authentication and authorization for the server: who is calling, and may they do this.
+//!
+//! Built from `[auth]` at start-up. The HTTP side (challenges, the token endpoint) lives in
+//! `api::access` and `api::token`; the rules themselves in the `berth-auth` crate.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use berth_auth::{
+    Actions, Issuer, LoginLimiter, Policy, Scope, SigningKey, TokenError, Users, Verifier,
+};
+
+use crate::config::{AuthMode, Config};
+
+/// Errors setting up authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// A file or key is unusable.
+    #[error(transparent)]
+    Auth(#[from] berth_auth::Error),
+    /// A trusted issuer's key or JWKS is unusable.
+    #[error("auth.token.trusted {issuer}: {message}")]
+    Trusted {
+        /// The issuer.
+        issuer: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The policy does not compile.
+    #[error("auth.rule: {0}")]
+    Policy(String),
+}
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Authentication is off: everything is allowed.
+    Open,
+    /// No credentials.
+    Anonymous,
+    /// A user who gave a correct password (Basic).
+    User(String),
+    /// A verified token.
+    Token {
+        /// Its subject (empty: anonymous token).
+        subject: String,
+        /// What it grants.
+        access: Vec<Scope>,
+    },
+}
+
+impl Caller {
+    /// The user name, if any.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Self::User(u) => Some(u),
+            Self::Token { subject, .. } if !subject.is_empty() => Some(subject),
+            _ => None,
+        }
+    }
+}
+
+/// Why a request could not be authenticated.
+#[derive(Debug)]
+pub enum Rejection {
+    /// A bad password or user.
+    BadCredentials,
+    /// A token that does not verify.
+    BadToken(TokenError),
+    /// Too many failed logins from this address.
+    TooManyFailures(std::time::Duration),
+    /// A credential scheme this server does not take.
+    Unsupported,
+}
+
+/// The server's authentication service.
+#[derive(Debug)]
+pub struct AuthService {
+    mode: AuthMode,
+    users: Option<Arc<Users>>,
+    policy: Policy,
+    issuer: Option<Issuer>,
+    verifier: Verifier,
+    limiter: LoginLimiter,
+    realm: Option<String>,
+    service: String,
+}
+
+impl AuthService {
+    /// Builds the service for `config`; `None` when authentication is off.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, AuthSetupError> {
+        let a = &config.auth;
+        if a.mode == AuthMode::None {
+            return Ok(None);
+        }
+        let users = match &a.htpasswd {
+            Some(p) => Some(Arc::new(Users::load(p)?)),
+            None => None,
+        };
+        let policy = Policy::new(&config.policy_config().map_err(AuthSetupError::Policy)?)?;
+        let t = &a.token;
+        let mut verifier = Verifier::new(&t.service);
+        let issuer = match (a.mode, &users) {
+            (AuthMode::Token, Some(_)) => {
+                let path = t
+                    .key
+                    .clone()
+                    .unwrap_or_else(|| config.data.join("auth").join("token.key"));
+                let key = SigningKey::load_or_generate(&path)?;
+                tracing::info!(kid = key.kid(), "token signing key loaded");
+                let issuer = Issuer::new(key, &t.issuer, &t.service, t.ttl);
+                verifier.trust_own(&issuer);
+                Some(issuer)
+            }
+            _ => None,
+        };
+        for tr in &t.trusted {
+            let err = |message: String| AuthSetupError::Trusted {
+                issuer: tr.issuer.clone(),
+                message,
+            };
+            let read =
+                |p: &PathBuf| std::fs::read(p).map_err(|e| err(format!("{}: {e}", p.display())));
+            if let Some(k) = &tr.key {
+                verifier.trust_pem(&tr.issuer, &read(k)?).map_err(err)?;
+            }
+            if let Some(j) = &tr.jwks {
+                verifier.trust_jwks(&tr.issuer, &read(j)?).map_err(err)?;
+            }
+        }
+        let realm = t.realm.clone().or_else(|| {
+            config
+                .public_url
+                .as_ref()
+                .map(|u| format!("{}/auth/token", u.trim_end_matches('/')))
+        });
+        Ok(Some(Self {
+            mode: a.mode,
+            users,
+            policy,
+            issuer,
+            verifier,
+            limiter: LoginLimiter::new(a.max_failures, a.failure_window),
+            realm,
+            service: t.service.clone(),
+        }))
+    }
+
+    /// The authentication mode.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// The built-in token issuer, when this server issues tokens.
+    pub fn issuer(&self) -> Option<&Issuer> {
+        self.issuer.as_ref()
+    }
+
+    /// The service name (token audience).
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The access policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The configured realm, if any (otherwise derived from the request).
+    pub fn realm(&self) -> Option<&str> {
+        self.realm.as_deref()
+    }
+
+    /// Checks a user's password, counting failures per client address.
+    pub async fn login(&self, ip: IpAddr, user: &str, password: &str) -> Result<(), Rejection> {
+        self.limiter.check(ip).map_err(Rejection::TooManyFailures)?;
+        let Some(users) = self.users.clone() else {
+            return Err(Rejection::BadCredentials);
+        };
+        let (u, p) = (user.to_owned(), password.to_owned());
+        let ok = tokio::task::spawn_blocking(move || users.verify(&u, &p))
+            .await
+            .unwrap_or(false);
+        if ok {
+            self.limiter.succeeded(ip);
+            Ok(())
+        } else {
+            self.limiter.failed(ip);
+            tracing::info!(client = %ip, user, "failed login");
+            Err(Rejection::BadCredentials)
+        }
+    }
+
+    /// Counts a failed refresh-token or similar attempt.
+    pub fn failed(&self, ip: IpAddr) -> Result<(), Rejection> {
+        self.limiter.check(ip).map_err(Rejection::TooManyFailures)?;
+        self.limiter.failed(ip);
+        Ok(())
+    }
+
+    /// Whether `user` still exists (refresh tokens of removed users stop working).
+    pub fn user_exists(&self, user: &str) -> bool {
+        self.users.as_ref().is_some_and(|u| u.exists(user))
+    }
+
+    /// Identifies the caller from an `Authorization` header value.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        ip: IpAddr,
+    ) -> Result<Caller, Rejection> {
+        let Some(value) = authorization else {
+            return Ok(Caller::Anonymous);
+        };
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") && self.mode == AuthMode::Token {
+            let v = self.verifier.verify(rest).map_err(Rejection::BadToken)?;
+            return Ok(Caller::Token {
+                subject: v.subject,
+                access: berth_auth::scope::merge(v.access),
+            });
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            let (user, password) = decode_basic(rest).ok_or(Rejection::BadCredentials)?;
+            self.login(ip, &user, &password).await?;
+            return Ok(Caller::User(user));
+        }
+        Err(Rejection::Unsupported)
+    }
+
+    /// Whether `caller` may do everything `required` names.
+    pub fn permits(&self, caller: &Caller, required: &[Scope]) -> bool {
+        match caller {
+            Caller::Open => true,
+            Caller::Anonymous => self.policy.permits(None, required),
+            Caller::User(u) => self.policy.permits(Some(u), required),
+            Caller::Token { access, .. } => required.iter().all(|r| {
+                access
+                    .iter()
+                    .any(|a| a.same_resource(r) && a.actions.contains(r.actions))
+            }),
+        }
+    }
+
+    /// Whether `caller` may see `repo` in the catalog.
+    pub fn may_list(&self, caller: &Caller, repo: &str) -> bool {
+        match caller {
+            Caller::Open => true,
+            other => self
+                .policy
+                .allowed(other.user(), repo)
+                .contains(Actions::PULL),
+        }
+    }
+}
+
+/// Whether `caller` may do `required` with `auth` (no auth: always).
+pub fn permits(auth: Option<&AuthService>, caller: &Caller, required: &[Scope]) -> bool {
+    auth.is_none_or(|a| a.permits(caller, required))
+}
+
+/// Decodes the credentials of a Basic `Authorization` value.
+pub fn decode_basic(b64: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (u, p) = text.split_once(':')?;
+    (!u.is_empty()).then(|| (u.to_owned(), p.to_owned()))
+}
