@@ -9,4 +9,6 @@ mod conformance;
 mod durability;
 mod gc;
 mod images;
+mod pki;
 mod support;
+mod tls;

@@ -1,0 +1,202 @@
+//! HTTPS: Berth terminates TLS itself, reloads rotated certificates, can require client
+//! certificates, and announces an `https` token realm.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth::config::{AuthMode, ClientAuth, Config};
+use reqwest::StatusCode;
+
+use crate::pki::{Ca, Leaf};
+use crate::support::TestServer;
+
+/// A client trusting only `ca`, optionally presenting `identity`.
+fn https_client(ca: &Path, identity: Option<&Leaf>) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .pool_max_idle_per_host(0);
+    if let Some(id) = identity {
+        let mut pem = std::fs::read(&id.cert).unwrap();
+        pem.extend(std::fs::read(&id.key).unwrap());
+        b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+async fn tls_server(leaf: &Leaf, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        c.tls.cert = Some(leaf.cert.clone());
+        c.tls.key = Some(leaf.key.clone());
+        tweak(c);
+    })
+    .await
+}
+
+fn https(s: &TestServer, path: &str) -> String {
+    format!("https://127.0.0.1:{}{path}", s.addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_https_and_picks_up_a_rotated_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, ca2) = (Ca::new(dir.path(), "ca1"), Ca::new(dir.path(), "ca2"));
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let leaf = ca1.server(&cert, &key);
+    let s = tls_server(&leaf, |_| {}).await;
+
+    let r = https_client(&ca1.cert, None)
+        .get(https(&s, "/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        https_client(&ca2.cert, None)
+            .get(https(&s, "/v2/"))
+            .send()
+            .await
+            .is_err(),
+        "a client that does not trust the CA must fail"
+    );
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = crate::support::client().get(s.url("/v2/")).send().await;
+    assert!(plain.map(|r| r.status() != StatusCode::OK).unwrap_or(true));
+
+    // Rotate to a certificate from another CA, as cert-manager would, and wait for pickup.
+    ca2.server(&cert, &key);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = https_client(&ca2.cert, None)
+            .get(https(&s, "/v2/"))
+            .send()
+            .await
+        {
+            assert_eq!(r.status(), StatusCode::OK);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotated certificate not served within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        https_client(&ca1.cert, None)
+            .get(https(&s, "/v2/"))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // A broken rotation keeps the working certificate.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let r = https_client(&ca2.cert, None)
+        .get(https(&s, "/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_when_required_or_optional() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, other) = (Ca::new(dir.path(), "ca"), Ca::new(dir.path(), "other"));
+    let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
+    let good = ca.client(dir.path(), "builder");
+    let stranger = other.client(dir.path(), "stranger");
+    let s = tls_server(&leaf, |c| c.tls.client_ca = Some(ca.cert.clone())).await;
+    let get = |id: Option<&Leaf>| https_client(&ca.cert, id).get(https(&s, "/v2/")).send();
+    assert_eq!(get(Some(&good)).await.unwrap().status(), StatusCode::OK);
+    assert!(get(None).await.is_err(), "no client certificate");
+    assert!(
+        get(Some(&stranger)).await.is_err(),
+        "certificate from another CA"
+    );
+
+    let s = tls_server(&leaf, |c| {
+        c.tls.client_ca = Some(ca.cert.clone());
+        c.tls.client_auth = ClientAuth::Optional;
+    })
+    .await;
+    let get = |id: Option<&Leaf>| https_client(&ca.cert, id).get(https(&s, "/v2/")).send();
+    assert_eq!(get(None).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get(Some(&good)).await.unwrap().status(), StatusCode::OK);
+    assert!(
+        get(Some(&stranger)).await.is_err(),
+        "a certificate sent is still checked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_realm_follows_the_scheme_or_the_public_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
+    let users = dir.path().join("htpasswd");
+    std::fs::write(
+        &users,
+        format!("u:{}\n", berth_auth::htpasswd::hash("p", 4).unwrap()),
+    )
+    .unwrap();
+    let auth = |c: &mut Config| {
+        c.auth.mode = AuthMode::Token;
+        c.auth.htpasswd = Some(users.clone());
+    };
+    let s = tls_server(&leaf, auth).await;
+    let r = https_client(&ca.cert, None)
+        .get(https(&s, "/v2/"))
+        .send()
+        .await
+        .unwrap();
+    let ch = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert_eq!(
+        ch,
+        format!(
+            "Bearer realm=\"https://127.0.0.1:{}/auth/token\",service=\"berth\"",
+            s.addr.port()
+        )
+    );
+    // The whole token dance over HTTPS.
+    let t: serde_json::Value = https_client(&ca.cert, None)
+        .get(https(
+            &s,
+            "/auth/token?service=berth&scope=repository:a:pull",
+        ))
+        .basic_auth("u", Some("p"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = https_client(&ca.cert, None)
+        .get(https(&s, "/v2/a/tags/list"))
+        .bearer_auth(t["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "authorised, and nothing there"
+    );
+
+    let s = TestServer::start_with(|c| {
+        auth(c);
+        c.public_url = Some("https://registry.example.com/".into());
+    })
+    .await;
+    let r = crate::support::client()
+        .get(s.url("/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer realm=\"https://registry.example.com/auth/token\",service=\"berth\""
+    );
+}
