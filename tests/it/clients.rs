@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::images::{Layout, OCI_INDEX, OCI_MANIFEST};
-use crate::support::{digest, require, spawn_berth};
+use crate::pki::Ca;
+use crate::support::{digest, require, spawn_berth, spawn_berth_with};
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
@@ -610,6 +611,317 @@ fn real_clients() {
         s.failed.join("\n")
     );
 }
+
+/// Runs `cmd` with `input` on its standard input.
+fn sh_stdin(cmd: &mut Command, input: &str) -> Result<String, String> {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{:?} exited {}: {}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Docker's per-registry CA directory, removed again on drop.
+struct DockerCertsDir(PathBuf);
+
+impl Drop for DockerCertsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every client again, against Berth with HTTPS (a CA made here, trusted through each client's
+/// usual certificate directory or flag) and token auth: login, push and pull with credentials;
+/// anonymous push refused; anonymous pull of public content allowed.
+#[test]
+fn real_clients_with_token_auth_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "ca");
+    let (cert, key) = (tmp.path().join("tls.crt"), tmp.path().join("tls.key"));
+    ca.server(&cert, &key);
+    let cert_dir = tmp.path().join("certs");
+    std::fs::create_dir_all(&cert_dir).unwrap();
+    std::fs::copy(&ca.cert, cert_dir.join("ca.crt")).unwrap();
+
+    // The user file, made with `berth passwd`.
+    let line = sh_stdin(
+        Command::new(env!("CARGO_BIN_EXE_berth")).args(["passwd", "alice"]),
+        "alice-s3cret\n",
+    )
+    .expect("berth passwd");
+    let htpasswd = tmp.path().join("htpasswd");
+    std::fs::write(&htpasswd, line).unwrap();
+    let config = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[auth]\nmode = \"token\"\nhtpasswd = \"{}\"\nadmins = [\"alice\"]\n\n[[auth.rule]]\nrepositories = [\"public/**\"]\nusers = [\"anonymous\", \"*\"]\nactions = [\"pull\"]\n",
+        cert.display(),
+        key.display(),
+        htpasswd.display()
+    );
+    let berth = spawn_berth_with(&tmp.path().join("berth-data"), Some(&config));
+    let host = berth.addr.to_string();
+    let creds = "alice:alice-s3cret";
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("registries.conf"),
+        "unqualified-search-registries = []\n",
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("auth.json"), "{}").unwrap();
+    let t = Tools {
+        tmp: tmp.path().to_owned(),
+        policy,
+        host: host.clone(),
+    };
+    let mut layout = Layout::new(&tmp.path().join("src"));
+    let image = layout.image("amd64", &[300_000, 2 << 20], 11);
+    layout.tag("app", &image);
+    let want = image["digest"].as_str().unwrap_or_default().to_owned();
+    let inspect = |reference: &str, with_creds: bool| -> Result<String, String> {
+        let mut c = t.skopeo();
+        c.args(["inspect", "--raw", "--cert-dir"]).arg(&cert_dir);
+        if with_creds {
+            c.args(["--creds", creds]);
+        }
+        let raw = sh(c.arg(format!("docker://{host}/{reference}")))?;
+        Ok(digest(raw.as_bytes()))
+    };
+    let mut s = Suite {
+        passed: 0,
+        failed: Vec::new(),
+    };
+
+    s.op("skopeo copy without credentials is refused", || {
+        let r = sh(t
+            .skopeo()
+            .args(["copy", "--dest-cert-dir"])
+            .arg(&cert_dir)
+            .arg(layout.reference("app"))
+            .arg(format!("docker://{host}/team/app:anon")));
+        match r {
+            Ok(_) => Err("anonymous push succeeded".into()),
+            Err(e) => expect(
+                ["authentication required", "unauthorized", "denied"]
+                    .iter()
+                    .any(|w| e.contains(w)),
+                || e.clone(),
+            ),
+        }
+    });
+    s.op("skopeo copy --dest-creds over TLS", || {
+        sh(t.skopeo()
+            .args([
+                "copy",
+                "--preserve-digests",
+                "--dest-creds",
+                creds,
+                "--dest-cert-dir",
+            ])
+            .arg(&cert_dir)
+            .arg(layout.reference("app"))
+            .arg(format!("docker://{host}/team/app:1")))?;
+        let got = inspect("team/app:1", true)?;
+        expect(got == want, || format!("{got} != {want}"))
+    });
+    s.op(
+        "skopeo: private content needs credentials, public does not",
+        || {
+            expect(inspect("team/app:1", false).is_err(), || {
+                "anonymous read of a private repository".into()
+            })?;
+            sh(t.skopeo()
+                .args(["copy", "--dest-creds", creds, "--dest-cert-dir"])
+                .arg(&cert_dir)
+                .arg(layout.reference("app"))
+                .arg(format!("docker://{host}/public/app:1")))?;
+            let got = inspect("public/app:1", false)?;
+            expect(got == want, || format!("{got} != {want}"))
+        },
+    );
+    s.op("podman login / pull / push", || {
+        sh(t.containers("podman")
+            .args(["login", "--cert-dir"])
+            .arg(&cert_dir)
+            .args(["-u", "alice", "-p", "alice-s3cret", &host]))?;
+        sh(t.containers("podman")
+            .args(["pull", "-q", "--cert-dir"])
+            .arg(&cert_dir)
+            .arg(format!("{host}/team/app:1")))?;
+        sh(t.containers("podman")
+            .arg("tag")
+            .arg(format!("{host}/team/app:1"))
+            .arg(format!("{host}/team/podman:1")))?;
+        sh(t.containers("podman")
+            .args(["push", "-q", "--cert-dir"])
+            .arg(&cert_dir)
+            .arg(format!("{host}/team/podman:1")))?;
+        inspect("team/podman:1", true).map(|_| ())
+    });
+
+    let ctd_dir = tmp.path().join("containerd");
+    std::fs::create_dir_all(&ctd_dir).unwrap();
+    match start_containerd(&ctd_dir) {
+        Err(e) => s.op("containerd starts", || Err(e)),
+        Ok((_daemon, sock)) => {
+            let ctr = || {
+                let mut c = Command::new(require("ctr"));
+                c.arg("-a").arg(&sock).args(["-n", "berth-tls"]);
+                c
+            };
+            // containerd's usual trust store: a hosts.toml per registry under a certs.d
+            // directory. (ctr 1.6 talks plain HTTP to loopback hosts unless told otherwise.)
+            let hosts_dir = tmp.path().join("certs.d");
+            let reg_dir = hosts_dir.join(&host);
+            std::fs::create_dir_all(&reg_dir).unwrap();
+            std::fs::write(
+                reg_dir.join("hosts.toml"),
+                format!(
+                    "server = \"https://{host}\"\n\n[host.\"https://{host}\"]\n  ca = \"{}\"\n",
+                    ca.cert.display()
+                ),
+            )
+            .unwrap();
+            s.op("ctr images pull/push --user (CA from hosts.toml)", || {
+                sh(ctr()
+                    .args(["images", "pull", "--user", creds, "--hosts-dir"])
+                    .arg(&hosts_dir)
+                    .arg(format!("{host}/team/app:1")))?;
+                sh(ctr()
+                    .args(["images", "tag"])
+                    .arg(format!("{host}/team/app:1"))
+                    .arg(format!("{host}/team/ctr:1")))?;
+                sh(ctr()
+                    .args(["images", "push", "--user", creds, "--hosts-dir"])
+                    .arg(&hosts_dir)
+                    .arg(format!("{host}/team/ctr:1")))?;
+                let got = inspect("team/ctr:1", true)?;
+                expect(got == want, || format!("{got} != {want}"))
+            });
+            s.op("ctr pull without credentials is refused", || {
+                let r = sh(ctr()
+                    .args(["images", "pull", "--hosts-dir"])
+                    .arg(&hosts_dir)
+                    .arg(format!("{host}/team/ctr:1")));
+                expect(r.is_err(), || "anonymous pull of a private image".into())
+            });
+        }
+    }
+
+    // dockerd trusts a registry's CA from /etc/docker/certs.d/<host:port>/ca.crt.
+    let certs_d = DockerCertsDir(PathBuf::from("/etc/docker/certs.d").join(&host));
+    let dkd_dir = tmp.path().join("dockerd");
+    std::fs::create_dir_all(&dkd_dir).unwrap();
+    match std::fs::create_dir_all(&certs_d.0)
+        .and_then(|()| std::fs::copy(&ca.cert, certs_d.0.join("ca.crt")))
+        .map_err(|e| format!("{}: {e}", certs_d.0.display()))
+        .and_then(|_| start_dockerd(&dkd_dir))
+    {
+        Err(e) => s.op("dockerd starts", || Err(e)),
+        Ok((_daemon, dh)) => {
+            s.op("docker push without login is refused", || {
+                sh(docker(&dh)
+                    .args(["pull", "-q"])
+                    .arg(format!("{host}/public/app:1")))?;
+                sh(docker(&dh)
+                    .arg("tag")
+                    .arg(format!("{host}/public/app:1"))
+                    .arg(format!("{host}/team/docker:1")))?;
+                let r = sh(docker(&dh).arg("push").arg(format!("{host}/team/docker:1")));
+                expect(r.is_err(), || "anonymous docker push succeeded".into())
+            });
+            s.op("docker login / push / pull", || {
+                sh_stdin(
+                    docker(&dh).args(["login", "-u", "alice", "--password-stdin", &host]),
+                    "alice-s3cret",
+                )?;
+                sh(docker(&dh).arg("push").arg(format!("{host}/team/docker:1")))?;
+                sh(docker(&dh)
+                    .arg("rmi")
+                    .arg(format!("{host}/team/docker:1"))
+                    .arg(format!("{host}/public/app:1")))?;
+                sh(docker(&dh)
+                    .args(["pull", "-q"])
+                    .arg(format!("{host}/team/docker:1")))?;
+                inspect("team/docker:1", true).map(|_| ())
+            });
+            let _ = sh(docker(&dh).args(["logout", &host]));
+            let _ = sh(docker(&dh).args(["system", "prune", "-af"]));
+        }
+    }
+    drop(certs_d);
+
+    s.op("oras with credentials over TLS", || {
+        let script = tmp.path().join("oras_auth.py");
+        std::fs::write(&script, ORAS_AUTH_SCRIPT).map_err(|e| e.to_string())?;
+        let out = sh(Command::new("python3")
+            .arg(&script)
+            .arg(&host)
+            .arg(tmp.path().join("oras"))
+            // oras-py keeps logins in the Docker config under $HOME: keep it in the temp dir.
+            .env("HOME", tmp.path())
+            .env("DOCKER_CONFIG", tmp.path().join("oras-docker"))
+            .env("REQUESTS_CA_BUNDLE", &ca.cert))?;
+        expect(out.contains("oras auth ok"), || out.clone())
+    });
+
+    drop(berth);
+    println!("{} passed, {} failed", s.passed, s.failed.len());
+    assert!(
+        s.failed.is_empty(),
+        "client operations failed:\n{}",
+        s.failed.join("\n")
+    );
+}
+
+/// oras-py over HTTPS with token auth: anonymous push fails, login, push, pull back.
+const ORAS_AUTH_SCRIPT: &str = r#"
+import hashlib, os, sys
+import oras.client
+host, work = sys.argv[1], sys.argv[2]
+os.makedirs(work, exist_ok=True)
+os.chdir(work)
+data = os.urandom(1024 * 1024 + 3)
+with open("artifact.bin", "wb") as f:
+    f.write(data)
+anon = oras.client.OrasClient(hostname=host)
+try:
+    anon.push(target=f"{host}/team/oras:anon", files=["artifact.bin"])
+    raise SystemExit("anonymous push succeeded")
+except SystemExit:
+    raise
+except Exception:
+    pass
+# oras-py's token backend reuses a token after a 401 for a wider scope (it only refreshes on
+# 403), so it is used with Basic credentials, which Berth accepts in token mode too.
+c = oras.client.OrasClient(hostname=host, auth_backend="basic")
+c.login(username="alice", password="alice-s3cret", hostname=host)
+c.push(target=f"{host}/team/oras:1", files=["artifact.bin"])
+files = c.pull(target=f"{host}/team/oras:1", outdir=os.path.join(work, "pulled"))
+assert hashlib.sha256(open(files[0], "rb").read()).digest() == hashlib.sha256(data).digest()
+print("oras auth ok")
+"#;
 
 /// Pushes an artifact with oras-py monolithically and in chunks (one a signature of the small
 /// image), lists tags and pulls the artifact back.
