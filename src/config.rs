@@ -64,6 +64,15 @@
 //! # key = "/etc/berth/gitlab.crt"       # public key or certificate, PEM
 //! # jwks = "/etc/berth/jwks.json"       # or a JWKS file
 //!
+//! # [[proxy.upstream]]          # pull-through cache of another registry (read-only here)
+//! # name = "docker.io"          # how clients name it: `?ns=docker.io`, `/v2/docker.io/...`
+//! # url = "https://registry-1.docker.io"   # default: https://<name> (Docker Hub built in)
+//! # aliases = []                # more path prefixes (names with a port need one)
+//! # default = true              # plain names not pushed here come from it (registry-mirrors)
+//! # username = "..."            # credentials for the upstream (password or password_file)
+//! # tag_ttl = "5m"              # how long a tag is trusted before a HEAD revalidates it
+//! # max_stale = "7d"            # serve cached tags this long past the TTL when upstream fails
+//!
 //! # [auth.groups]
 //! # dev = ["alice", "bob"]
 //! # [[auth.rule]]               # none: signed-in users may do everything
@@ -126,6 +135,8 @@ pub struct Config {
     pub tls: TlsSection,
     /// Authentication and access control.
     pub auth: AuthSection,
+    /// Pull-through cache.
+    pub proxy: ProxySection,
 }
 
 impl Default for Config {
@@ -140,6 +151,7 @@ impl Default for Config {
             public_url: None,
             tls: TlsSection::default(),
             auth: AuthSection::default(),
+            proxy: ProxySection::default(),
         }
     }
 }
@@ -435,6 +447,61 @@ pub struct TrustedSection {
     pub jwks: Option<PathBuf>,
 }
 
+/// `[proxy]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySection {
+    /// Upstream registries.
+    pub upstream: Vec<UpstreamSection>,
+}
+
+/// `[[proxy.upstream]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// The registry host as clients name it (`docker.io`, `ghcr.io`, `host:5000`).
+    pub name: String,
+    /// Its API base URL.
+    pub url: Option<String>,
+    /// Further path prefixes selecting it.
+    pub aliases: Vec<String>,
+    /// Plain repository names (no `ns`, no host prefix) not pushed here come from it.
+    pub default: bool,
+    /// User name at the upstream.
+    pub username: Option<String>,
+    /// Password or token at the upstream.
+    pub password: Option<String>,
+    /// A file holding `password`.
+    pub password_file: Option<PathBuf>,
+    /// How long a cached tag is served before it is revalidated.
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// How long past its TTL a cached tag is still served while the upstream fails;
+    /// absent: no limit.
+    #[serde(with = "humantime_serde")]
+    pub max_stale: Option<Duration>,
+    /// Timeout to connect and to get response headers.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            url: None,
+            aliases: Vec::new(),
+            default: false,
+            username: None,
+            password: None,
+            password_file: None,
+            tag_ttl: Duration::from_secs(300),
+            max_stale: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -529,6 +596,7 @@ impl Config {
             problems.push("tls.client_ca: needs tls.cert and tls.key".to_owned());
         }
         self.validate_auth(&mut problems);
+        self.validate_proxy(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -568,6 +636,52 @@ impl Config {
             .and_then(|p| berth_auth::Policy::new(&p).map_err(|e| e.to_string()))
         {
             problems.push(format!("auth.rule: {e}"));
+        }
+    }
+
+    fn validate_proxy(&self, problems: &mut Vec<String>) {
+        let ups = &self.proxy.upstream;
+        let mut seen = std::collections::HashSet::new();
+        for (i, u) in ups.iter().enumerate() {
+            let at = format!("proxy.upstream[{i}]");
+            if u.name.is_empty()
+                || u.name.contains('/')
+                || u.name
+                    .chars()
+                    .any(|c| c.is_ascii_uppercase() || c.is_whitespace())
+            {
+                problems.push(format!(
+                    "{at}.name: a lower-case registry host like \"docker.io\""
+                ));
+            }
+            if let Some(url) = &u.url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                problems.push(format!(
+                    "{at}.url: {url:?} must start with http:// or https://"
+                ));
+            }
+            if u.password.is_some() && u.password_file.is_some() {
+                problems.push(format!("{at}: give password or password_file, not both"));
+            }
+            if (u.password.is_some() || u.password_file.is_some()) && u.username.is_none() {
+                problems.push(format!("{at}.username: required with a password"));
+            }
+            for p in std::iter::once(&u.name).chain(&u.aliases) {
+                if !seen.insert(p.clone()) {
+                    problems.push(format!("{at}: {p:?} names two upstreams"));
+                }
+            }
+            for a in &u.aliases {
+                if a.parse::<berth_storage::RepoName>().is_err() || a.contains('/') {
+                    problems.push(format!(
+                        "{at}.aliases: {a:?} is not one repository name component"
+                    ));
+                }
+            }
+        }
+        if ups.iter().filter(|u| u.default).count() > 1 {
+            problems.push("proxy.upstream: only one upstream can be the default".to_owned());
         }
     }
 

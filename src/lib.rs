@@ -6,6 +6,7 @@
 //! - [`config`]: the configuration file and its defaults.
 //! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection).
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
+//! - [`proxy`]: the pull-through cache of upstream registries.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
 //! - [`telemetry`]: logging set-up.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod jobs;
 pub mod metrics;
+pub mod proxy;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

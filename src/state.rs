@@ -19,6 +19,9 @@ pub enum StartError {
     /// Authentication could not be set up.
     #[error(transparent)]
     Auth(#[from] AuthSetupError),
+    /// The pull-through cache could not be set up.
+    #[error("proxy: {0}")]
+    Proxy(String),
 }
 
 /// What handlers share.
@@ -30,6 +33,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Authentication and access control; `None` when `auth.mode` is `none`.
     pub auth: Option<Arc<AuthService>>,
+    /// The pull-through cache; `None` without upstreams.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 impl AppState {
@@ -38,11 +43,15 @@ impl AppState {
         crate::metrics::handle();
         let auth = AuthService::from_config(&config)?.map(Arc::new);
         let storage = config.storage_config()?;
-        let store = Store::open(&storage).await?;
+        let store = Arc::new(Store::open(&storage).await?);
+        let proxy = crate::proxy::Proxy::from_config(&config, store.clone())
+            .map_err(StartError::Proxy)?
+            .map(Arc::new);
         Ok(Self {
-            store: Arc::new(store),
+            store,
             config: Arc::new(config),
             auth,
+            proxy,
         })
     }
 }

@@ -81,6 +81,73 @@ impl fmt::Display for Challenge {
     }
 }
 
+/// Splits `k=v, k="quoted, \"v\""` into pairs (keys lower-cased).
+fn params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ','))
+            .collect::<String>()
+            .trim()
+            .to_ascii_lowercase();
+        if key.is_empty() {
+            return out;
+        }
+        if chars.next_if_eq(&'=').is_none() {
+            continue;
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = std::iter::from_fn(|| chars.next_if(|c| *c != ','))
+                .collect::<String>()
+                .trim()
+                .to_owned();
+        }
+        out.push((key, value));
+    }
+}
+
+impl Challenge {
+    /// Parses a `WWW-Authenticate` value from another registry (Bearer or Basic).
+    pub fn parse(header: &str) -> Option<Self> {
+        let header = header.trim();
+        let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+        let p = params(rest);
+        let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        if scheme.eq_ignore_ascii_case("bearer") {
+            Some(Self::Bearer {
+                realm: get("realm")?,
+                service: get("service").unwrap_or_default(),
+                scopes: get("scope")
+                    .map(|s| Scope::parse_list(&s))
+                    .unwrap_or_default(),
+                error: match get("error").as_deref() {
+                    Some("invalid_token") => Some(ChallengeError::InvalidToken),
+                    Some("insufficient_scope") => Some(ChallengeError::InsufficientScope),
+                    _ => None,
+                },
+            })
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            Some(Self::Basic {
+                realm: get("realm").unwrap_or_default(),
+            })
+        } else {
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +182,35 @@ mod tests {
             .to_string(),
             r#"Basic realm="Berth",charset="UTF-8""#
         );
+    }
+
+    #[test]
+    fn parses_what_registries_send() {
+        let hub = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#;
+        assert_eq!(
+            Challenge::parse(hub),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: "registry.docker.io".into(),
+                scopes: vec![Scope::repository("library/alpine", Actions::PULL)],
+                error: None,
+            })
+        );
+        // Our own output round-trips, quoting included.
+        let c = Challenge::Bearer {
+            realm: "http://x/auth,token".into(),
+            service: "s\"v".into(),
+            scopes: vec![Scope::repository("a", Actions::PULL | Actions::PUSH)],
+            error: Some(ChallengeError::InsufficientScope),
+        };
+        assert_eq!(Challenge::parse(&c.to_string()), Some(c));
+        assert_eq!(
+            Challenge::parse("basic realm=Registry"),
+            Some(Challenge::Basic {
+                realm: "Registry".into()
+            })
+        );
+        assert_eq!(Challenge::parse("Bearer service=x"), None, "no realm");
+        assert_eq!(Challenge::parse("Negotiate abc"), None);
     }
 }

@@ -47,6 +47,20 @@ pub struct Config {
     pub extras: bool,
     /// Seed for generated content.
     pub seed: u64,
+    /// For a pull-through cache: where the pull workflow puts its content.
+    pub upstream: Option<Upstream>,
+}
+
+/// The upstream of a pull-through cache under test: the pull workflow pushes its content here
+/// and reads it through the cache.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The upstream registry's root URL.
+    pub url: String,
+    /// The repository there that the cache's namespace mirrors.
+    pub namespace: String,
+    /// Credentials for pushing there.
+    pub credentials: Option<(String, String)>,
 }
 
 impl Config {
@@ -67,6 +81,7 @@ impl Config {
             management: true,
             extras: true,
             seed,
+            upstream: None,
         }
     }
 }

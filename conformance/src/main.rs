@@ -20,6 +20,13 @@ struct Args {
     /// Second repository for cross-repository mounts [default: <namespace>-crossmount].
     #[arg(long, env = "OCI_CROSSMOUNT_NAMESPACE")]
     crossmount_namespace: Option<String>,
+    /// For a pull-through cache: push the pull workflow's content to this registry (the
+    /// cache's upstream) and pull it through `--url`.
+    #[arg(long, requires = "upstream_namespace")]
+    upstream_url: Option<String>,
+    /// The repository at `--upstream-url` that `--namespace` caches.
+    #[arg(long)]
+    upstream_namespace: Option<String>,
     /// User name, when the registry needs credentials.
     #[arg(long, env = "OCI_USERNAME")]
     username: Option<String>,
@@ -68,6 +75,13 @@ impl std::str::FromStr for Flag {
 async fn main() -> ExitCode {
     let a = Args::parse();
     let mut cfg = berth_conformance::Config::new(&a.url, &a.namespace);
+    if let (Some(url), Some(namespace)) = (a.upstream_url.clone(), a.upstream_namespace.clone()) {
+        cfg.upstream = Some(berth_conformance::Upstream {
+            url,
+            namespace,
+            credentials: None,
+        });
+    }
     if let Some(c) = a.crossmount_namespace {
         cfg.crossmount_namespace = c;
     }

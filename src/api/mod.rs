@@ -5,6 +5,7 @@
 
 pub mod access;
 mod blobs;
+mod cached;
 pub mod endpoint;
 pub mod error;
 mod headers;
@@ -75,10 +76,95 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
         }
-        Err(denied) => return denied,
+        Err(denied) => {
+            drain(req.into_body()).await;
+            return denied;
+        }
+    }
+    if let Some(proxy) = state.proxy.clone()
+        && let Some(answer) = through_cache(&state, &proxy, &ep, &mut req).await
+    {
+        return answer;
     }
     let result = route(&state, ep, req).await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Request bytes read and dropped before a refusal goes out.
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+/// How long a refused request's body is read at most.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads (and drops) a refused request's body, up to a bound: a client still sending an upload
+/// when the 401 comes would otherwise see its connection reset instead of the challenge
+/// (TLS clients in particular report only "EOF").
+async fn drain(body: Body) {
+    use futures_util::StreamExt as _;
+    let mut s = body.into_data_stream();
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut n = 0;
+        while let Some(Ok(chunk)) = s.next().await {
+            n += chunk.len();
+            if n > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Sends reads of cached repositories to the cache and refuses writes to them; `None` for
+/// local requests.
+async fn through_cache(
+    state: &AppState,
+    proxy: &crate::proxy::Proxy,
+    ep: &Endpoint<'_>,
+    req: &mut Request,
+) -> Option<Response> {
+    let method = req.method().clone();
+    use crate::proxy::Route;
+    let name = match *ep {
+        Endpoint::Manifest { name, .. }
+        | Endpoint::Blob { name, .. }
+        | Endpoint::Tags { name }
+        | Endpoint::Referrers { name, .. }
+        | Endpoint::Uploads { name }
+        | Endpoint::Upload { name, .. } => name,
+        Endpoint::Base | Endpoint::Catalog => return None,
+    };
+    let ns = headers::param(&headers::query(req.uri()), "ns").map(str::to_owned);
+    let read = (method == Method::GET || method == Method::HEAD)
+        && !matches!(ep, Endpoint::Uploads { .. } | Endpoint::Upload { .. });
+    if !read {
+        let cached = proxy.is_cache_name(name) || ns.as_deref().is_some_and(|n| proxy.knows_ns(n));
+        return cached.then(|| {
+            ApiError::new(Code::Unsupported, "cached repositories are read-only").into_response()
+        });
+    }
+    let target = match proxy.route(name, ns.as_deref()).await {
+        Route::Local => return None,
+        Route::UnknownUpstream(ns) => {
+            return Some(
+                ApiError::new(
+                    Code::NameUnknown,
+                    format!("no upstream registry {ns:?} is configured here"),
+                )
+                .with_status(StatusCode::NOT_FOUND)
+                .into_response(),
+            );
+        }
+        Route::Cached(t) => t,
+    };
+    let owned = std::mem::replace(req, Request::new(Body::empty()));
+    let mut resp = cached::serve(state, proxy, &target, ep, owned)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    if let Some(ns) = ns
+        && let Ok(v) = HeaderValue::from_str(&ns)
+    {
+        resp.headers_mut().insert("oci-namespace", v);
+    }
+    Some(resp)
 }
 
 async fn route(state: &AppState, ep: Endpoint<'_>, req: Request) -> ApiResult {

@@ -644,6 +644,63 @@ impl Store {
         bytes: Bytes,
         extra_tags: &[Tag],
     ) -> Result<PutManifest> {
+        self.store_manifest(repo, reference, content_type, bytes, extra_tags, true)
+            .await
+    }
+
+    /// Stores a manifest fetched from an upstream registry into a cache repository. Unlike a
+    /// push, the blobs and children it names need not be here yet: the cache fetches them when
+    /// a client asks. The digest is still checked against `reference`.
+    pub async fn put_cached_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+    ) -> Result<PutManifest> {
+        self.store_manifest(repo, reference, content_type, bytes, &[], false)
+            .await
+    }
+
+    /// Stores a blob fetched from an upstream registry into `repo`: streamed, hashed and
+    /// verified against `digest` like an upload; nothing is kept on a mismatch.
+    pub async fn put_cached_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let s = self.start_upload(repo).await?;
+        self.finish_upload(repo, &s.id, digest, Some((None, None, body)))
+            .await
+    }
+
+    /// Whether a repository with at least one manifest exists.
+    pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool> {
+        let name = repo.to_string();
+        self.db
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT 1 FROM repos r WHERE r.name = ?1
+                     AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)",
+                    [&name],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some())
+            })
+            .await
+    }
+
+    async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+        extra_tags: &[Tag],
+        check_refs: bool,
+    ) -> Result<PutManifest> {
         if bytes.len() > MAX_MANIFEST_SIZE {
             return Err(Error::ManifestTooLarge {
                 size: bytes.len(),
@@ -680,7 +737,11 @@ impl Store {
             .write(move |tx| {
                 let rid = ensure_repo(tx, &name)?;
                 let mut missing = Vec::new();
-                for r in manifest.references.iter().filter(|r| r.required) {
+                for r in manifest
+                    .references
+                    .iter()
+                    .filter(|r| r.required && check_refs)
+                {
                     let d = r.digest.to_string();
                     let sql = match r.kind {
                         crate::manifest::RefKind::Blob => {

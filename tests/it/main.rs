@@ -10,5 +10,6 @@ mod durability;
 mod gc;
 mod images;
 mod pki;
+mod proxy;
 mod support;
 mod tls;

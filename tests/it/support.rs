@@ -192,10 +192,12 @@ pub fn spawn_distribution_with(dir: &Path, auth: Option<DistributionAuth<'_>>) -
     .expect("write config");
     let log = dir.join("registry.log");
     let out = std::fs::File::create(&log).expect("log");
+    // Its access log (one line per request, on stdout) lets tests count upstream requests.
+    let access = std::fs::File::create(dir.join("access.log")).expect("access log");
     let child = Command::new(bin)
         .arg("serve")
         .arg(&config)
-        .stdout(Stdio::null())
+        .stdout(access)
         .stderr(out)
         .spawn()
         .expect("spawn docker-registry");

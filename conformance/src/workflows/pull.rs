@@ -26,21 +26,37 @@ impl Runner {
             serde_json::Value::Null,
         );
 
+        // Behind a pull-through cache the content goes to its upstream, and every check below
+        // reads it through the cache.
+        let seeded = match self.cfg.upstream.clone() {
+            Some(u) => match crate::client::Client::new(&u.url, u.credentials.clone()) {
+                Ok(c) => Some((std::mem::replace(&mut self.client, c), u.namespace)),
+                Err(e) => {
+                    self.check(W, "setup: upstream client", Err(e));
+                    return;
+                }
+            },
+            None => None,
+        };
+        let setup_ns = seeded.as_ref().map_or(ns.clone(), |(_, n)| n.clone());
         for (what, b) in [("config 0", &c0), ("config 1", &c1), ("layer", &layer)] {
-            let r = self.push_blob(&ns, b).await;
+            let r = self.push_blob(&setup_ns, b).await;
             self.check(W, &format!("setup: push {what}"), r);
         }
         let r = self
-            .put_manifest(&ns, "tagtest0", &m0, OCI_MANIFEST)
+            .put_manifest(&setup_ns, "tagtest0", &m0, OCI_MANIFEST)
             .await
             .and_then(|r| r.expect(&[201]).map(|_| ()));
         self.check(W, "setup: push manifest 0 as tag tagtest0", r);
         let r = self
-            .put_manifest(&ns, &m1.digest, &m1, OCI_MANIFEST)
+            .put_manifest(&setup_ns, &m1.digest, &m1, OCI_MANIFEST)
             .await
             .and_then(|r| r.expect(&[201]).map(|_| ()));
         self.check(W, "setup: push manifest 1 by digest", r);
 
+        if let Some((client, _)) = seeded {
+            self.client = client;
+        }
         let unknown = self.fx.bytes(32).digest;
         let r = self
             .status(Method::HEAD, &format!("/v2/{ns}/blobs/{unknown}"), &[404])

@@ -1,0 +1,367 @@
+//! One upstream registry: its URL, credentials, and the Docker token dance.
+//!
+//! Requests go out with a cached token for their scope; a `401` is answered by following the
+//! upstream's challenge (a Bearer token from its realm, or Basic credentials) and retrying once.
+//! Tokens are cached per scope until shortly before they expire. Only the credentials
+//! configured for the upstream are ever sent there, never a client's.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use berth_auth::Challenge;
+use reqwest::{Method, Response, StatusCode, header};
+
+use crate::config::UpstreamSection;
+
+/// The `Accept` header for manifests: every type a registry may hold, so nothing is converted.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.oci.artifact.manifest.v1+json";
+
+/// Why an upstream request failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream does not have it (or will not show it to us).
+    #[error("{0}")]
+    NotFound(String),
+    /// The upstream rate-limits us.
+    #[error("upstream rate limit: {message}")]
+    RateLimited {
+        /// Seconds to wait, when the upstream said.
+        retry_after: Option<String>,
+        /// What it said.
+        message: String,
+    },
+    /// The upstream is down, unreachable, slow or answering errors.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// What the upstream sent does not match what was asked for.
+    #[error("upstream sent bad content: {0}")]
+    BadContent(String),
+}
+
+impl UpstreamError {
+    /// Whether cached content may stand in (the upstream failed, rather than said no).
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Self::RateLimited { .. } | Self::Unavailable(_))
+    }
+}
+
+/// A configured upstream registry.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Host name clients use for it (`docker.io`).
+    pub name: String,
+    /// Path prefixes selecting it (its name when that is a valid component, plus aliases).
+    pub prefixes: Vec<String>,
+    /// Local repositories caching it live under `<prefix>/`.
+    pub cache_prefix: String,
+    /// Plain names come from here.
+    pub default: bool,
+    /// Tag freshness.
+    pub tag_ttl: Duration,
+    /// How long past the TTL a tag may be served while the upstream fails.
+    pub max_stale: Option<Duration>,
+    base: String,
+    hub: bool,
+    credentials: Option<(String, String)>,
+    client: reqwest::Client,
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+fn normalize_host(h: &str) -> String {
+    let h = h.trim().to_ascii_lowercase();
+    let h = h
+        .strip_suffix(":443")
+        .map(str::to_owned)
+        .unwrap_or(h.clone());
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_owned()
+        }
+        _ => h,
+    }
+}
+
+impl Upstream {
+    /// Builds the upstream from its configuration.
+    pub fn new(cfg: &UpstreamSection) -> Result<Self, String> {
+        let name = normalize_host(&cfg.name);
+        let hub = name == "docker.io";
+        let base = cfg
+            .url
+            .clone()
+            .unwrap_or_else(|| {
+                if hub {
+                    "https://registry-1.docker.io".to_owned()
+                } else {
+                    format!("https://{name}")
+                }
+            })
+            .trim_end_matches('/')
+            .to_owned();
+        let password = match &cfg.password_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("{}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => cfg.password.clone(),
+        };
+        let credentials = cfg
+            .username
+            .clone()
+            .map(|u| (u, password.unwrap_or_default()));
+        let valid_component =
+            name.parse::<berth_storage::RepoName>().is_ok() && !name.contains('/');
+        let mut prefixes: Vec<String> = Vec::new();
+        if valid_component {
+            prefixes.push(name.clone());
+        }
+        prefixes.extend(cfg.aliases.iter().cloned());
+        let cache_prefix = prefixes
+            .first()
+            .cloned()
+            .unwrap_or_else(|| name.replace(':', "-"));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.timeout)
+            .read_timeout(cfg.timeout)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            name,
+            prefixes,
+            cache_prefix,
+            default: cfg.default,
+            tag_ttl: cfg.tag_ttl,
+            max_stale: cfg.max_stale,
+            base,
+            hub,
+            credentials,
+            client,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether `ns` (a containerd `?ns=` value) names this upstream.
+    pub fn matches_ns(&self, ns: &str) -> bool {
+        normalize_host(ns) == self.name
+    }
+
+    /// The upstream's name for a repository: Docker Hub keeps official images under
+    /// `library/`.
+    pub fn remote_name(&self, repo: &str) -> String {
+        if self.hub && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo.to_owned()
+        }
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let t = self.tokens.lock().ok()?;
+        t.get(scope)
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(tok, _)| tok.clone())
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: &str,
+        scope: &str,
+    ) -> Result<String, UpstreamError> {
+        let mut req = self
+            .client
+            .get(realm)
+            .query(&[("service", service), ("scope", scope)]);
+        if let Some((u, p)) = &self.credentials {
+            req = req.basic_auth(u, Some(p));
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unavailable(format!("token from {realm}: {e}")))?;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            return Err(UpstreamError::RateLimited {
+                retry_after: retry_after(&resp),
+                message: format!("token endpoint {realm}"),
+            });
+        }
+        if !resp.status().is_success() {
+            return Err(UpstreamError::NotFound(format!(
+                "{} refused a token for {scope}: {}",
+                self.name,
+                resp.status()
+            )));
+        }
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| UpstreamError::Unavailable(format!("token answer: {e}")))?;
+        let token = v["token"]
+            .as_str()
+            .or_else(|| v["access_token"].as_str())
+            .ok_or_else(|| UpstreamError::Unavailable("token answer without a token".into()))?
+            .to_owned();
+        let lifetime = v["expires_in"].as_u64().unwrap_or(60).max(60);
+        // Renew a little early, so a token never expires on the way.
+        let until = Instant::now() + Duration::from_secs(lifetime - lifetime / 10);
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert(scope.to_owned(), (token.clone(), until));
+        }
+        Ok(token)
+    }
+
+    /// Sends `method` to `/v2/<remote>/<suffix>` (suffix may carry a query), authenticating as
+    /// the upstream asks. Success statuses come back as the response; others as errors.
+    pub async fn send(
+        &self,
+        method: Method,
+        remote: &str,
+        suffix: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, UpstreamError> {
+        let url = format!("{}/v2/{remote}/{suffix}", self.base);
+        let scope = format!("repository:{remote}:pull");
+        let build = |auth: Option<Auth>| {
+            let mut req = self.client.request(method.clone(), &url);
+            if let Some(a) = accept {
+                req = req.header(header::ACCEPT, a);
+            }
+            match auth {
+                Some(Auth::Bearer(t)) => req.bearer_auth(t),
+                Some(Auth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+                None => req,
+            }
+        };
+        let first = self.cached_token(&scope).map(Auth::Bearer);
+        let mut resp = self.go(build(first)).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            let challenge = resp
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(Challenge::parse);
+            let auth = match challenge {
+                Some(Challenge::Bearer { realm, service, .. }) => Some(Auth::Bearer(
+                    self.fetch_token(&realm, &service, &scope).await?,
+                )),
+                Some(Challenge::Basic { .. }) => {
+                    self.credentials.clone().map(|(u, p)| Auth::Basic(u, p))
+                }
+                None => None,
+            };
+            if auth.is_some() {
+                resp = self.go(build(auth)).await?;
+            }
+        }
+        self.record_rate_limit(&resp);
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let what = format!("{method} {remote}/{suffix} at {}", self.name);
+        Err(match status {
+            StatusCode::NOT_FOUND => UpstreamError::NotFound(format!("{what}: not found")),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                UpstreamError::NotFound(format!("{what}: not readable with our credentials"))
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                metrics::counter!("berth_proxy_upstream_rate_limited_total", "upstream" => self.name.clone())
+                    .increment(1);
+                UpstreamError::RateLimited {
+                    retry_after: retry_after(&resp),
+                    message: what,
+                }
+            }
+            s => UpstreamError::Unavailable(format!("{what}: {s}")),
+        })
+    }
+
+    async fn go(&self, req: reqwest::RequestBuilder) -> Result<Response, UpstreamError> {
+        req.send().await.map_err(|e| {
+            metrics::counter!("berth_proxy_upstream_errors_total", "upstream" => self.name.clone())
+                .increment(1);
+            UpstreamError::Unavailable(format!("{}: {e}", self.name))
+        })
+    }
+
+    /// Docker Hub's `ratelimit-remaining: 76;w=21600` as a gauge.
+    fn record_rate_limit(&self, resp: &Response) {
+        if let Some(n) = resp
+            .headers()
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .and_then(|n| n.trim().parse::<f64>().ok())
+        {
+            metrics::gauge!("berth_proxy_upstream_ratelimit_remaining", "upstream" => self.name.clone())
+                .set(n);
+        }
+    }
+}
+
+enum Auth {
+    Bearer(String),
+    Basic(String, String),
+}
+
+fn retry_after(resp: &Response) -> Option<String> {
+    resp.headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(name: &str, aliases: &[&str]) -> Upstream {
+        Upstream::new(&UpstreamSection {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            ..UpstreamSection::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn docker_hub_quirks() {
+        let hub = up("docker.io", &[]);
+        assert_eq!(hub.base, "https://registry-1.docker.io");
+        assert_eq!(hub.remote_name("alpine"), "library/alpine");
+        assert_eq!(hub.remote_name("library/alpine"), "library/alpine");
+        assert_eq!(hub.remote_name("bitnami/redis"), "bitnami/redis");
+        for ns in [
+            "docker.io",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "DOCKER.IO:443",
+        ] {
+            assert!(hub.matches_ns(ns), "{ns}");
+        }
+        assert!(!hub.matches_ns("ghcr.io"));
+        let ghcr = up("ghcr.io", &[]);
+        assert_eq!(ghcr.remote_name("alpine"), "alpine");
+        assert_eq!(ghcr.base, "https://ghcr.io");
+    }
+
+    #[test]
+    fn names_with_ports_need_an_alias_for_paths() {
+        let u = up("127.0.0.1:5001", &["local-5001"]);
+        assert_eq!(u.prefixes, ["local-5001"]);
+        assert_eq!(u.cache_prefix, "local-5001");
+        assert!(u.matches_ns("127.0.0.1:5001"));
+        let bare = up("reg.example:5000", &[]);
+        assert!(bare.prefixes.is_empty());
+        assert_eq!(bare.cache_prefix, "reg.example-5000");
+    }
+}

@@ -1,0 +1,488 @@
+//! The pull-through cache against real upstreams started here: Debian's `docker-registry`
+//! (Distribution 2.8; its access log counts the requests it gets) and a second Berth with
+//! token auth on (the token dance). Never the internet.
+
+use std::time::Duration;
+
+use berth::config::{AuthMode, Config, UpstreamSection};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::{Proc, TestServer, client, digest, spawn_distribution};
+
+/// An image: its manifest bytes and blobs (config first).
+pub struct Image {
+    pub manifest: String,
+    pub blobs: Vec<Vec<u8>>,
+}
+
+impl Image {
+    pub fn new(seed: u64, layers: &[usize]) -> Self {
+        let config =
+            format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
+        let layers: Vec<Vec<u8>> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::images::noise(*n, seed * 100 + i as u64))
+            .collect();
+        let desc =
+            |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": digest(b), "size": b.len()});
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": desc("application/vnd.docker.container.image.v1+json", &config),
+            "layers": layers.iter().map(|l| desc("application/vnd.docker.image.rootfs.diff.tar.gzip", l)).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let mut blobs = vec![config];
+        blobs.extend(layers);
+        Self { manifest, blobs }
+    }
+
+    pub fn digest(&self) -> String {
+        digest(self.manifest.as_bytes())
+    }
+
+    /// Pushes to `root` as `repo:tag` (Basic credentials when given).
+    pub async fn push(&self, root: &str, repo: &str, tag: &str, creds: Option<(&str, &str)>) {
+        let c = client();
+        let auth = |r: reqwest::RequestBuilder| match creds {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        };
+        for b in &self.blobs {
+            // POST then PUT: Distribution 2.8 has no single-POST upload.
+            let r = auth(c.post(format!("{root}/v2/{repo}/blobs/uploads/")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            let loc = r.headers()["location"].to_str().unwrap().to_owned();
+            let loc = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{root}{loc}")
+            };
+            let sep = if loc.contains('?') { '&' } else { '?' };
+            let r = auth(c.put(format!("{loc}{sep}digest={}", digest(b))))
+                .body(b.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::CREATED,
+                "{}",
+                r.text().await.unwrap()
+            );
+        }
+        let r = auth(c.put(format!("{root}/v2/{repo}/manifests/{tag}")))
+            .header(
+                "content-type",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .body(self.manifest.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+    }
+}
+
+fn upstream(name: &str, url: &str, tweak: impl FnOnce(&mut UpstreamSection)) -> UpstreamSection {
+    let mut u = UpstreamSection {
+        name: name.into(),
+        url: Some(url.into()),
+        ..UpstreamSection::default()
+    };
+    tweak(&mut u);
+    u
+}
+
+async fn cache(upstreams: Vec<UpstreamSection>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        c.proxy.upstream = upstreams;
+        tweak(c);
+    })
+    .await
+}
+
+/// Pulls `repo:tag` from `s` like a client: manifest by tag, then every blob; checks digests.
+async fn pull(
+    root: String,
+    path_repo: String,
+    query: &'static str,
+    image: &Image,
+) -> Result<(), String> {
+    let c = client();
+    let r = c
+        .get(format!("{root}/v2/{path_repo}/manifests/1{query}"))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != StatusCode::OK {
+        return Err(format!(
+            "manifest: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    let body = r.bytes().await.map_err(|e| e.to_string())?;
+    if digest(&body) != image.digest() {
+        return Err("manifest bytes differ from the upstream's".into());
+    }
+    for b in &image.blobs {
+        let d = digest(b);
+        let r = c
+            .get(format!("{root}/v2/{path_repo}/blobs/{d}{query}"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status() != StatusCode::OK {
+            return Err(format!("blob {d}: {}", r.status()));
+        }
+        let got = r.bytes().await.map_err(|e| e.to_string())?;
+        if digest(&got) != d {
+            return Err(format!(
+                "blob {d}: got {} bytes hashing to {}",
+                got.len(),
+                digest(&got)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Requests Distribution logged as `"METHOD <path-prefix>...`.
+fn logged(dir: &std::path::Path, method: &str, path_prefix: &str) -> usize {
+    let log = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains(&format!("\"{method} {path_prefix}")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_cold_pulls_fetch_each_blob_once_and_outages_serve_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let dist: Proc = spawn_distribution(dir.path());
+    let image = Image::new(7, &[3 << 20, 2 << 20, 1 << 20, 512 << 10]);
+    image.push(&dist.root(), "library/app", "1", None).await;
+    let s = cache(
+        vec![upstream("docker.io", &dist.root(), |u| {
+            u.tag_ttl = Duration::ZERO
+        })],
+        |_| {},
+    )
+    .await;
+    let before_blobs = logged(dir.path(), "GET", "/v2/library/app/blobs/");
+    let before_manifests = logged(dir.path(), "GET", "/v2/library/app/manifests/");
+
+    let pulls = (0..20).map(|_| pull(s.root(), "library/app".into(), "?ns=docker.io", &image));
+    for r in futures_util::future::join_all(pulls).await {
+        r.unwrap();
+    }
+    for b in &image.blobs {
+        let n = logged(
+            dir.path(),
+            "GET",
+            &format!("/v2/library/app/blobs/{}", digest(b)),
+        );
+        assert_eq!(n, 1, "upstream GETs of blob {}", digest(b));
+    }
+    assert_eq!(
+        logged(dir.path(), "GET", "/v2/library/app/blobs/") - before_blobs,
+        image.blobs.len()
+    );
+    assert_eq!(
+        logged(dir.path(), "GET", "/v2/library/app/manifests/") - before_manifests,
+        1,
+        "one manifest GET; tags are revalidated with HEAD"
+    );
+    // Byte-identical and not converted: the Docker media type comes back.
+    let r = client()
+        .get(s.url(&format!(
+            "/v2/docker.io/library/app/manifests/{}",
+            image.digest()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        image.digest().as_str()
+    );
+
+    // A by-digest pull of cached content never touches the upstream.
+    let heads = logged(dir.path(), "HEAD", "/v2/library/app/manifests/");
+    let r = client()
+        .get(s.url(&format!(
+            "/v2/library/app/manifests/{}?ns=docker.io",
+            image.digest()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["oci-namespace"], "docker.io");
+    assert_eq!(
+        logged(dir.path(), "HEAD", "/v2/library/app/manifests/"),
+        heads
+    );
+
+    // The upstream goes away: what is cached still pulls (the tag is stale but served)...
+    let other = Image::new(8, &[100_000]);
+    other.push(&dist.root(), "library/other", "1", None).await;
+    drop(dist);
+    pull(s.root(), "library/app".into(), "?ns=docker.io", &image)
+        .await
+        .unwrap();
+    pull(s.root(), "docker.io/library/app".into(), "", &image)
+        .await
+        .unwrap();
+    // ... and what never was gives a clear error.
+    let r = client()
+        .get(s.url("/v2/library/other/manifests/1?ns=docker.io"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not cached"),
+        "{v}"
+    );
+    let r = client()
+        .get(s.url(&format!(
+            "/v2/library/other/blobs/{}?ns=docker.io",
+            digest(&other.blobs[1])
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_read_only_cache_and_local_pushes_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let dist = spawn_distribution(dir.path());
+    let image = Image::new(9, &[200_000]);
+    image.push(&dist.root(), "library/alpine", "1", None).await;
+    image.push(&dist.root(), "org/tool", "1", None).await;
+    let s = cache(
+        vec![upstream("docker.io", &dist.root(), |u| u.default = true)],
+        |_| {},
+    )
+    .await;
+    // Docker's registry-mirrors form (plain Hub names), the path-prefix form with Hub's
+    // `library/` added, and ns: all reach the same upstream repository.
+    pull(s.root(), "library/alpine".into(), "", &image)
+        .await
+        .unwrap();
+    pull(s.root(), "docker.io/alpine".into(), "", &image)
+        .await
+        .unwrap();
+    pull(s.root(), "org/tool".into(), "?ns=index.docker.io", &image)
+        .await
+        .unwrap();
+    // An unknown ns is not dialled.
+    let r = client()
+        .get(s.url("/v2/org/tool/manifests/1?ns=evil.example"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // Cached repositories are read-only...
+    for (m, path) in [
+        (Method::POST, "/v2/docker.io/library/alpine/blobs/uploads/"),
+        (Method::PUT, "/v2/docker.io/library/alpine/manifests/2"),
+        (Method::DELETE, "/v2/docker.io/library/alpine/manifests/1"),
+    ] {
+        let r = client()
+            .request(m.clone(), s.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{m} {path}");
+    }
+    // ... while pushes to local names keep working beside the cache, and win over the default
+    // upstream for reads.
+    let mine = Image::new(10, &[1000]);
+    mine.push(&s.root(), "library/alpine-local", "1", None)
+        .await;
+    mine.push(&s.root(), "team/app", "1", None).await;
+    pull(s.root(), "team/app".into(), "", &mine).await.unwrap();
+    pull(s.root(), "library/alpine-local".into(), "", &mine)
+        .await
+        .unwrap();
+    // The cache shows up in the catalog under its prefix.
+    let v: Value = client()
+        .get(s.url("/v2/_catalog"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let repos = v["repositories"].as_array().unwrap();
+    assert!(repos.contains(&json!("docker.io/library/alpine")), "{v}");
+    assert!(repos.contains(&json!("team/app")), "{v}");
+    // Tags come from the upstream.
+    let v: Value = client()
+        .get(s.url("/v2/docker.io/org/tool/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["tags"], json!(["1"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_pull_workflow_through_a_cache_of_a_token_auth_registry() {
+    // The upstream: a Berth with token auth; the cache authenticates with its own account.
+    let up = TestServer::start_with(|c| {
+        let path = c.data.join("htpasswd");
+        let line = format!(
+            "mirror:{}\n",
+            berth_auth::htpasswd::hash("mirror-pw", 4).unwrap()
+        );
+        std::fs::write(&path, line).unwrap();
+        c.auth.mode = AuthMode::Token;
+        c.auth.htpasswd = Some(path);
+    })
+    .await;
+    let s = cache(
+        vec![upstream("ghcr.io", &up.root(), |u| {
+            u.username = Some("mirror".into());
+            u.password = Some("mirror-pw".into());
+        })],
+        |_| {},
+    )
+    .await;
+    let mut cfg = berth_conformance::Config::new(&s.root(), "ghcr.io/conformance/pull");
+    cfg.push = false;
+    cfg.discovery = false;
+    cfg.management = false;
+    cfg.extras = false;
+    cfg.upstream = Some(berth_conformance::Upstream {
+        url: up.root(),
+        namespace: "conformance/pull".into(),
+        credentials: Some(("mirror".into(), "mirror-pw".into())),
+    });
+    let report = berth_conformance::run(cfg, false).await.unwrap();
+    let failures: Vec<_> = report
+        .failures()
+        .iter()
+        .map(|o| format!("{}: {:?}", o.name, o.result))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(report.passed() >= 15, "only {} checks", report.passed());
+}
+
+/// A deliberately broken upstream: it serves the wrong bytes for a blob.
+async fn lying_upstream(blob_digest: String) -> std::net::SocketAddr {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/v2/", get(|| async { "{}" }))
+        .route(
+            &format!("/v2/evil/app/blobs/{blob_digest}"),
+            get(|| async { vec![7u8; 300_000] }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_does_not_match_its_digest_is_never_stored() {
+    let want = crate::images::noise(300_000, 1);
+    let d = digest(&want);
+    let addr = lying_upstream(d.clone()).await;
+    let s = cache(
+        vec![upstream("evil.example", &format!("http://{addr}"), |_| {})],
+        |_| {},
+    )
+    .await;
+    let r = client()
+        .get(s.url(&format!("/v2/evil/app/blobs/{d}?ns=evil.example")))
+        .send()
+        .await
+        .unwrap();
+    // The stream starts before the digest is known, so the failure shows as a broken body.
+    let body = r.bytes().await;
+    assert!(body.is_err() || digest(&body.unwrap()) != d);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let local: berth_storage::RepoName = "evil.example/evil/app".parse().unwrap();
+    let digest: berth_storage::Digest = d.parse().unwrap();
+    assert!(
+        s.state.store.stat_blob(&local, &digest).await.is_err(),
+        "a mismatching blob was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let dist = spawn_distribution(dir.path());
+    let image = Image::new(11, &[48 << 20]);
+    image.push(&dist.root(), "big/layer", "1", None).await;
+    let s = cache(vec![upstream("quay.io", &dist.root(), |_| {})], |_| {}).await;
+    let layer = digest(&image.blobs[1]);
+    let mut r = client()
+        .get(s.url(&format!("/v2/quay.io/big/layer/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.content_length(), Some(48 << 20));
+    // The first bytes arrive while the fetch runs; then the client goes away.
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    drop(r);
+    let local: berth_storage::RepoName = "quay.io/big/layer".parse().unwrap();
+    let d: berth_storage::Digest = layer.parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.state.store.stat_blob(&local, &d).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache fill did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = client()
+        .get(s.url(&format!("/v2/quay.io/big/layer/blobs/{layer}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(digest(&got), layer);
+    assert_eq!(
+        logged(dir.path(), "GET", &format!("/v2/big/layer/blobs/{layer}")),
+        1
+    );
+    // Nothing is left in the spool.
+    let spool = s.dir.path().join("proxy-spool");
+    assert_eq!(std::fs::read_dir(spool).unwrap().count(), 0);
+}
