@@ -139,6 +139,12 @@ fn start_containerd(dir: &Path) -> Result<(Daemon, PathBuf), String> {
 }
 
 fn start_dockerd(dir: &Path) -> Result<(Daemon, String), String> {
+    start_dockerd_with(dir, &[])
+}
+
+/// dockerd with extra flags. Its registry traffic goes through a dead proxy (only loopback
+/// is exempt), so nothing can fall through to Docker Hub.
+fn start_dockerd_with(dir: &Path, extra: &[String]) -> Result<(Daemon, String), String> {
     let bin = require("dockerd");
     let host = format!("unix://{}", dir.join("docker.sock").display());
     let log = dir.join("dockerd.log");
@@ -158,6 +164,10 @@ fn start_dockerd(dir: &Path) -> Result<(Daemon, String), String> {
             "--ip-masq=false",
         ])
         .args(["--storage-driver", "overlay2"])
+        .args(extra)
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env("NO_PROXY", "127.0.0.1,localhost")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
         .spawn()
@@ -887,6 +897,169 @@ fn real_clients_with_token_auth_over_tls() {
     });
 
     drop(berth);
+    println!("{} passed, {} failed", s.passed, s.failed.len());
+    assert!(
+        s.failed.is_empty(),
+        "client operations failed:\n{}",
+        s.failed.join("\n")
+    );
+}
+
+/// Clients pulling through Berth as a mirror: containerd with a `hosts.toml` per upstream
+/// (`?ns=` routing) for `docker.io` and `ghcr.io`, and dockerd with `registry-mirrors`. The
+/// upstreams are Distribution (standing in for Docker Hub) and a Berth with token auth
+/// (standing in for ghcr.io), both on loopback; every fallback path points at a dead local
+/// port, so nothing can reach the internet.
+#[test]
+fn real_clients_through_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub_dir = tmp.path().join("hub");
+    std::fs::create_dir_all(&hub_dir).unwrap();
+    let hub = crate::support::spawn_distribution(&hub_dir);
+    let users = tmp.path().join("htpasswd");
+    let line = sh_stdin(
+        Command::new(env!("CARGO_BIN_EXE_berth")).args(["passwd", "mirror", "--cost", "4"]),
+        "mirror-pw\n",
+    )
+    .expect("berth passwd");
+    std::fs::write(&users, line).unwrap();
+    let ghcr = spawn_berth_with(
+        &tmp.path().join("ghcr-data"),
+        Some(&format!(
+            "[auth]\nmode = \"token\"\nhtpasswd = \"{}\"\n",
+            users.display()
+        )),
+    );
+    let mirror = spawn_berth_with(
+        &tmp.path().join("mirror-data"),
+        Some(&format!(
+            "[[proxy.upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\n\
+             [[proxy.upstream]]\nname = \"ghcr.io\"\nurl = \"{}\"\nusername = \"mirror\"\npassword = \"mirror-pw\"\n",
+            hub.root(),
+            ghcr.root()
+        )),
+    );
+    let host = mirror.addr.to_string();
+    let policy = tmp.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let t = Tools {
+        tmp: tmp.path().to_owned(),
+        policy,
+        host: host.clone(),
+    };
+    let mut layout = Layout::new(&tmp.path().join("src"));
+    let image = layout.image("amd64", &[400_000, 3 << 20], 21);
+    layout.tag("app", &image);
+    let want = image["digest"].as_str().unwrap_or_default().to_owned();
+    let mut s = Suite {
+        passed: 0,
+        failed: Vec::new(),
+    };
+    s.op("seed the upstreams with skopeo", || {
+        sh(t.skopeo()
+            .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])
+            .arg(layout.reference("app"))
+            .arg(format!("docker://{}/library/app:1", hub.addr)))?;
+        sh(t.skopeo()
+            .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])
+            .args(["--dest-creds", "mirror:mirror-pw"])
+            .arg(layout.reference("app"))
+            .arg(format!("docker://{}/org/app:1", ghcr.addr)))
+        .map(|_| ())
+    });
+    let catalog = || -> Result<String, String> { curl(&[&format!("http://{host}/v2/_catalog")]) };
+
+    let ctd_dir = tmp.path().join("containerd");
+    std::fs::create_dir_all(&ctd_dir).unwrap();
+    match start_containerd(&ctd_dir) {
+        Err(e) => s.op("containerd starts", || Err(e)),
+        Ok((_daemon, sock)) => {
+            let hosts = tmp.path().join("certs.d");
+            for upstream in ["docker.io", "ghcr.io"] {
+                let d = hosts.join(upstream);
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(
+                    d.join("hosts.toml"),
+                    format!(
+                        "# The real upstream is never tried: a dead local port stands in for it.\n\
+                         server = \"http://127.0.0.1:9\"\n\n\
+                         [host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+                    ),
+                )
+                .unwrap();
+            }
+            let ctr = || {
+                let mut c = Command::new(require("ctr"));
+                c.arg("-a").arg(&sock).args(["-n", "berth-mirror"]);
+                c
+            };
+            for (what, reference, cached) in [
+                (
+                    "docker.io",
+                    "docker.io/library/app:1",
+                    "docker.io/library/app",
+                ),
+                (
+                    "ghcr.io (token auth upstream)",
+                    "ghcr.io/org/app:1",
+                    "ghcr.io/org/app",
+                ),
+            ] {
+                s.op(
+                    &format!("ctr pull {what} through the mirror (hosts.toml, ns)"),
+                    || {
+                        sh(ctr()
+                            .args(["images", "pull", "--hosts-dir"])
+                            .arg(&hosts)
+                            .arg(reference))?;
+                        let out = sh(ctr().args(["images", "ls", "-q"]))?;
+                        expect(out.contains(reference), || out.clone())?;
+                        let cat = catalog()?;
+                        expect(cat.contains(&format!("\"{cached}\"")), || cat.clone())
+                    },
+                );
+            }
+            s.op("ctr pull of a name no upstream has fails cleanly", || {
+                let r = sh(ctr()
+                    .args(["images", "pull", "--hosts-dir"])
+                    .arg(&hosts)
+                    .arg("docker.io/library/absent:1"));
+                expect(r.is_err(), || "pulled something that does not exist".into())
+            });
+        }
+    }
+
+    let dkd_dir = tmp.path().join("dockerd");
+    std::fs::create_dir_all(&dkd_dir).unwrap();
+    match start_dockerd_with(&dkd_dir, &[format!("--registry-mirror=http://{host}")]) {
+        Err(e) => s.op("dockerd starts", || Err(e)),
+        Ok((_daemon, dh)) => {
+            s.op(
+                "docker pull through registry-mirrors (a Docker Hub name)",
+                || {
+                    sh(docker(&dh).args(["pull", "-q", "app:1"]))?;
+                    let out =
+                        sh(docker(&dh).args(["image", "inspect", "--format", "{{.Id}}", "app:1"]))?;
+                    expect(!out.trim().is_empty(), || out.clone())
+                },
+            );
+            let _ = sh(docker(&dh).args(["system", "prune", "-af"]));
+        }
+    }
+    s.op("the mirror serves the upstream's digest unchanged", || {
+        let raw = curl(&[
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{host}/v2/docker.io/library/app/manifests/1"),
+        ])?;
+        let got = digest(raw.as_bytes());
+        expect(got == want, || format!("{got} != {want}"))
+    });
+    drop(mirror);
     println!("{} passed, {} failed", s.passed, s.failed.len());
     assert!(
         s.failed.is_empty(),
