@@ -64,6 +64,9 @@
 //! # key = "/etc/berth/gitlab.crt"       # public key or certificate, PEM
 //! # jwks = "/etc/berth/jwks.json"       # or a JWKS file
 //!
+//! # [proxy]
+//! # max_size = "200 GiB"        # cap on cached images: least recently pulled go first
+//! # max_age = "30d"             # and those not pulled for this long (space returns at GC)
 //! # [[proxy.upstream]]          # pull-through cache of another registry (read-only here)
 //! # name = "docker.io"          # how clients name it: `?ns=docker.io`, `/v2/docker.io/...`
 //! # url = "https://registry-1.docker.io"   # default: https://<name> (Docker Hub built in)
@@ -453,6 +456,11 @@ pub struct TrustedSection {
 pub struct ProxySection {
     /// Upstream registries.
     pub upstream: Vec<UpstreamSection>,
+    /// Cap on cached content; least recently pulled images go first.
+    pub max_size: Option<bytesize::ByteSize>,
+    /// Cached images not pulled for this long go.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
 }
 
 /// `[[proxy.upstream]]`.

@@ -15,6 +15,8 @@ use crate::state::AppState;
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// How often queued metric samples are folded into histograms.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the pull-through cache is held to its size cap and maximum age.
+const EVICT_EVERY: Duration = Duration::from_secs(5 * 60);
 /// How often stale upload sessions are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
 
@@ -67,6 +69,22 @@ impl Jobs {
                     match s.store.gc(&s.config.gc_policy(), false).await {
                         Ok(r) => crate::metrics::gc_finished(&r, start.elapsed().as_secs_f64()),
                         Err(e) => warn!(error = %e, "garbage collection failed"),
+                    }
+                }
+            }));
+        }
+        if let Some(proxy) = state.proxy.clone()
+            && (proxy.evict_policy().max_bytes.is_some() || proxy.evict_policy().max_age.is_some())
+        {
+            let s = state.clone();
+            tracker.spawn(every(EVICT_EVERY, cancel.clone(), move || {
+                let (s, p) = (s.clone(), proxy.clone());
+                async move {
+                    match s.store.evict_cache(p.evict_policy()).await {
+                        Ok(r) => {
+                            metrics::gauge!("berth_proxy_cache_bytes").set(r.bytes_after as f64)
+                        }
+                        Err(e) => warn!(error = %e, "cache eviction failed"),
                     }
                 }
             }));

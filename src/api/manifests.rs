@@ -29,6 +29,8 @@ pub async fn get(state: &AppState, name: &str, reference: &str, req: Request) ->
         }
     };
     let m = state.store.get_manifest(&repo, &reference).await?;
+    // Kept in memory and written in batches: a read never waits on a write.
+    state.store.record_manifest_pull(&repo, &m.digest);
     let etag = format!("\"{}\"", m.digest);
     if text(req.headers(), &header::IF_NONE_MATCH)
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))

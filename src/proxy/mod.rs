@@ -95,6 +95,7 @@ pub enum Route {
 /// The pull-through cache.
 pub struct Proxy {
     upstreams: Vec<Arc<Upstream>>,
+    evict: berth_storage::EvictPolicy,
     store: Arc<Store>,
     spool: PathBuf,
     /// When each cached tag was last confirmed by its upstream.
@@ -132,7 +133,13 @@ impl Proxy {
         for u in &upstreams {
             tracing::info!(upstream = %u.name, prefix = %u.cache_prefix, default = u.default, "caching upstream");
         }
+        let evict = berth_storage::EvictPolicy {
+            prefixes: upstreams.iter().map(|u| u.cache_prefix.clone()).collect(),
+            max_bytes: config.proxy.max_size.map(|b| b.as_u64()),
+            max_age: config.proxy.max_age,
+        };
         Ok(Some(Self {
+            evict,
             upstreams,
             store,
             spool,
@@ -148,6 +155,11 @@ impl Proxy {
         self.upstreams
             .iter()
             .any(|u| u.cache_prefix == first || u.prefixes.iter().any(|p| p == first))
+    }
+
+    /// What eviction keeps.
+    pub fn evict_policy(&self) -> &berth_storage::EvictPolicy {
+        &self.evict
     }
 
     /// Whether `ns` names a configured upstream.

@@ -22,6 +22,7 @@
 pub mod backend;
 pub mod blob;
 pub mod error;
+mod evict;
 pub mod gc;
 pub mod maintenance;
 pub mod manifest;
@@ -32,6 +33,7 @@ mod store;
 pub use backend::StorageConfig;
 pub use blob::ByteStream;
 pub use error::{Error, Result};
+pub use evict::{EvictPolicy, EvictReport};
 pub use gc::{GcPolicy, GcReport};
 pub use names::{Algorithm, Digest, Reference, RepoName, Tag};
 pub use store::{

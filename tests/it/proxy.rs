@@ -486,3 +486,116 @@ async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
     let spool = s.dir.path().join("proxy-spool");
     assert_eq!(std::fs::read_dir(spool).unwrap().count(), 0);
 }
+
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let dist = spawn_distribution(dir.path());
+    // Six images sharing a base layer, each with its own 1 MiB layer.
+    let base = crate::images::noise(512 << 10, 999);
+    let images: Vec<Image> = (0..6)
+        .map(|i| {
+            let mut img = Image::new(100 + i, &[1 << 20]);
+            img.blobs.insert(1, base.clone());
+            let m: Value = serde_json::from_str(&img.manifest).unwrap();
+            let mut m = m;
+            let layers = m["layers"].as_array_mut().unwrap();
+            layers.insert(0, json!({"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": digest(&base), "size": base.len()}));
+            img.manifest = m.to_string();
+            img
+        })
+        .collect();
+    for (i, img) in images.iter().enumerate() {
+        img.push(&dist.root(), &format!("library/img{i}"), "1", None)
+            .await;
+    }
+    let cap: u64 = (3 << 20) + (700 << 10);
+    let s = cache(vec![upstream("docker.io", &dist.root(), |_| {})], |c| {
+        c.proxy.max_size = Some(bytesize::ByteSize::b(cap));
+    })
+    .await;
+    let proxy = s.state.proxy.clone().unwrap();
+    let gc = berth_storage::GcPolicy {
+        grace: Duration::ZERO,
+        ..berth_storage::GcPolicy::default()
+    };
+    let objects = s.dir.path().join("objects");
+    let mut evicted = 0;
+    // Churn: every image in turn, img0 pulled again in between so it stays recent.
+    for i in [0usize, 1, 2, 0, 3, 4, 0, 5] {
+        pull(
+            s.root(),
+            format!("docker.io/library/img{i}"),
+            "",
+            &images[i],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await; // distinct pull times (seconds)
+        let r = s
+            .state
+            .store
+            .evict_cache(proxy.evict_policy())
+            .await
+            .unwrap();
+        evicted += r.manifests;
+        assert!(r.bytes_after <= cap, "{r:?}");
+        // The collection a grace period later (here: two seconds, as if).
+        let later = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 2;
+        s.state.store.gc_as_of(&gc, false, later).await.unwrap();
+        let on_disk = disk_bytes(&objects);
+        assert!(
+            on_disk <= cap + 4096,
+            "{on_disk} bytes on disk over the {cap} cap"
+        );
+    }
+    assert!(evicted >= 3, "only {evicted} manifests evicted");
+    // With the upstream gone, whatever the cache kept pulls completely; the rest is gone.
+    drop(dist);
+    let mut kept = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let local: berth_storage::RepoName = format!("docker.io/library/img{i}").parse().unwrap();
+        let has = s
+            .state
+            .store
+            .get_manifest(&local, &berth_storage::Reference::Tag("1".parse().unwrap()))
+            .await
+            .is_ok();
+        let pulled = pull(s.root(), format!("docker.io/library/img{i}"), "", img).await;
+        assert_eq!(
+            has,
+            pulled.is_ok(),
+            "img{i}: cached={has}, pull: {pulled:?}"
+        );
+        if has {
+            kept.push(i);
+        }
+    }
+    assert!(
+        kept.contains(&0),
+        "the most used image was evicted: kept {kept:?}"
+    );
+    assert!(
+        kept.contains(&5),
+        "the newest image was evicted: kept {kept:?}"
+    );
+    assert!(kept.len() < 6, "nothing was evicted: {kept:?}");
+}
