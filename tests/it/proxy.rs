@@ -599,3 +599,128 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
     );
     assert!(kept.len() < 6, "nothing was evicted: {kept:?}");
 }
+
+/// An upstream that starts answering 429 (with `Retry-After`) when told to: Docker Hub's
+/// pull limit, on loopback.
+async fn limited_upstream(
+    image: &Image,
+    limited: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use axum::extract::Path;
+    use axum::http::{HeaderMap, StatusCode as S};
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering;
+    let manifest = image.manifest.clone();
+    let blobs: std::collections::HashMap<String, Vec<u8>> =
+        image.blobs.iter().map(|b| (digest(b), b.clone())).collect();
+    let lim = limited.clone();
+    let app = axum::Router::new()
+        .route("/v2/", axum::routing::get(|| async { "{}" }))
+        .route(
+            "/v2/rl/app/manifests/{reference}",
+            axum::routing::get(move |Path(reference): Path<String>| {
+                let (manifest, lim) = (manifest.clone(), lim.clone());
+                async move {
+                    if lim.load(Ordering::SeqCst) {
+                        let mut h = HeaderMap::new();
+                        h.insert("retry-after", "30".parse().unwrap());
+                        return (
+                            S::TOO_MANY_REQUESTS,
+                            h,
+                            "{\"errors\":[{\"code\":\"TOOMANYREQUESTS\"}]}".to_owned(),
+                        )
+                            .into_response();
+                    }
+                    if reference != "1" && reference != digest(manifest.as_bytes()) {
+                        return S::NOT_FOUND.into_response();
+                    }
+                    let mut h = HeaderMap::new();
+                    h.insert(
+                        "content-type",
+                        "application/vnd.docker.distribution.manifest.v2+json"
+                            .parse()
+                            .unwrap(),
+                    );
+                    h.insert(
+                        "docker-content-digest",
+                        digest(manifest.as_bytes()).parse().unwrap(),
+                    );
+                    h.insert("ratelimit-remaining", "42;w=21600".parse().unwrap());
+                    (S::OK, h, manifest).into_response()
+                }
+            }),
+        )
+        .route(
+            "/v2/rl/app/blobs/{d}",
+            axum::routing::get(move |Path(d): Path<String>| {
+                let b = blobs.get(&d).cloned();
+                async move { b.map_or(S::NOT_FOUND.into_response(), |b| b.into_response()) }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_upstreams_serve_the_cache_within_max_stale() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let image = Image::new(31, &[50_000]);
+    let limited = std::sync::Arc::new(AtomicBool::new(false));
+    let addr = limited_upstream(&image, limited.clone()).await;
+    let up = |stale: Duration| {
+        upstream("rl.example", &format!("http://{addr}"), move |u| {
+            u.tag_ttl = Duration::ZERO;
+            u.max_stale = Some(stale);
+        })
+    };
+    let lenient = cache(vec![up(Duration::from_secs(3600))], |_| {}).await;
+    let strict = cache(vec![up(Duration::ZERO)], |_| {}).await;
+    for s in [&lenient, &strict] {
+        pull(s.root(), "rl/app".into(), "?ns=rl.example", &image)
+            .await
+            .unwrap();
+    }
+    limited.store(true, Ordering::SeqCst);
+    // Within max_stale the cached tag is served while the upstream says 429...
+    pull(lenient.root(), "rl/app".into(), "?ns=rl.example", &image)
+        .await
+        .unwrap();
+    // ... past it, and for what was never cached, the 429 comes through with its Retry-After.
+    for (s, path) in [
+        (&strict, "/v2/rl/app/manifests/1?ns=rl.example"),
+        (&lenient, "/v2/rl/app/manifests/2?ns=rl.example"),
+    ] {
+        let r = client().get(s.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert_eq!(r.headers()["retry-after"], "30");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+    }
+    // By digest, cached content needs no upstream at all.
+    let r = client()
+        .get(strict.url(&format!(
+            "/v2/rl/app/manifests/{}?ns=rl.example",
+            image.digest()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Docker Hub's remaining-pulls header shows up as a metric.
+    let m = client()
+        .get(lenient.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("berth_proxy_upstream_ratelimit_remaining") && l.ends_with(" 42")
+        ),
+        "{m}"
+    );
+}
