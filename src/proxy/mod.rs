@@ -416,12 +416,7 @@ async fn fetch_manifest(
 ) -> Result<(), CacheError> {
     let r = t
         .upstream
-        .send(
-            Method::GET,
-            &t.remote,
-            &format!("manifests/{digest}"),
-            Some(upstream::MANIFEST_ACCEPT),
-        )
+        .manifest(Method::GET, &t.remote, &digest.to_string())
         .await?;
     let (bytes, ct) = read_manifest(r).await?;
     let got = Digest::of(digest.algorithm(), &bytes);
@@ -474,12 +469,7 @@ async fn revalidate(
 ) -> Result<(), CacheError> {
     let head = t
         .upstream
-        .send(
-            Method::HEAD,
-            &t.remote,
-            &format!("manifests/{tag}"),
-            Some(upstream::MANIFEST_ACCEPT),
-        )
+        .manifest(Method::HEAD, &t.remote, &tag.to_string())
         .await?;
     let digest = head
         .headers()
@@ -490,12 +480,7 @@ async fn revalidate(
         // No digest on HEAD: GET by tag and trust only what the bytes hash to.
         let r = t
             .upstream
-            .send(
-                Method::GET,
-                &t.remote,
-                &format!("manifests/{tag}"),
-                Some(upstream::MANIFEST_ACCEPT),
-            )
+            .manifest(Method::GET, &t.remote, &tag.to_string())
             .await?;
         let (bytes, ct) = read_manifest(r).await?;
         store

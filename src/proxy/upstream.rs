@@ -285,6 +285,22 @@ impl Upstream {
         })
     }
 
+    /// `method` on `manifests/<reference>`, accepting every manifest type.
+    pub async fn manifest(
+        &self,
+        method: Method,
+        remote: &str,
+        reference: &str,
+    ) -> Result<Response, UpstreamError> {
+        self.send(
+            method,
+            remote,
+            &format!("manifests/{reference}"),
+            Some(MANIFEST_ACCEPT),
+        )
+        .await
+    }
+
     async fn go(&self, req: reqwest::RequestBuilder) -> Result<Response, UpstreamError> {
         req.send().await.map_err(|e| {
             metrics::counter!("berth_proxy_upstream_errors_total", "upstream" => self.name.clone())

@@ -72,14 +72,7 @@ fn remove_image(tx: &Transaction<'_>, repo: i64, digest: &str) -> rusqlite::Resu
         n += remove_image(tx, repo, &r)?;
     }
     for c in children {
-        let kept: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM tags WHERE repo_id = ?1 AND digest = ?2)
-                 OR EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1 AND child_digest = ?2
-                            AND kind = 'manifest')",
-            params![repo, c],
-            |r| r.get(0),
-        )?;
-        if !kept {
+        if !crate::gc::kept_by_tag_or_index(tx, repo, &c)? {
             n += remove_image(tx, repo, &c)?;
         }
     }

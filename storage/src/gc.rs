@@ -273,14 +273,7 @@ fn mark(tx: &Transaction<'_>, p: &GcPolicy, t: i64) -> Result<GcReport> {
             forget_manifest(tx, repo, &digest)?;
             continue;
         };
-        let kept_by_tag_or_index: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM tags WHERE repo_id = ?1 AND digest = ?2)
-                 OR EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1 AND child_digest = ?2
-                            AND kind = 'manifest')",
-            params![repo, digest],
-            |row| row.get(0),
-        )?;
-        if kept_by_tag_or_index {
+        if kept_by_tag_or_index(tx, repo, &digest)? {
             forget_manifest(tx, repo, &digest)?;
             continue;
         }
@@ -375,6 +368,21 @@ fn mark(tx: &Transaction<'_>, p: &GcPolicy, t: i64) -> Result<GcReport> {
         tx.execute("DELETE FROM blob_review WHERE digest = ?1", [&d])?;
     }
     Ok(r)
+}
+
+/// Whether a tag or an index in the same repository keeps the manifest `digest`.
+pub(crate) fn kept_by_tag_or_index(
+    tx: &Transaction<'_>,
+    repo: i64,
+    digest: &str,
+) -> rusqlite::Result<bool> {
+    tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM tags WHERE repo_id = ?1 AND digest = ?2)
+             OR EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1 AND child_digest = ?2
+                        AND kind = 'manifest')",
+        params![repo, digest],
+        |row| row.get(0),
+    )
 }
 
 fn forget_manifest(tx: &Transaction<'_>, repo: i64, digest: &str) -> Result<()> {

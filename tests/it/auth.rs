@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::images::{Auth, Image};
 use crate::support::{TestServer, client, digest};
 
 const USERS: &[(&str, &str)] = &[
@@ -108,54 +109,19 @@ fn challenge(resp: &reqwest::Response) -> String {
         .unwrap_or_default()
 }
 
-/// Pushes a one-layer image as `repo:tag` with `bearer`; the manifest digest.
+/// The test image for `repo` (a seed from its name, so the same name gives the same image).
+fn image_for(repo: &str) -> Image {
+    let seed = repo
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    Image::new(seed, &[1000])
+}
+
+/// Pushes the test image for `repo` as `repo:tag` with `bearer`; the manifest digest.
 async fn push(s: &TestServer, repo: &str, tag: &str, bearer: &str) -> String {
-    let c = client();
-    let mut descs = Vec::new();
-    for data in [
-        b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec(),
-        format!("layer of {repo}").into_bytes(),
-    ] {
-        let d = digest(&data);
-        let r = c
-            .post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
-            .bearer_auth(bearer)
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::CREATED,
-            "{}",
-            r.text().await.unwrap()
-        );
-        descs.push(
-            json!({"mediaType": "application/octet-stream", "digest": d, "size": data.len()}),
-        );
-    }
-    let m = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": descs[0]["digest"], "size": descs[0]["size"]},
-        "layers": [descs[1]],
-    })
-    .to_string();
-    let r = c
-        .put(s.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .bearer_auth(bearer)
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(m.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "{}",
-        r.text().await.unwrap()
-    );
-    digest(m.as_bytes())
+    let image = image_for(repo);
+    image.push(&s.root(), repo, tag, Auth::Bearer(bearer)).await;
+    image.digest()
 }
 
 #[tokio::test]
@@ -728,7 +694,7 @@ async fn cross_repository_mount_needs_pull_on_the_source() {
     .await;
     let admin = token(&s, Some("alice"), &["repository:secret/x:pull,push"]).await;
     push(&s, "secret/x", "1", &admin).await;
-    let layer = digest(b"layer of secret/x");
+    let layer = digest(&image_for("secret/x").blobs[1]);
     let carol = token(
         &s,
         Some("carol"),
@@ -810,6 +776,15 @@ async fn basic_mode_checks_every_request() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // A whole push with Basic credentials on every request.
+    image_for("team/basic")
+        .push(
+            &s.root(),
+            "team/basic",
+            "1",
+            Auth::Basic("carol", "carol-pw"),
+        )
+        .await;
     // No token service in Basic mode.
     assert_eq!(
         client()

@@ -23,6 +23,13 @@ struct Suite {
 }
 
 impl Suite {
+    fn new() -> Self {
+        Self {
+            passed: 0,
+            failed: Vec::new(),
+        }
+    }
+
     fn op(&mut self, name: &str, f: impl FnOnce() -> Result<(), String>) {
         match f() {
             Ok(()) => {
@@ -202,6 +209,24 @@ struct Tools {
 }
 
 impl Tools {
+    /// Tools for `host` with their own files in `tmp`: a policy accepting anything, an empty
+    /// auth file, and `registries` as the containers registries.conf.
+    fn new(tmp: &Path, host: &str, registries: &str) -> Self {
+        let policy = tmp.join("policy.json");
+        std::fs::write(
+            &policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(tmp.join("registries.conf"), registries).unwrap();
+        std::fs::write(tmp.join("auth.json"), "{}").unwrap();
+        Self {
+            tmp: tmp.to_owned(),
+            policy,
+            host: host.to_owned(),
+        }
+    }
+
     fn skopeo(&self) -> Command {
         let mut c = Command::new(require("skopeo"));
         c.arg("--policy").arg(&self.policy);
@@ -266,23 +291,13 @@ fn real_clients() {
     let tmp = tempfile::tempdir().unwrap();
     let berth = spawn_berth(&tmp.path().join("berth-data"));
     let host = berth.addr.to_string();
-    let policy = tmp.path().join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        tmp.path().join("registries.conf"),
-        format!("unqualified-search-registries = []\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    )
-    .unwrap();
-    std::fs::write(tmp.path().join("auth.json"), "{}").unwrap();
-    let t = Tools {
-        tmp: tmp.path().to_owned(),
-        policy,
-        host: host.clone(),
-    };
+    let t = Tools::new(
+        tmp.path(),
+        &host,
+        &format!(
+            "unqualified-search-registries = []\n[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"
+        ),
+    );
 
     let mut layout = Layout::new(&tmp.path().join("src"));
     let small = layout.image("amd64", &[200_000], 1);
@@ -297,10 +312,7 @@ fn real_clients() {
     layout.tag("index", &index);
     let d = |v: &Value| v["digest"].as_str().unwrap_or_default().to_owned();
 
-    let mut s = Suite {
-        passed: 0,
-        failed: Vec::new(),
-    };
+    let mut s = Suite::new();
 
     // ---- skopeo
     for (what, tag, desc, all) in [
@@ -688,23 +700,7 @@ fn real_clients_with_token_auth_over_tls() {
     let berth = spawn_berth_with(&tmp.path().join("berth-data"), Some(&config));
     let host = berth.addr.to_string();
     let creds = "alice:alice-s3cret";
-    let policy = tmp.path().join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        tmp.path().join("registries.conf"),
-        "unqualified-search-registries = []\n",
-    )
-    .unwrap();
-    std::fs::write(tmp.path().join("auth.json"), "{}").unwrap();
-    let t = Tools {
-        tmp: tmp.path().to_owned(),
-        policy,
-        host: host.clone(),
-    };
+    let t = Tools::new(tmp.path(), &host, "unqualified-search-registries = []\n");
     let mut layout = Layout::new(&tmp.path().join("src"));
     let image = layout.image("amd64", &[300_000, 2 << 20], 11);
     layout.tag("app", &image);
@@ -718,10 +714,7 @@ fn real_clients_with_token_auth_over_tls() {
         let raw = sh(c.arg(format!("docker://{host}/{reference}")))?;
         Ok(digest(raw.as_bytes()))
     };
-    let mut s = Suite {
-        passed: 0,
-        failed: Vec::new(),
-    };
+    let mut s = Suite::new();
 
     s.op("skopeo copy without credentials is refused", || {
         let r = sh(t
@@ -940,25 +933,12 @@ fn real_clients_through_the_cache() {
         )),
     );
     let host = mirror.addr.to_string();
-    let policy = tmp.path().join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    let t = Tools {
-        tmp: tmp.path().to_owned(),
-        policy,
-        host: host.clone(),
-    };
+    let t = Tools::new(tmp.path(), &host, "unqualified-search-registries = []\n");
     let mut layout = Layout::new(&tmp.path().join("src"));
     let image = layout.image("amd64", &[400_000, 3 << 20], 21);
     layout.tag("app", &image);
     let want = image["digest"].as_str().unwrap_or_default().to_owned();
-    let mut s = Suite {
-        passed: 0,
-        failed: Vec::new(),
-    };
+    let mut s = Suite::new();
     s.op("seed the upstreams with skopeo", || {
         sh(t.skopeo()
             .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])

@@ -1,4 +1,5 @@
-//! Test images built offline and deterministically: real tar+gzip layers with matching
+//! Test images built offline and deterministically: [`Image`], a small image pushed over the
+//! API, and [`Layout`], real tar+gzip layers with matching
 //! `diff_ids`, written as an OCI image layout that skopeo, podman and friends can read.
 
 use std::io::Write as _;
@@ -6,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::support::digest;
+use reqwest::StatusCode;
+
+use crate::support::{client, digest};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -234,5 +237,101 @@ impl std::io::Read for NoiseReader {
         }
         self.left -= n as u64;
         Ok(n)
+    }
+}
+
+/// How a test authenticates a push.
+#[derive(Clone, Copy)]
+pub enum Auth<'a> {
+    /// Anonymously.
+    None,
+    /// Basic credentials.
+    Basic(&'a str, &'a str),
+    /// A bearer token.
+    Bearer(&'a str),
+}
+
+/// An image: its manifest bytes and blobs (config first).
+pub struct Image {
+    pub manifest: String,
+    pub blobs: Vec<Vec<u8>>,
+}
+
+impl Image {
+    pub fn new(seed: u64, layers: &[usize]) -> Self {
+        let config =
+            format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
+        let layers: Vec<Vec<u8>> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| noise(*n, seed.wrapping_mul(100).wrapping_add(i as u64)))
+            .collect();
+        let desc =
+            |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": digest(b), "size": b.len()});
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": desc("application/vnd.docker.container.image.v1+json", &config),
+            "layers": layers.iter().map(|l| desc("application/vnd.docker.image.rootfs.diff.tar.gzip", l)).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let mut blobs = vec![config];
+        blobs.extend(layers);
+        Self { manifest, blobs }
+    }
+
+    pub fn digest(&self) -> String {
+        digest(self.manifest.as_bytes())
+    }
+
+    /// Pushes to `root` as `repo:tag`.
+    pub async fn push(&self, root: &str, repo: &str, tag: &str, creds: Auth<'_>) {
+        let c = client();
+        let auth = |r: reqwest::RequestBuilder| match creds {
+            Auth::Basic(u, p) => r.basic_auth(u, Some(p)),
+            Auth::Bearer(t) => r.bearer_auth(t),
+            Auth::None => r,
+        };
+        for b in &self.blobs {
+            // POST then PUT: Distribution 2.8 has no single-POST upload.
+            let r = auth(c.post(format!("{root}/v2/{repo}/blobs/uploads/")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            let loc = r.headers()["location"].to_str().unwrap().to_owned();
+            let loc = if loc.starts_with("http") {
+                loc
+            } else {
+                format!("{root}{loc}")
+            };
+            let sep = if loc.contains('?') { '&' } else { '?' };
+            let r = auth(c.put(format!("{loc}{sep}digest={}", digest(b))))
+                .body(b.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::CREATED,
+                "{}",
+                r.text().await.unwrap()
+            );
+        }
+        let r = auth(c.put(format!("{root}/v2/{repo}/manifests/{tag}")))
+            .header(
+                "content-type",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .body(self.manifest.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
     }
 }

@@ -8,91 +8,8 @@ use berth::config::{AuthMode, Config, UpstreamSection};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::images::{Auth, Image};
 use crate::support::{Proc, TestServer, client, digest, spawn_distribution};
-
-/// An image: its manifest bytes and blobs (config first).
-pub struct Image {
-    pub manifest: String,
-    pub blobs: Vec<Vec<u8>>,
-}
-
-impl Image {
-    pub fn new(seed: u64, layers: &[usize]) -> Self {
-        let config =
-            format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
-        let layers: Vec<Vec<u8>> = layers
-            .iter()
-            .enumerate()
-            .map(|(i, n)| crate::images::noise(*n, seed * 100 + i as u64))
-            .collect();
-        let desc =
-            |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": digest(b), "size": b.len()});
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": desc("application/vnd.docker.container.image.v1+json", &config),
-            "layers": layers.iter().map(|l| desc("application/vnd.docker.image.rootfs.diff.tar.gzip", l)).collect::<Vec<_>>(),
-        })
-        .to_string();
-        let mut blobs = vec![config];
-        blobs.extend(layers);
-        Self { manifest, blobs }
-    }
-
-    pub fn digest(&self) -> String {
-        digest(self.manifest.as_bytes())
-    }
-
-    /// Pushes to `root` as `repo:tag` (Basic credentials when given).
-    pub async fn push(&self, root: &str, repo: &str, tag: &str, creds: Option<(&str, &str)>) {
-        let c = client();
-        let auth = |r: reqwest::RequestBuilder| match creds {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
-            None => r,
-        };
-        for b in &self.blobs {
-            // POST then PUT: Distribution 2.8 has no single-POST upload.
-            let r = auth(c.post(format!("{root}/v2/{repo}/blobs/uploads/")))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::ACCEPTED);
-            let loc = r.headers()["location"].to_str().unwrap().to_owned();
-            let loc = if loc.starts_with("http") {
-                loc
-            } else {
-                format!("{root}{loc}")
-            };
-            let sep = if loc.contains('?') { '&' } else { '?' };
-            let r = auth(c.put(format!("{loc}{sep}digest={}", digest(b))))
-                .body(b.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                r.status(),
-                StatusCode::CREATED,
-                "{}",
-                r.text().await.unwrap()
-            );
-        }
-        let r = auth(c.put(format!("{root}/v2/{repo}/manifests/{tag}")))
-            .header(
-                "content-type",
-                "application/vnd.docker.distribution.manifest.v2+json",
-            )
-            .body(self.manifest.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::CREATED,
-            "{}",
-            r.text().await.unwrap()
-        );
-    }
-}
 
 fn upstream(name: &str, url: &str, tweak: impl FnOnce(&mut UpstreamSection)) -> UpstreamSection {
     let mut u = UpstreamSection {
@@ -175,7 +92,9 @@ async fn twenty_cold_pulls_fetch_each_blob_once_and_outages_serve_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let dist: Proc = spawn_distribution(dir.path());
     let image = Image::new(7, &[3 << 20, 2 << 20, 1 << 20, 512 << 10]);
-    image.push(&dist.root(), "library/app", "1", None).await;
+    image
+        .push(&dist.root(), "library/app", "1", Auth::None)
+        .await;
     let s = cache(
         vec![upstream("docker.io", &dist.root(), |u| {
             u.tag_ttl = Duration::ZERO
@@ -244,7 +163,9 @@ async fn twenty_cold_pulls_fetch_each_blob_once_and_outages_serve_the_cache() {
 
     // The upstream goes away: what is cached still pulls (the tag is stale but served)...
     let other = Image::new(8, &[100_000]);
-    other.push(&dist.root(), "library/other", "1", None).await;
+    other
+        .push(&dist.root(), "library/other", "1", Auth::None)
+        .await;
     drop(dist);
     pull(s.root(), "library/app".into(), "?ns=docker.io", &image)
         .await
@@ -284,8 +205,10 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
     let dist = spawn_distribution(dir.path());
     let image = Image::new(9, &[200_000]);
-    image.push(&dist.root(), "library/alpine", "1", None).await;
-    image.push(&dist.root(), "org/tool", "1", None).await;
+    image
+        .push(&dist.root(), "library/alpine", "1", Auth::None)
+        .await;
+    image.push(&dist.root(), "org/tool", "1", Auth::None).await;
     let s = cache(
         vec![upstream("docker.io", &dist.root(), |u| u.default = true)],
         |_| {},
@@ -325,9 +248,9 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
     // ... while pushes to local names keep working beside the cache, and win over the default
     // upstream for reads.
     let mine = Image::new(10, &[1000]);
-    mine.push(&s.root(), "library/alpine-local", "1", None)
+    mine.push(&s.root(), "library/alpine-local", "1", Auth::None)
         .await;
-    mine.push(&s.root(), "team/app", "1", None).await;
+    mine.push(&s.root(), "team/app", "1", Auth::None).await;
     pull(s.root(), "team/app".into(), "", &mine).await.unwrap();
     pull(s.root(), "library/alpine-local".into(), "", &mine)
         .await
@@ -445,7 +368,7 @@ async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
     let dir = tempfile::tempdir().unwrap();
     let dist = spawn_distribution(dir.path());
     let image = Image::new(11, &[48 << 20]);
-    image.push(&dist.root(), "big/layer", "1", None).await;
+    image.push(&dist.root(), "big/layer", "1", Auth::None).await;
     let s = cache(vec![upstream("quay.io", &dist.root(), |_| {})], |_| {}).await;
     let layer = digest(&image.blobs[1]);
     let mut r = client()
@@ -520,7 +443,7 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
         })
         .collect();
     for (i, img) in images.iter().enumerate() {
-        img.push(&dist.root(), &format!("library/img{i}"), "1", None)
+        img.push(&dist.root(), &format!("library/img{i}"), "1", Auth::None)
             .await;
     }
     let cap: u64 = (3 << 20) + (700 << 10);
