@@ -120,19 +120,56 @@ const FILE_BATCH: usize = 1024 * 1024;
 pub(crate) async fn write_file(
     root: &std::path::Path,
     key: &Path,
+    body: ByteStream,
+    hasher: Option<&mut Hasher>,
+) -> Result<u64> {
+    write_local(root, key, None, body, hasher).await
+}
+
+/// Local-disk upload sessions append in place: `body` is written into the file at `key` from
+/// `offset` on (anything past `offset`, left by a write that was never committed, is cut off
+/// first), so a chunked upload is one file and its commit a hard link, not a copy.
+pub(crate) async fn append_file(
+    root: &std::path::Path,
+    key: &Path,
+    offset: u64,
+    body: ByteStream,
+    hasher: Option<&mut Hasher>,
+) -> Result<u64> {
+    write_local(root, key, Some(offset), body, hasher).await
+}
+
+/// Cuts the local file at `key` to `size` bytes (dropping what no commit covers).
+pub(crate) fn truncate_file(root: &std::path::Path, key: &Path, size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(key.as_ref()))?;
+    f.set_len(size)?;
+    Ok(())
+}
+
+/// [`write_file`] (`append_at` = `None`: a new file, renamed into place when complete) and
+/// [`append_file`] (`Some(offset)`: written into the file at `key` itself).
+async fn write_local(
+    root: &std::path::Path,
+    key: &Path,
+    append_at: Option<u64>,
     mut body: ByteStream,
     hasher: Option<&mut Hasher>,
 ) -> Result<u64> {
-    use std::io::Write as _;
+    use std::io::{Seek as _, Write as _};
     type Job = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Option<Hasher>)>>;
     let dest = root.join(key.as_ref());
-    let tmp = dest.with_file_name(format!(
-        "{}.tmp-{}",
-        dest.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("upload"),
-        uuid::Uuid::new_v4().simple()
-    ));
+    let tmp = match append_at {
+        Some(_) => dest.clone(),
+        None => dest.with_file_name(format!(
+            "{}.tmp-{}",
+            dest.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("upload"),
+            uuid::Uuid::new_v4().simple()
+        )),
+    };
     let joined = |h: Job| async move {
         h.await
             .map_err(|e| Error::Internal(e.to_string()))?
@@ -181,7 +218,19 @@ pub(crate) async fn write_file(
                         if let Some(dir) = tmp.parent() {
                             std::fs::create_dir_all(dir)?;
                         }
-                        std::fs::File::create(&tmp)?
+                        match append_at {
+                            None => std::fs::File::create(&tmp)?,
+                            Some(offset) => {
+                                let mut f = std::fs::OpenOptions::new()
+                                    .write(true)
+                                    .create(true)
+                                    .truncate(false)
+                                    .open(&tmp)?;
+                                f.set_len(offset)?;
+                                f.seek(std::io::SeekFrom::Start(offset))?;
+                                f
+                            }
+                        }
                     }
                 };
                 for b in &bufs {
@@ -210,11 +259,20 @@ pub(crate) async fn write_file(
         (Ok(()), Some((Some(f), h))) => (f, h),
         (Ok(()), _) => return Ok(0), // empty body: nothing written
         (Err(e), _) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
+            // An append leaves the file as it was: the next one cuts it back anyway.
+            if append_at.is_none() {
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
             return Err(e);
         }
     };
     drop(file);
+    if append_at.is_some() {
+        if let (Some(out), Some(h)) = (hasher, h) {
+            *out = h;
+        }
+        return Ok(n);
+    }
     if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e.into());

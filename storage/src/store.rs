@@ -102,6 +102,8 @@ pub struct Store {
     /// session id, with the offset it has hashed up to. Only an optimisation: without it the
     /// chunks are re-read when the upload finishes.
     hashers: Mutex<HashMap<String, (u64, Hasher)>>,
+    /// On local disk, chunks of a session are appended to one file: one writer per session.
+    appending: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pull times not yet written: reads never wait on a database write (see
     /// [`Store::flush_access`]).
     pub(crate) pulls: Mutex<crate::maintenance::PendingPulls>,
@@ -157,6 +159,7 @@ impl Store {
             objects,
             db,
             hashers: Mutex::new(HashMap::new()),
+            appending: Mutex::new(HashMap::new()),
             pulls: Mutex::new(Default::default()),
             signer: None,
             signer_prefix: None,
@@ -341,6 +344,16 @@ impl Store {
         expected_len: Option<u64>,
         body: ByteStream,
     ) -> Result<UploadStatus> {
+        // On local disk the session is one file written in place: chunks of one session are
+        // written one at a time (a second writer waits, then finds the range moved).
+        let session_lock = self.local_root.as_ref().map(|_| {
+            let mut m = self.appending.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(id.to_owned()).or_default().clone()
+        });
+        let _guard = match &session_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
         let current = self.upload_status(repo, id).await?.size;
         if let Some(s) = start
             && s != current
@@ -350,9 +363,19 @@ impl Store {
                 got: s,
             });
         }
-        let key = blob::upload_part_key(id, &format!("{current:020}-{}", new_id()));
         let mut hasher = self.take_hasher(id, current);
-        let written = self.write_object(&key, body, hasher.as_mut()).await;
+        let (key, written) = match &self.local_root {
+            Some(root) => {
+                let key = blob::upload_part_key(id, "data");
+                let w = blob::append_file(root, &key, current, body, hasher.as_mut()).await;
+                (key, w)
+            }
+            None => {
+                let key = blob::upload_part_key(id, &format!("{current:020}-{}", new_id()));
+                let w = self.write_object(&key, body, hasher.as_mut()).await;
+                (key, w)
+            }
+        };
         let n = match written {
             Ok(n) => n,
             Err(e) => return Err(e),
@@ -360,7 +383,7 @@ impl Store {
         if let Some(want) = expected_len
             && want != n
         {
-            self.delete_quietly(&key).await;
+            self.discard_chunk(&key, current).await;
             return Err(Error::SizeInvalid(format!(
                 "body has {n} bytes, {want} were declared"
             )));
@@ -402,7 +425,7 @@ impl Store {
             }
             Ok(false) => {
                 // Another request moved the session (or it was cancelled) while we wrote.
-                self.delete_quietly(&key).await;
+                self.discard_chunk(&key, current).await;
                 let now_at = self.upload_status(repo, id).await?.size;
                 Err(Error::RangeInvalid {
                     expected: now_at,
@@ -410,9 +433,24 @@ impl Store {
                 })
             }
             Err(e) => {
-                self.delete_quietly(&key).await;
+                self.discard_chunk(&key, current).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Undoes a chunk that will not be committed: its own object, or (appended in place on
+    /// local disk) the bytes past the committed size.
+    async fn discard_chunk(&self, key: &Path, committed: u64) {
+        match &self.local_root {
+            Some(root) if blob::upload_of(key).is_some() && key.as_ref().ends_with(".data") => {
+                if committed == 0 {
+                    self.delete_quietly(key).await;
+                } else if let Err(e) = blob::truncate_file(root, key, committed) {
+                    warn!(key = %key, error = %e, "cutting back an upload failed");
+                }
+            }
+            _ => self.delete_quietly(key).await,
         }
     }
 
@@ -506,7 +544,14 @@ impl Store {
         let key = blob_key(digest);
         let source = match parts {
             [] => None,
-            [one] => Some(Path::from(one.as_str())),
+            // One object; appended in place on local disk, possibly with an uncommitted tail.
+            [first, rest @ ..] if rest.iter().all(|p| p == first) => {
+                let key = Path::from(first.as_str());
+                if let Some(root) = &self.local_root {
+                    blob::truncate_file(root, &key, size)?;
+                }
+                Some(key)
+            }
             many => {
                 // Concatenate the chunks into one object, hashing on the way if needed.
                 let assembled = blob::upload_part_key(id, &format!("assembled-{}", new_id()));
@@ -601,10 +646,14 @@ impl Store {
 
     /// Removes an ended session's chunk objects (best effort: a leftover is only disk space,
     /// and garbage collection's sweep of `uploads/` finds it).
-    async fn forget_upload_objects(&self, id: &str, keys: Vec<Path>) {
+    async fn forget_upload_objects(&self, id: &str, mut keys: Vec<Path>) {
         if let Ok(mut m) = self.hashers.lock() {
             m.remove(id);
         }
+        if let Ok(mut m) = self.appending.lock() {
+            m.remove(id);
+        }
+        keys.dedup();
         for key in keys {
             self.delete_quietly(&key).await;
         }

@@ -280,3 +280,91 @@ async fn a_1gib_push_keeps_memory_bounded() {
         "peak RSS {peak} KiB exceeds 64 MiB"
     );
 }
+
+/// On local disk a chunked upload is one file written in place: no chunk objects, no copy at
+/// the end, and bytes past the committed size (a write that died) are cut off before the next
+/// chunk and before the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_append_in_place_and_drop_uncommitted_tails() {
+    let s = crate::support::TestServer::start().await;
+    let c = crate::support::client();
+    let data = random(3 * 1024 * 1024 + 5, 9);
+    let d = digest(&data);
+    let r = c
+        .post(s.url("/v2/inplace/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let mut loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let id = loc.rsplit('/').next().unwrap().to_owned();
+    let uploads = s.dir.path().join("objects/uploads");
+    let session_files = || -> Vec<String> {
+        std::fs::read_dir(&uploads)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&id))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let chunk = 1024 * 1024;
+    let mut off = 0;
+    for (i, part) in data.chunks(chunk).enumerate() {
+        if i == 2 {
+            // A write that died after the last commit left junk behind the committed bytes.
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(uploads.join(format!("{id}.data")))
+                .unwrap();
+            f.write_all(&[0xAA; 4096]).unwrap();
+        }
+        let r = c
+            .patch(s.url(&loc))
+            .header("content-range", format!("{}-{}", off, off + part.len() - 1))
+            .header("content-type", "application/octet-stream")
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        loc = r.headers()["location"].to_str().unwrap().to_owned();
+        off += part.len();
+        assert_eq!(
+            session_files(),
+            [format!("{id}.data")],
+            "one file per session"
+        );
+    }
+    // One more tail, then the commit must still see exactly the committed bytes.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(uploads.join(format!("{id}.data")))
+        .unwrap();
+    f.write_all(b"junk").unwrap();
+    drop(f);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(s.url(&format!("{loc}{sep}digest={d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let got = c
+        .get(s.url(&format!("/v2/inplace/blobs/{d}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.len(), data.len());
+    assert_eq!(digest(&got), d);
+    assert!(session_files().is_empty(), "{:?}", session_files());
+}
