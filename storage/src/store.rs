@@ -724,14 +724,14 @@ impl Store {
             .await
     }
 
-    /// Whether a repository with at least one manifest exists.
+    /// Whether anything was ever put in `repo` here (an upload started, a blob, a manifest):
+    /// a push in progress counts, before its manifest arrives.
     pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool> {
         let name = repo.to_string();
         self.db
             .read(move |c| {
                 Ok(c.query_row(
-                    "SELECT 1 FROM repos r WHERE r.name = ?1
-                     AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)",
+                    "SELECT 1 FROM repos WHERE name = ?1",
                     [&name],
                     |_| Ok(()),
                 )

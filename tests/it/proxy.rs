@@ -247,6 +247,22 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
     }
     // ... while pushes to local names keep working beside the cache, and win over the default
     // upstream for reads.
+    // A push in progress is local from its first request: a blob HEAD after the upload (and
+    // before the manifest) must not go to the upstream.
+    let blob = b"pushed here first".to_vec();
+    let r = client()
+        .post(s.url(&format!("/v2/library/fresh/blobs/uploads/?digest={}", digest(&blob))))
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = client()
+        .head(s.url(&format!("/v2/library/fresh/blobs/{}", digest(&blob))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let mine = Image::new(10, &[1000]);
     mine.push(&s.root(), "library/alpine-local", "1", Auth::None)
         .await;
