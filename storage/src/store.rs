@@ -730,13 +730,11 @@ impl Store {
         let name = repo.to_string();
         self.db
             .read(move |c| {
-                Ok(c.query_row(
-                    "SELECT 1 FROM repos WHERE name = ?1",
-                    [&name],
-                    |_| Ok(()),
+                Ok(
+                    c.query_row("SELECT 1 FROM repos WHERE name = ?1", [&name], |_| Ok(()))
+                        .optional()?
+                        .is_some(),
                 )
-                .optional()?
-                .is_some())
             })
             .await
     }

@@ -251,7 +251,10 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
     // before the manifest) must not go to the upstream.
     let blob = b"pushed here first".to_vec();
     let r = client()
-        .post(s.url(&format!("/v2/library/fresh/blobs/uploads/?digest={}", digest(&blob))))
+        .post(s.url(&format!(
+            "/v2/library/fresh/blobs/uploads/?digest={}",
+            digest(&blob)
+        )))
         .body(blob.clone())
         .send()
         .await
