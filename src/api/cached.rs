@@ -87,11 +87,13 @@ pub async fn serve(
                 .await
                 .map_err(|e| cache_error(e, Code::NameUnknown))?
             {
-                Some((body, link)) => {
+                Some((mut list, link)) => {
+                    // The upstream names the repository its way; the client asked by its own.
+                    list["name"] = serde_json::Value::String(name.to_owned());
                     let mut resp = (
                         StatusCode::OK,
                         [(header::CONTENT_TYPE, "application/json")],
-                        body,
+                        list.to_string(),
                     )
                         .into_response();
                     // The next page, in the client's own name for the repository.

@@ -354,7 +354,7 @@ impl Proxy {
         &self,
         t: &Target,
         query: &str,
-    ) -> Result<Option<(Bytes, Option<String>)>, CacheError> {
+    ) -> Result<Option<(serde_json::Value, Option<String>)>, CacheError> {
         let suffix = if query.is_empty() {
             "tags/list".to_owned()
         } else {
@@ -371,11 +371,9 @@ impl Proxy {
                     .bytes()
                     .await
                     .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-                // Names in the answer are the upstream's; clients asked by their own.
-                let mut v: serde_json::Value = serde_json::from_slice(&body)
+                let v: serde_json::Value = serde_json::from_slice(&body)
                     .map_err(|e| UpstreamError::BadContent(format!("tag list: {e}")))?;
-                v["name"] = serde_json::Value::String(t.remote.clone());
-                Ok(Some((Bytes::from(v.to_string()), link)))
+                Ok(Some((v, link)))
             }
             Err(e) if e.is_outage() => Ok(None),
             Err(e) => Err(e.into()),

@@ -296,6 +296,7 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
         .await
         .unwrap();
     assert_eq!(v["tags"], json!(["1"]));
+    assert_eq!(v["name"], "docker.io/org/tool");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
