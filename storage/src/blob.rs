@@ -5,6 +5,7 @@
 //! blobs/<algorithm>/<first two hex>/<hex>     a verified blob; written once, never modified
 //! uploads/<session-id>.<offset>-<nonce>       one committed chunk of an upload session
 //! uploads/<session-id>.assembled-<nonce>      the chunks concatenated, while a session finishes
+//! uploads/<session-id>.data                   local disk: the whole session, appended in place
 //! ```
 //! A blob object is written only after its digest was verified, and always before the metadata
 //! row that makes it visible; it is removed only after the metadata says nothing needs it.
