@@ -52,6 +52,8 @@
 //! # admins = ["alice"]          # may do anything, see the whole catalog
 //! max_failures = 10             # failed logins per client address ...
 //! failure_window = "5m"         # ... within this window, then refused until it passes
+//! # trusted_proxies = ["10.0.0.0/8"]  # ingress/load balancers: take the client address
+//!                               # from X-Forwarded-For when the peer is one of these
 //!
 //! [auth.token]                  # the built-in token service at /auth/token
 //! service = "berth"             # audience of tokens (`service=` in challenges)
@@ -362,6 +364,8 @@ pub struct AuthSection {
     /// The failed-login window.
     #[serde(with = "humantime_serde")]
     pub failure_window: Duration,
+    /// Networks of proxies whose `X-Forwarded-For` names the real client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The token service.
     pub token: TokenSection,
 }
@@ -376,6 +380,7 @@ impl Default for AuthSection {
             rule: Vec::new(),
             max_failures: 10,
             failure_window: Duration::from_secs(300),
+            trusted_proxies: Vec::new(),
             token: TokenSection::default(),
         }
     }

@@ -71,7 +71,7 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
             .with_status(StatusCode::NOT_FOUND)
             .into_response();
     };
-    let ip = access::client_ip(&req);
+    let ip = access::client_ip(&req, &state.config.auth.trusted_proxies);
     match access::authorize(&state, &ep, req.method(), req.headers(), ip).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);

@@ -158,7 +158,7 @@ pub async fn get(State(state): State<AppState>, req: Request) -> Response {
     if let Some(r) = wrong_service(&auth, one("service")) {
         return r;
     }
-    let ip = client_ip(&req);
+    let ip = client_ip(&req, &state.config.auth.trusted_proxies);
     let headers = req.headers();
     let user = match headers
         .get(header::AUTHORIZATION)
@@ -203,7 +203,7 @@ pub async fn post(State(state): State<AppState>, req: Request) -> Response {
     let Some(auth) = state.auth.clone().filter(|a| a.issuer().is_some()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let ip = client_ip(&req);
+    let ip = client_ip(&req, &state.config.auth.trusted_proxies);
     let Ok(body) = axum::body::to_bytes(Body::new(req.into_body()), FORM_LIMIT).await else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "form too large");
     };

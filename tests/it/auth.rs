@@ -858,3 +858,42 @@ async fn tokens_of_a_trusted_external_issuer_are_accepted() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_failures_count_per_forwarded_client() {
+    let s = server(AuthMode::Token, |c| {
+        c.auth.max_failures = 3;
+        c.auth.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let get = |client_addr: &'static str, pwd: &'static str| {
+        client()
+            .get(s.url("/auth/token?service=berth"))
+            .header("x-forwarded-for", client_addr)
+            .basic_auth("bob", Some(pwd))
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            get("203.0.113.1", "guess").await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        get("203.0.113.1", "bob-pw").await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Everyone else behind the same proxy is unaffected.
+    assert_eq!(
+        get("203.0.113.2", "bob-pw").await.unwrap().status(),
+        StatusCode::OK
+    );
+    // The attacker cannot shake off the block by writing another address further left.
+    assert_eq!(
+        get("198.51.100.9, 203.0.113.1", "bob-pw")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
