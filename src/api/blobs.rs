@@ -2,9 +2,9 @@
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_storage::Digest;
+use berth_storage::{Digest, RepoName};
 
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{DIGEST_HEADER, byte_range, repo, value};
@@ -20,7 +20,19 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
     let repo = repo(name)?;
     let digest = digest(d)?;
     let size = state.store.stat_blob(&repo, &digest).await?;
-    let Ok(range) = byte_range(req.headers(), size) else {
+    serve(state, &repo, &digest, size, req.method(), req.headers()).await
+}
+
+/// The answer to a `GET`/`HEAD` of blob `digest` (`size` bytes) in `repo`.
+pub async fn serve(
+    state: &AppState,
+    repo: &RepoName,
+    digest: &Digest,
+    size: u64,
+    method: &Method,
+    headers: &HeaderMap,
+) -> ApiResult {
+    let Ok(range) = byte_range(headers, size) else {
         return Err(
             ApiError::new(Code::RangeInvalid, "requested range not satisfiable")
                 .with_header(header::CONTENT_RANGE, value(&format!("bytes */{size}"))),
@@ -31,15 +43,15 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
         None => (StatusCode::OK, size),
     };
     // A HEAD counts as a use: clients HEAD a blob to decide they need not upload it.
-    state.store.record_blob_pull(&digest);
+    state.store.record_blob_pull(digest);
     // Ranged reads are served here: not every object store takes every range form (Azure has
     // no suffix ranges), and they are resumptions, not bulk downloads.
-    if req.method() == Method::GET
+    if *method == Method::GET
         && range.is_none()
         && state.config.storage.redirects()
         && let Some(url) = state
             .store
-            .blob_url(&digest, state.config.storage.redirect_ttl())
+            .blob_url(digest, state.config.storage.redirect_ttl())
             .await?
     {
         let mut resp = (StatusCode::TEMPORARY_REDIRECT, Body::empty()).into_response();
@@ -49,10 +61,10 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
         h.insert(header::CONTENT_LENGTH, value("0"));
         return Ok(resp);
     }
-    let body = if req.method() == Method::HEAD {
+    let body = if *method == Method::HEAD {
         Body::empty()
     } else {
-        Body::from_stream(state.store.read_blob(&repo, &digest, range).await?.body)
+        Body::from_stream(state.store.read_blob(repo, digest, range).await?.body)
     };
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();

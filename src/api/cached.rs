@@ -59,11 +59,11 @@ pub async fn serve(
                 // Not a tag or digest: the local handler gives the usual answer.
                 return manifests::get(state, &local, reference, req).await;
             };
-            proxy
+            let m = proxy
                 .manifest(t, &r)
                 .await
                 .map_err(|e| cache_error(e, Code::ManifestUnknown))?;
-            manifests::get(state, &local, reference, req).await
+            Ok(manifests::respond(state, &t.local, m, &req))
         }
         Endpoint::Blob { digest, .. } => {
             let d: Digest = digest.parse().map_err(ApiError::from)?;
@@ -73,7 +73,9 @@ pub async fn serve(
                 .await
                 .map_err(|e| cache_error(e, Code::BlobUnknown))?
             {
-                BlobAnswer::Local => blobs::get(state, &local, digest, req).await,
+                BlobAnswer::Local { size } => {
+                    blobs::serve(state, &t.local, &d, size, req.method(), req.headers()).await
+                }
                 BlobAnswer::Head { size } => Ok(blob_answer(&d, size, Body::empty())),
                 BlobAnswer::Stream { size, body } => {
                     Ok(blob_answer(&d, size, Body::from_stream(body)))

@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_storage::{MAX_MANIFEST_SIZE, Reference, Tag};
+use berth_storage::{MAX_MANIFEST_SIZE, Reference, RepoName, StoredManifest, Tag};
 use futures_util::StreamExt;
 
 use super::blobs::accepted;
@@ -29,8 +29,13 @@ pub async fn get(state: &AppState, name: &str, reference: &str, req: Request) ->
         }
     };
     let m = state.store.get_manifest(&repo, &reference).await?;
+    Ok(respond(state, &repo, m, &req))
+}
+
+/// The answer to a `GET`/`HEAD` of manifest `m` of `repo` (304 for a matching `If-None-Match`).
+pub fn respond(state: &AppState, repo: &RepoName, m: StoredManifest, req: &Request) -> Response {
     // Kept in memory and written in batches: a read never waits on a write.
-    state.store.record_manifest_pull(&repo, &m.digest);
+    state.store.record_manifest_pull(repo, &m.digest);
     let etag = format!("\"{}\"", m.digest);
     if text(req.headers(), &header::IF_NONE_MATCH)
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
@@ -39,7 +44,7 @@ pub async fn get(state: &AppState, name: &str, reference: &str, req: Request) ->
         resp.headers_mut()
             .insert(DIGEST_HEADER, value(&m.digest.to_string()));
         resp.headers_mut().insert(header::ETAG, value(&etag));
-        return Ok(resp);
+        return resp;
     }
     let len = m.bytes.len();
     let body = if req.method() == Method::HEAD {
@@ -53,7 +58,7 @@ pub async fn get(state: &AppState, name: &str, reference: &str, req: Request) ->
     h.insert(header::CONTENT_LENGTH, value(&len.to_string()));
     h.insert(DIGEST_HEADER, value(&m.digest.to_string()));
     h.insert(header::ETAG, value(&etag));
-    Ok(resp)
+    resp
 }
 
 /// `PUT` a manifest: 201 with `Location`, `Docker-Content-Digest`, `OCI-Subject` when it has a

@@ -19,24 +19,6 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Chunks buffered between the upstream and the store.
 const STORE_QUEUE: usize = 8;
 
-/// What to answer for a blob.
-pub enum BlobAnswer {
-    /// It is in the store now: serve it like any local blob.
-    Local,
-    /// A HEAD answered from the upstream (nothing fetched).
-    Head {
-        /// Its size, when the upstream said.
-        size: Option<u64>,
-    },
-    /// Streamed while it is fetched.
-    Stream {
-        /// Its size, when the upstream said.
-        size: Option<u64>,
-        /// The bytes.
-        body: ByteStream,
-    },
-}
-
 #[derive(Clone, Debug, Default)]
 struct Progress {
     /// The upstream answered; `size` is its Content-Length.
@@ -60,14 +42,15 @@ pub struct Inflight {
 }
 
 impl Inflight {
-    /// Joins the fetch of `digest`, starting it when none runs.
+    /// Joins the fetch of `digest`, starting it when none runs: its size (when the upstream
+    /// said) and the bytes as they come, or `None` when it turned out to be in the store.
     pub async fn get(
         &self,
         store: &Arc<Store>,
         spool_dir: &Path,
         t: &Target,
         digest: &Digest,
-    ) -> Result<BlobAnswer, CacheError> {
+    ) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
         let key = digest.to_string();
         // Joiners open the spool under the lock, so the fetch cannot remove it under them.
         let (fetch, file, leader) = {
@@ -115,13 +98,10 @@ impl Inflight {
             return match p.done {
                 Some(Err(e)) => Err(e),
                 // Finished without bytes: it was in the store already.
-                _ => Ok(BlobAnswer::Local),
+                _ => Ok(None),
             };
         }
-        Ok(BlobAnswer::Stream {
-            size: p.size,
-            body: follow(tokio::fs::File::from_std(file), rx),
-        })
+        Ok(Some((p.size, follow(tokio::fs::File::from_std(file), rx))))
     }
 
     fn remover(&self, key: &str) -> impl FnOnce() + Send + 'static {

@@ -37,13 +37,33 @@ use bytes::Bytes;
 use reqwest::Method;
 use tokio::sync::OnceCell;
 
-pub use blobs::BlobAnswer;
 pub use upstream::{Upstream, UpstreamError};
 
 use crate::config::Config;
 
-/// Largest manifest fetched from an upstream.
-const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
+/// Largest manifest fetched from an upstream: the same as for a push.
+const MANIFEST_LIMIT: usize = berth_storage::MAX_MANIFEST_SIZE;
+
+/// What to answer for a blob.
+pub enum BlobAnswer {
+    /// In the store (now): serve it like any local blob.
+    Local {
+        /// Its size.
+        size: u64,
+    },
+    /// A HEAD answered from the upstream (nothing fetched).
+    Head {
+        /// Its size, when the upstream said.
+        size: Option<u64>,
+    },
+    /// Streamed while it is fetched.
+    Stream {
+        /// Its size, when the upstream said.
+        size: Option<u64>,
+        /// The bytes.
+        body: berth_storage::ByteStream,
+    },
+}
 
 /// Why cached content could not be served.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -326,11 +346,9 @@ impl Proxy {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobAnswer, CacheError> {
-        if self.store.stat_blob(&t.local, digest).await.is_ok()
-            || self.store.mount_blob(&t.local, digest, None).await?
-        {
+        if let Some(size) = self.stored_size(t, digest).await? {
             Self::hit(t, "blob");
-            return Ok(BlobAnswer::Local);
+            return Ok(BlobAnswer::Local { size });
         }
         if head {
             let r = t
@@ -345,7 +363,24 @@ impl Proxy {
                 .and_then(|v| v.parse().ok());
             return Ok(BlobAnswer::Head { size });
         }
-        self.blobs.get(&self.store, &self.spool, t, digest).await
+        match self.blobs.get(&self.store, &self.spool, t, digest).await? {
+            Some((size, body)) => Ok(BlobAnswer::Stream { size, body }),
+            None => Ok(BlobAnswer::Local {
+                size: self.store.stat_blob(&t.local, digest).await?,
+            }),
+        }
+    }
+
+    /// The size of `digest` in the cache repository, linking it there first when the registry
+    /// holds it elsewhere (blobs are shared by digest); `None` when it is not here at all.
+    async fn stored_size(&self, t: &Target, digest: &Digest) -> Result<Option<u64>, CacheError> {
+        if let Ok(size) = self.store.stat_blob(&t.local, digest).await {
+            return Ok(Some(size));
+        }
+        if self.store.mount_blob(&t.local, digest, None).await? {
+            return Ok(Some(self.store.stat_blob(&t.local, digest).await?));
+        }
+        Ok(None)
     }
 
     /// The upstream's tag list (its pagination passed through), or the cached one when the
