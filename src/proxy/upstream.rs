@@ -73,16 +73,13 @@ pub struct Upstream {
 }
 
 fn normalize_host(h: &str) -> String {
-    let h = h.trim().to_ascii_lowercase();
-    let h = h
-        .strip_suffix(":443")
-        .map(str::to_owned)
-        .unwrap_or(h.clone());
-    match h.as_str() {
+    let lower = h.trim().to_ascii_lowercase();
+    let h = lower.strip_suffix(":443").unwrap_or(&lower);
+    match h {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
             "docker.io".to_owned()
         }
-        _ => h,
+        _ => h.to_owned(),
     }
 }
 
