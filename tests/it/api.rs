@@ -677,3 +677,31 @@ async fn many_concurrent_uploads_all_commit() {
         task.await.unwrap();
     }
 }
+
+/// Issue 20: small answers on a kept-alive connection must not wait for the client's delayed
+/// ACK (TCP_NODELAY on accepted sockets). A stall shows as a median near 40 ms.
+#[tokio::test]
+async fn small_blobs_on_one_connection_do_not_stall() {
+    let t = T::new().await;
+    let blob = vec![7u8; 415];
+    let d = digest(&blob);
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/small/blobs/uploads/?digest={d}"),
+            Some(blob),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let one = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let url = t.s.url(&format!("/v2/small/blobs/{d}"));
+    let median = crate::support::median_small_get(&one, &url, 24).await;
+    assert!(
+        median < std::time::Duration::from_millis(20),
+        "median small GET took {median:?}: delayed-ACK stall"
+    );
+}

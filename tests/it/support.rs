@@ -232,3 +232,19 @@ pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }
+
+/// Times `n` sequential GETs of `url` over one kept-alive connection of `client`; returns the
+/// median. A server that leaves Nagle's algorithm on answers about half of them ~40 ms late
+/// (its body waits for the client's delayed ACK of the headers).
+pub async fn median_small_get(client: &reqwest::Client, url: &str, n: usize) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let r = client.get(url).send().await.expect("GET");
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{url}");
+        r.bytes().await.expect("body");
+        times.push(start.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}

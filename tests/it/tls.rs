@@ -10,13 +10,17 @@ use reqwest::StatusCode;
 use crate::pki::{Ca, Leaf};
 use crate::support::TestServer;
 
-/// A client trusting only `ca`, optionally presenting `identity`.
+/// A client trusting only `ca`, optionally presenting `identity`; a new connection per request.
 fn https_client(ca: &Path, identity: Option<&Leaf>) -> reqwest::Client {
+    https_client_pooled(ca, identity, 0)
+}
+
+fn https_client_pooled(ca: &Path, identity: Option<&Leaf>, pool: usize) -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
     let mut b = reqwest::Client::builder()
         .tls_certs_only([ca])
-        .pool_max_idle_per_host(0);
+        .pool_max_idle_per_host(pool);
     if let Some(id) = identity {
         let mut pem = std::fs::read(&id.cert).unwrap();
         pem.extend(std::fs::read(&id.key).unwrap());
@@ -198,5 +202,30 @@ async fn the_token_realm_follows_the_scheme_or_the_public_url() {
     assert_eq!(
         r.headers()["www-authenticate"],
         "Bearer realm=\"https://registry.example.com/auth/token\",service=\"berth\""
+    );
+}
+
+/// Issue 20 over TLS: small answers on one kept-alive connection do not wait for delayed ACKs.
+#[tokio::test]
+async fn small_answers_over_tls_do_not_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
+    let s = tls_server(&leaf, |_| {}).await;
+    let c = https_client_pooled(&ca.cert, None, 1);
+    let blob = vec![7u8; 415];
+    let d = crate::support::digest(&blob);
+    let r = c
+        .post(https(&s, &format!("/v2/small/blobs/uploads/?digest={d}")))
+        .body(blob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let url = https(&s, &format!("/v2/small/blobs/{d}"));
+    let median = crate::support::median_small_get(&c, &url, 24).await;
+    assert!(
+        median < Duration::from_millis(20),
+        "median small GET over TLS took {median:?}: delayed-ACK stall"
     );
 }
