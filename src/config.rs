@@ -26,12 +26,13 @@
 //! [registry]
 //! delete_enabled = true         # allow DELETE of manifests, tags and blobs
 //! anonymous_mount = true        # cross-repository mount without `from`
-//! upload_expiry = "24h"         # drop upload sessions untouched this long
+//! upload_expiry = "24h"         # drop upload sessions untouched this long (at least 1m)
 //!
 //! [gc]
 //! interval = "1h"               # how often the server collects garbage; "0s" turns it off
-//! grace = "1h"                  # unreferenced blobs younger than this are kept
-//! # untagged_after = "7d"       # also delete manifests untagged this long (default: keep)
+//! grace = "1h"                  # unreferenced blobs uploaded, mounted or read within this are
+//!                               # kept (at least 1m: the longest a push may take)
+//! # untagged_after = "7d"       # also delete manifests untagged and unread this long (>= grace)
 //! orphan_referrers = false      # also delete referrers whose subject is gone
 //!
 //! [log]
@@ -262,10 +263,12 @@ pub struct GcSection {
     /// How often the server runs a collection; zero turns scheduled runs off.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Unreferenced blobs younger than this (since upload, unlink or last read) are kept.
+    /// Unreferenced blobs uploaded, mounted, unlinked or read within this are kept: the longest
+    /// a push may take between checking its blobs and pushing its manifest.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
-    /// Delete manifests that nothing keeps once untagged this long; absent = keep them.
+    /// Delete manifests that nothing keeps once untagged (and not read by digest) this long;
+    /// absent = keep them.
     #[serde(with = "humantime_serde")]
     pub untagged_after: Option<Duration>,
     /// Delete referrers whose subject was deleted.
@@ -591,6 +594,15 @@ impl Config {
         if self.gc.grace < Duration::from_secs(60) {
             problems.push("gc.grace: must be at least 1m (pushes in progress need it)".to_owned());
         }
+        if let Some(u) = self.gc.untagged_after
+            && u < self.gc.grace
+        {
+            problems.push(
+                "gc.untagged_after: must not be shorter than gc.grace (a multi-arch push sends \
+                 its platform manifests untagged before the index)"
+                    .to_owned(),
+            );
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
@@ -809,6 +821,10 @@ mod tests {
         );
         assert_eq!(Config::default().gc_policy().untagged_after, None);
         assert!(Config::parse("[gc]\ngrace = \"1s\"\n").is_err());
+        let e = Config::parse("[gc]\ngrace = \"2h\"\nuntagged_after = \"1h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gc.untagged_after"), "{e}");
     }
 
     #[test]

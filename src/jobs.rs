@@ -65,9 +65,12 @@ impl Jobs {
             tracker.spawn(every(gc_every, cancel.clone(), move || {
                 let s = s.clone();
                 async move {
-                    let start = std::time::Instant::now();
+                    // The run is recorded in the database, where `/metrics` reads it.
                     match s.store.gc(&s.config.gc_policy(), false).await {
-                        Ok(r) => crate::metrics::gc_finished(&r, start.elapsed().as_secs_f64()),
+                        Ok(_) => {}
+                        Err(berth_storage::Error::Busy { holder, .. }) => {
+                            tracing::info!(%holder, "scheduled garbage collection skipped: another one is running")
+                        }
                         Err(e) => warn!(error = %e, "garbage collection failed"),
                     }
                 }

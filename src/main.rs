@@ -76,13 +76,19 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let state = berth::AppState::open(config)
+        // Storage only: no proxy spool, no auth keys. Safe beside a running server: everything
+        // that protects content (acknowledged blobs, the gc lease) lives in the database.
+        let storage = config.storage_config()?;
+        let store = berth_storage::Store::open(&storage)
             .await
             .context("opening storage")?;
-        let report = state
-            .store
-            .gc(&state.config.gc_policy(), args.dry_run)
-            .await?;
+        let report = match store.gc(&config.gc_policy(), args.dry_run).await {
+            Ok(r) => r,
+            Err(e @ berth_storage::Error::Busy { .. }) => {
+                anyhow::bail!("{e}; try again when it has finished")
+            }
+            Err(e) => return Err(e.into()),
+        };
         #[allow(clippy::print_stdout)]
         {
             println!("{report}");

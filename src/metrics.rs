@@ -8,7 +8,7 @@
 //! | `berth_bytes_sent_total` | counter | |
 //! | `berth_uploads_in_progress` | gauge | |
 //! | `berth_storage_errors_total` | counter | |
-//! | `berth_gc_last_run_timestamp_seconds`, `berth_gc_last_duration_seconds`, `berth_gc_last_removed_blobs`, `berth_gc_last_removed_bytes`, `berth_gc_last_removed_manifests` | gauge | |
+//! | `berth_gc_last_run_timestamp_seconds`, `berth_gc_last_duration_seconds`, `berth_gc_last_removed_blobs`, `berth_gc_last_removed_bytes`, `berth_gc_last_removed_manifests` | gauge | (the latest run of any process sharing the database) |
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -74,6 +74,10 @@ pub async fn render(State(state): State<AppState>) -> Response {
     if let Ok(n) = state.store.uploads_in_progress().await {
         metrics::gauge!("berth_uploads_in_progress").set(n as f64);
     }
+    // The latest collection of any process sharing the database (`berth gc`, other replicas).
+    if let Ok(Some(run)) = state.store.last_gc_run().await {
+        gc_gauges(&run);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle().render(),
@@ -81,15 +85,11 @@ pub async fn render(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Records a finished garbage collection.
-pub fn gc_finished(report: &berth_storage::GcReport, seconds: f64) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    metrics::gauge!("berth_gc_last_run_timestamp_seconds").set(now);
-    metrics::gauge!("berth_gc_last_duration_seconds").set(seconds);
-    metrics::gauge!("berth_gc_last_removed_blobs").set(report.blobs as f64);
-    metrics::gauge!("berth_gc_last_removed_bytes").set(report.blob_bytes as f64);
-    metrics::gauge!("berth_gc_last_removed_manifests").set(report.manifests as f64);
+fn gc_gauges(run: &berth_storage::GcRun) {
+    let r = &run.report;
+    metrics::gauge!("berth_gc_last_run_timestamp_seconds").set(run.finished_at as f64);
+    metrics::gauge!("berth_gc_last_duration_seconds").set(run.duration.as_secs_f64());
+    metrics::gauge!("berth_gc_last_removed_blobs").set(r.blobs as f64);
+    metrics::gauge!("berth_gc_last_removed_bytes").set(r.blob_bytes as f64);
+    metrics::gauge!("berth_gc_last_removed_manifests").set(r.manifests as f64);
 }

@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_storage::{Digest, RepoName};
+use berth_storage::Digest;
 
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{DIGEST_HEADER, byte_range, repo, value};
@@ -20,13 +20,13 @@ pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResu
     let repo = repo(name)?;
     let digest = digest(d)?;
     let size = state.store.stat_blob(&repo, &digest).await?;
-    serve(state, &repo, &digest, size, req.method(), req.headers()).await
+    serve(state, &digest, size, req.method(), req.headers()).await
 }
 
-/// The answer to a `GET`/`HEAD` of blob `digest` (`size` bytes) in `repo`.
+/// The answer to a `GET`/`HEAD` of blob `digest` (`size` bytes), which the repository asked
+/// for may serve.
 pub async fn serve(
     state: &AppState,
-    repo: &RepoName,
     digest: &Digest,
     size: u64,
     method: &Method,
@@ -42,8 +42,6 @@ pub async fn serve(
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),
         None => (StatusCode::OK, size),
     };
-    // A HEAD counts as a use: clients HEAD a blob to decide they need not upload it.
-    state.store.record_blob_pull(digest);
     // Ranged reads are served here: not every object store takes every range form (Azure has
     // no suffix ranges), and they are resumptions, not bulk downloads.
     if *method == Method::GET
@@ -64,7 +62,7 @@ pub async fn serve(
     let body = if *method == Method::HEAD {
         Body::empty()
     } else {
-        Body::from_stream(state.store.read_blob(repo, digest, range).await?.body)
+        Body::from_stream(state.store.read_blob(digest, size, range).await?.body)
     };
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();

@@ -74,7 +74,7 @@ pub async fn serve(
                 .map_err(|e| cache_error(e, Code::BlobUnknown))?
             {
                 BlobAnswer::Local { size } => {
-                    blobs::serve(state, &t.local, &d, size, req.method(), req.headers()).await
+                    blobs::serve(state, &d, size, req.method(), req.headers()).await
                 }
                 BlobAnswer::Head { size } => Ok(blob_answer(&d, size, Body::empty())),
                 BlobAnswer::Stream { size, body } => {

@@ -70,6 +70,19 @@ pub enum Error {
     /// Local I/O failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// Work that runs once at a time across every process sharing the metadata is running
+    /// elsewhere.
+    #[error(
+        "{what} is already running in {holder} (its lease lapses at unix time {until} unless renewed)"
+    )]
+    Busy {
+        /// What is running.
+        what: String,
+        /// Who runs it: host, process id, instance.
+        holder: String,
+        /// When its lease lapses.
+        until: i64,
+    },
     /// A background task failed to complete.
     #[error("internal: {0}")]
     Internal(String),

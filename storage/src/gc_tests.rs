@@ -9,6 +9,7 @@ use serde_json::json;
 use super::*;
 use crate::meta::Db;
 use crate::names::{Reference, RepoName};
+use crate::store::PutManifest;
 
 const HOUR: i64 = 3600;
 
@@ -231,7 +232,7 @@ async fn a_blob_swept_during_a_push_of_the_same_content_is_put_back() {
     t.s.finish_upload(&repo, &up.id, &d, None).await.unwrap();
     assert!(t.exists(&d).await);
     let got =
-        t.s.read_blob(&repo, &d, None)
+        t.s.read_blob(&d, t.s.stat_blob(&repo, &d).await.unwrap(), None)
             .await
             .unwrap()
             .body
@@ -258,7 +259,7 @@ async fn recently_read_blobs_are_kept() {
         })
         .await
         .unwrap();
-    t.s.record_blob_pull(&d);
+    t.s.stat_blob(&repo, &d).await.unwrap(); // a HEAD
     let r = t.s.gc(&policy(), false).await.unwrap();
     assert_eq!(r.blobs, 0, "{r}");
     assert!(t.s.stat_blob(&repo, &d).await.is_ok());
@@ -304,4 +305,295 @@ async fn chunks_left_by_a_crash_are_swept_after_the_grace_period() {
             .await,
         1
     );
+}
+
+// ---------------------------------------------------------------- races with pushes (issue 14)
+//
+// Each test sets up content that is garbage by every clock (an image pushed and deleted two
+// hours ago), lets a client be told that some of it exists (201 for an upload or a mount, 200
+// for a HEAD), runs a collection at that worst moment, and then pushes the manifest the client
+// was about to push. A registry must never lose what it acknowledged.
+
+impl T {
+    /// Shifts every timestamp GC looks at two hours into the past.
+    async fn age(&self) {
+        age(&self.s).await;
+    }
+
+    fn repo(name: &str) -> RepoName {
+        name.parse().unwrap()
+    }
+
+    /// Pushes the manifest `image` pushed earlier for `seed` again, to `repo:tag`.
+    async fn push_manifest(&self, repo: &str, tag: &str, seed: &str) -> Result<PutManifest> {
+        let c = Digest::sha256(format!("config {seed}").as_bytes());
+        let l = Digest::sha256(format!("layer {seed}").as_bytes());
+        let m = json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c.to_string(), "size": 1},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l.to_string(), "size": 1}],
+        });
+        self.s
+            .put_manifest(
+                &Self::repo(repo),
+                &tag.parse().unwrap(),
+                "application/vnd.oci.image.manifest.v1+json",
+                Bytes::from(m.to_string()),
+                &[],
+            )
+            .await
+    }
+
+    /// An image pushed to `repo` and deleted, two hours ago: its blobs are still linked there.
+    async fn deleted_image(&self, repo: &str, seed: &str) -> Vec<Digest> {
+        let (m, blobs) = self.image(repo, "old", seed, None).await;
+        self.s
+            .delete_manifest(&Self::repo(repo), &Reference::Digest(m))
+            .await
+            .unwrap();
+        self.age().await;
+        blobs
+    }
+}
+
+async fn age(s: &Store) {
+    s.db.write(|tx| {
+        tx.execute_batch(
+            "UPDATE blobs SET created_at = created_at - 7200, last_access = last_access - 7200;
+             UPDATE repo_blobs SET created_at = created_at - 7200;
+             UPDATE blob_review SET queued_at = queued_at - 7200;
+             UPDATE manifest_review SET queued_at = queued_at - 7200;",
+        )?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+/// How a client puts bytes into a repository.
+#[derive(Clone, Copy, Debug)]
+enum Upload {
+    /// `POST ?digest=` with the body.
+    Monolithic,
+    /// `POST`, then `PUT ?digest=` with the body.
+    PostPut,
+    /// `POST`, `PATCH`, `PATCH`, `PUT ?digest=`.
+    Chunked,
+}
+
+impl T {
+    async fn upload(&self, repo: &str, data: &[u8], how: Upload) -> Digest {
+        let repo = Self::repo(repo);
+        let d = Digest::sha256(data);
+        let up = self.s.start_upload(&repo).await.unwrap();
+        match how {
+            Upload::Monolithic | Upload::PostPut => {
+                self.s
+                    .finish_upload(&repo, &up.id, &d, Some((None, None, body(data.to_vec()))))
+                    .await
+                    .unwrap();
+            }
+            Upload::Chunked => {
+                let (a, b) = data.split_at(data.len() / 2);
+                self.s
+                    .append_upload(&repo, &up.id, Some(0), None, body(a.to_vec()))
+                    .await
+                    .unwrap();
+                // The worst moment for a chunked upload: between chunks.
+                self.s.gc(&policy(), false).await.unwrap();
+                self.s
+                    .append_upload(&repo, &up.id, Some(a.len() as u64), None, body(b.to_vec()))
+                    .await
+                    .unwrap();
+                self.s.finish_upload(&repo, &up.id, &d, None).await.unwrap();
+            }
+        }
+        d
+    }
+}
+
+#[tokio::test]
+async fn a_reupload_into_a_repository_that_still_links_the_blob_survives_gc() {
+    for how in [Upload::Monolithic, Upload::PostPut, Upload::Chunked] {
+        let t = T::new();
+        t.deleted_image("x/app", "s").await;
+        // The client pushes the same bytes again (201 each) ...
+        t.upload("x/app", b"config s", how).await;
+        t.upload("x/app", b"layer s", how).await;
+        // ... GC runs before its manifest arrives ...
+        let r = t.s.gc(&policy(), false).await.unwrap();
+        assert_eq!(r.blobs, 0, "{how:?}: acknowledged blobs collected: {r}");
+        // ... and the manifest push succeeds, with every blob readable.
+        t.push_manifest("x/app", "v2", "s")
+            .await
+            .unwrap_or_else(|e| panic!("{how:?}: manifest push failed: {e}"));
+        for d in [b"config s".as_slice(), b"layer s"].map(Digest::sha256) {
+            assert!(t.exists(&d).await, "{how:?}: {d} lost");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_mount_into_a_repository_that_still_links_the_blob_survives_gc() {
+    let t = T::new();
+    t.deleted_image("q", "m").await; // q still links the blobs
+    t.deleted_image("p", "m").await; // p lends them
+    for d in [b"config m".as_slice(), b"layer m"].map(Digest::sha256) {
+        let mounted =
+            t.s.mount_blob(&T::repo("q"), &d, Some(&T::repo("p")))
+                .await
+                .unwrap();
+        assert!(mounted);
+    }
+    let r = t.s.gc(&policy(), false).await.unwrap();
+    assert_eq!(r.blobs, 0, "mounted blobs collected: {r}");
+    t.push_manifest("q", "v1", "m").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_blob_a_client_was_told_exists_survives_gc_from_another_process() {
+    let t = T::new();
+    t.deleted_image("x/app", "h").await;
+    // docker HEADs each layer, hears 200 and skips the upload ...
+    for d in [b"config h".as_slice(), b"layer h"].map(Digest::sha256) {
+        t.s.stat_blob(&T::repo("x/app"), &d).await.unwrap();
+    }
+    // ... while `berth gc` (another process, or another replica) collects ...
+    let other = Store::new(
+        t.s.objects.clone(),
+        Db::open(&t._dir.path().join("m.db")).unwrap(),
+    );
+    let r = other.gc(&policy(), false).await.unwrap();
+    assert_eq!(r.blobs, 0, "blobs just HEADed were collected: {r}");
+    // ... and then the manifest arrives.
+    t.push_manifest("x/app", "v2", "h").await.unwrap();
+}
+
+#[tokio::test]
+async fn an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_index_arrives() {
+    let t = T::new();
+    let repo = T::repo("multi");
+    let (child, _) = t.image("multi", "tmp", "amd64", None).await;
+    t.s.delete_manifest(&repo, &"tmp".parse().unwrap())
+        .await
+        .unwrap();
+    t.age().await;
+    let p = GcPolicy {
+        untagged_after: Some(Duration::from_secs(HOUR as u64)),
+        ..policy()
+    };
+    // buildx HEADs the platform manifest (200), skips it, and pushes the index.
+    t.s.get_manifest(&repo, &Reference::Digest(child.clone()))
+        .await
+        .unwrap();
+    let other = Store::new(
+        t.s.objects.clone(),
+        Db::open(&t._dir.path().join("m.db")).unwrap(),
+    );
+    let r = other.gc(&p, false).await.unwrap();
+    assert_eq!(r.manifests, 0, "a manifest just read was collected: {r}");
+    let index = json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": child.to_string(), "size": 1}],
+    });
+    t.s.put_manifest(
+        &repo,
+        &"v1".parse().unwrap(),
+        "application/vnd.oci.image.index.v1+json",
+        Bytes::from(index.to_string()),
+        &[],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_repushed_untagged_manifest_survives_gc_until_its_index_arrives() {
+    let t = T::new();
+    let repo = T::repo("multi");
+    let (child, _) = t.image("multi", "tmp", "arm64", None).await;
+    t.s.delete_manifest(&repo, &"tmp".parse().unwrap())
+        .await
+        .unwrap();
+    t.age().await;
+    let p = GcPolicy {
+        untagged_after: Some(Duration::from_secs(HOUR as u64)),
+        ..policy()
+    };
+    // The platform manifest is pushed again by digest (201: it is already there) ...
+    let again = t.push_manifest("multi", &child.to_string(), "arm64").await;
+    assert_eq!(again.unwrap().digest, child);
+    // ... GC runs ...
+    let r = t.s.gc(&p, false).await.unwrap();
+    assert_eq!(r.manifests, 0, "a manifest just pushed was collected: {r}");
+    assert!(
+        t.s.get_manifest(&repo, &Reference::Digest(child))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn one_collection_runs_at_a_time_across_processes() {
+    let mut t = T::new();
+    t.s.instance = "host-a 1 1 aaaa".into();
+    let mut other = Store::new(
+        t.s.objects.clone(),
+        Db::open(&t._dir.path().join("m.db")).unwrap(),
+    );
+    other.instance = "host-b 2 2 bbbb".into();
+    t.s.take_lease("gc", Duration::from_secs(60)).await.unwrap();
+    match other.gc(&policy(), false).await {
+        Err(Error::Busy { holder, .. }) => assert_eq!(holder, "host-a 1 1 aaaa"),
+        r => panic!("a second collection ran beside the first: {r:?}"),
+    }
+    t.s.release_lease("gc").await.unwrap();
+    other.gc(&policy(), false).await.unwrap();
+    // A lapsed lease (its holder died on another host) does not block anyone.
+    t.s.take_lease("gc", Duration::ZERO).await.unwrap();
+    t.s.db
+        .write(|tx| Ok(tx.execute("UPDATE leases SET expires_at = expires_at - 5", [])?))
+        .await
+        .unwrap();
+    other.gc(&policy(), false).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_run_after_an_interrupted_sweep_reports_what_it_freed() {
+    let t = T::new();
+    t.deleted_image("x/app", "k").await;
+    let orphan = t.blob("x/app", b"an orphan, 19 bytes").await;
+    age(&t.s).await;
+    // A run marks, then dies before its sweep (kill -9).
+    let p = policy();
+    let marked =
+        t.s.db
+            .transaction(false, move |tx| mark(tx, &p, now(), "dead-run"))
+            .await
+            .unwrap();
+    assert_eq!(marked.blobs, 3);
+    assert!(t.exists(&orphan).await);
+    // The dry run and the next run both account for what the dead run left.
+    let dry = t.s.gc(&policy(), true).await.unwrap();
+    assert_eq!((dry.blobs, dry.resumed_blobs), (3, 3), "{dry}");
+    let r = t.s.gc(&policy(), false).await.unwrap();
+    assert_eq!(
+        (r.blobs, r.blob_bytes, r.resumed_blobs, r.objects_deleted),
+        (3, 7 + 8 + 19, 3, 3),
+        "{r}"
+    );
+    assert!(
+        r.to_string()
+            .contains("3 of them marked by an interrupted run"),
+        "{r}"
+    );
+    assert!(!t.exists(&orphan).await);
+    // Every process sees the run, whoever ran it.
+    let other = Store::new(
+        t.s.objects.clone(),
+        Db::open(&t._dir.path().join("m.db")).unwrap(),
+    );
+    let last = other.last_gc_run().await.unwrap().expect("a recorded run");
+    assert_eq!(last.report, r);
+    assert_eq!(last.holder, t.s.instance);
 }

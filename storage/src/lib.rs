@@ -12,6 +12,7 @@
 //! - [`backend`]: storage configuration → object store.
 //! - [`gc`]: online garbage collection (mark from SQL review queues, sweep in batches).
 //! - [`maintenance`]: batched pull times, upload expiry.
+//! - `lease`: one holder at a time, across processes, for garbage collection.
 //!
 //! # Consistency rules
 //! - An object is written before the row that makes it visible; a row is deleted before its object.
@@ -24,6 +25,7 @@ pub mod blob;
 pub mod error;
 mod evict;
 pub mod gc;
+mod lease;
 pub mod maintenance;
 pub mod manifest;
 pub mod meta;
@@ -34,7 +36,7 @@ pub use backend::StorageConfig;
 pub use blob::ByteStream;
 pub use error::{Error, Result};
 pub use evict::{EvictPolicy, EvictReport};
-pub use gc::{GcPolicy, GcReport};
+pub use gc::{GcPolicy, GcReport, GcRun};
 pub use names::{Algorithm, Digest, Reference, RepoName, Tag};
 pub use store::{
     BlobRead, MAX_MANIFEST_SIZE, Page, PutManifest, Referrer, Store, StoredManifest, UploadStatus,

@@ -1,8 +1,10 @@
 //! Housekeeping the server runs in the background: writing pull times in batches and expiring
 //! abandoned upload sessions.
 //!
-//! Pull times feed cache eviction and the untagged-manifest policy of garbage collection; they
-//! are kept in memory and written every few seconds so that no GET waits on a database write.
+//! Manifest pull times feed cache eviction (least recently pulled first); they are kept in memory
+//! and written every few seconds so that no GET waits on a database write. What protects content
+//! from garbage collection is not kept here: reads of collection candidates are written through
+//! (see [`crate::gc`]), as every collector, in any process, must see them.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,7 +21,6 @@ use crate::store::Store;
 #[derive(Debug, Default)]
 pub struct PendingPulls {
     manifests: HashMap<(String, String), i64>,
-    blobs: HashMap<String, i64>,
 }
 
 impl Store {
@@ -31,20 +32,13 @@ impl Store {
         }
     }
 
-    /// Notes that blob `digest` was served (in memory only).
-    pub fn record_blob_pull(&self, digest: &Digest) {
-        if let Ok(mut p) = self.pulls.lock() {
-            p.blobs.insert(digest.to_string(), now());
-        }
-    }
-
     /// Writes recorded pull times in one transaction; returns how many rows were touched.
     pub async fn flush_access(&self) -> Result<usize> {
         let pending = match self.pulls.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
             Err(_) => return Ok(0),
         };
-        if pending.manifests.is_empty() && pending.blobs.is_empty() {
+        if pending.manifests.is_empty() {
             return Ok(0);
         }
         self.db
@@ -56,12 +50,6 @@ impl Store {
                 )?;
                 for ((repo, digest), t) in &pending.manifests {
                     n += m.execute(params![repo, digest, t])?;
-                }
-                let mut b = tx.prepare_cached(
-                    "UPDATE blobs SET last_access = max(last_access, ?2) WHERE digest = ?1",
-                )?;
-                for (digest, t) in &pending.blobs {
-                    n += b.execute(params![digest, t])?;
                 }
                 Ok(n)
             })
@@ -151,17 +139,21 @@ mod tests {
     async fn pulls_are_written_in_batches() {
         let (_d, s) = store().await;
         let repo: RepoName = "a".parse().unwrap();
-        let d = Digest::sha256(b"x");
-        s.finish_upload(
-            &repo,
-            &s.start_upload(&repo).await.unwrap().id,
-            &d,
-            Some((None, None, body(b"x"))),
-        )
-        .await
-        .unwrap();
-        s.record_blob_pull(&d);
-        s.record_blob_pull(&d);
+        let m = bytes::Bytes::from_static(
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+        );
+        let out = s
+            .put_manifest(
+                &repo,
+                &"t".parse().unwrap(),
+                "application/vnd.oci.image.index.v1+json",
+                m,
+                &[],
+            )
+            .await
+            .unwrap();
+        s.record_manifest_pull(&repo, &out.digest);
+        s.record_manifest_pull(&repo, &out.digest);
         assert_eq!(s.flush_access().await.unwrap(), 1);
         assert_eq!(s.flush_access().await.unwrap(), 0);
     }

@@ -112,6 +112,10 @@ pub struct Store {
     signer_prefix: Option<Path>,
     /// Local disk root, for writing uploads straight to files.
     local_root: Option<std::path::PathBuf>,
+    /// This process as a lease holder (see `lease`).
+    pub(crate) instance: String,
+    /// Collections in this process run one at a time (the lease keeps other processes out).
+    pub(crate) gc_turn: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -164,6 +168,8 @@ impl Store {
             signer: None,
             signer_prefix: None,
             local_root: None,
+            instance: crate::lease::instance_id(),
+            gc_turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -188,32 +194,58 @@ impl Store {
     // ---------------------------------------------------------------- blobs
 
     /// The size of `digest` if repository `repo` may serve it.
+    ///
+    /// Telling a client that a blob exists is an acknowledgement: docker and skopeo skip the
+    /// upload after a 200 and push a manifest naming it. When the blob is a garbage-collection
+    /// candidate (unreferenced and queued for review), the read is recorded in the database
+    /// before the answer goes out, so every collector — this process, `berth gc`, another
+    /// replica — keeps it for the grace period (see [`crate::gc`]).
     pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
         let (name, d) = (repo.to_string(), digest.to_string());
-        self.db
+        let t = now();
+        let (size, candidate) = self
+            .db
             .read(move |c| {
                 c.query_row(
-                    "SELECT b.size FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
-                     JOIN blobs b ON b.digest = rb.digest WHERE r.name = ?1 AND rb.digest = ?2",
-                    params![name, d],
-                    |r| r.get::<_, i64>(0),
+                    "SELECT b.size,
+                            CASE WHEN q.queued_at < ?3 THEN NOT EXISTS (SELECT 1 FROM manifest_refs m
+                                 WHERE m.child_digest = rb.digest AND m.kind = 'blob') ELSE 0 END
+                     FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
+                     JOIN blobs b ON b.digest = rb.digest
+                     LEFT JOIN blob_review q ON q.digest = rb.digest
+                     WHERE r.name = ?1 AND rb.digest = ?2",
+                    params![name, d, t],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?)),
                 )
                 .optional()?
-                .map(|s| s as u64)
                 .ok_or(Error::BlobUnknown(d))
             })
-            .await
+            .await?;
+        if candidate {
+            let (name, d) = (repo.to_string(), digest.to_string());
+            self.db
+                .write(move |tx| {
+                    // Serialised with GC's mark: either it removed the blob first (404, and the
+                    // client uploads it), or it will see this read.
+                    if !crate::gc::protect_blob_in(tx, &name, &d, t)? {
+                        return Err(Error::BlobUnknown(d));
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(size)
     }
 
-    /// Reads blob `digest` through `repo`; `range` is an inclusive byte range already checked
-    /// against the size by the caller (see [`Store::stat_blob`]).
+    /// Reads blob `digest` of `size` bytes; `range` is an inclusive byte range already checked
+    /// against the size. The caller has checked with [`Store::stat_blob`] that the repository
+    /// may serve it.
     pub async fn read_blob(
         &self,
-        repo: &RepoName,
         digest: &Digest,
+        size: u64,
         range: Option<(u64, u64)>,
     ) -> Result<BlobRead> {
-        let size = self.stat_blob(repo, digest).await?;
         let body = match (size, range) {
             (0, _) => futures_util::stream::empty().boxed(),
             _ => blob::read(&self.objects, &blob_key(digest), range).await?,
@@ -832,7 +864,10 @@ impl Store {
                         t
                     ],
                 )?;
-                if inserted > 0 {
+                if inserted == 0 {
+                    // Pushed again (buildx re-pushes platform manifests before their index).
+                    crate::gc::protect_manifest(tx, rid, &d, t)?;
+                } else {
                     let mut st = tx.prepare_cached(
                         "INSERT INTO manifest_refs (repo_id, manifest_digest, child_digest, kind)
                          VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
@@ -857,6 +892,10 @@ impl Store {
     }
 
     /// Fetches a manifest by tag or digest.
+    ///
+    /// A manifest read by digest that garbage collection could delete (untagged, listed by no
+    /// index, and queued for review) is recorded as read before it is returned, like a blob in
+    /// [`Store::stat_blob`]: a client that hears it exists may push an index naming it next.
     pub async fn get_manifest(
         &self,
         repo: &RepoName,
@@ -864,40 +903,71 @@ impl Store {
     ) -> Result<StoredManifest> {
         let name = repo.to_string();
         let reference = reference.clone();
-        self.db
+        let t = now();
+        let (m, candidate) = self
+            .db
             .read(move |c| {
                 let row = match &reference {
-                    Reference::Tag(t) => c
+                    Reference::Tag(tag) => c
                         .query_row(
-                            "SELECT m.digest, m.media_type, b.content FROM tags t
+                            "SELECT m.digest, m.media_type, b.content, 0 FROM tags t
                              JOIN repos r ON r.id = t.repo_id
                              JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest
                              JOIN manifest_bodies b ON b.digest = m.digest
                              WHERE r.name = ?1 AND t.name = ?2",
-                            params![name, t.as_str()],
-                            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?)),
+                            params![name, tag.as_str()],
+                            manifest_row,
                         )
                         .optional()?,
                     Reference::Digest(d) => c
                         .query_row(
-                            "SELECT m.digest, m.media_type, b.content FROM manifests m
+                            "SELECT m.digest, m.media_type, b.content,
+                                CASE WHEN q.queued_at < ?3 THEN NOT (
+                                    EXISTS (SELECT 1 FROM tags g WHERE g.repo_id = m.repo_id
+                                            AND g.digest = m.digest)
+                                    OR EXISTS (SELECT 1 FROM manifest_refs x
+                                            WHERE x.repo_id = m.repo_id AND x.child_digest = m.digest
+                                            AND x.kind = 'manifest')) ELSE 0 END
+                             FROM manifests m
                              JOIN repos r ON r.id = m.repo_id
                              JOIN manifest_bodies b ON b.digest = m.digest
+                             LEFT JOIN manifest_review q ON q.repo_id = m.repo_id
+                                  AND q.digest = m.digest
                              WHERE r.name = ?1 AND m.digest = ?2",
-                            params![name, d.to_string()],
-                            |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?)),
+                            params![name, d.to_string(), t],
+                            manifest_row,
                         )
                         .optional()?,
                 };
-                let (digest, media_type, content) =
+                let (digest, media_type, content, candidate) =
                     row.ok_or_else(|| Error::ManifestUnknown(reference.to_string()))?;
-                Ok(StoredManifest {
-                    digest: digest.parse()?,
-                    media_type,
-                    bytes: Bytes::from(content),
-                })
+                Ok((
+                    StoredManifest {
+                        digest: digest.parse()?,
+                        media_type,
+                        bytes: Bytes::from(content),
+                    },
+                    candidate,
+                ))
             })
-            .await
+            .await?;
+        if candidate {
+            let (name, d) = (repo.to_string(), m.digest.to_string());
+            self.db
+                .write(move |tx| {
+                    let rid = repo_id(tx, &name)?;
+                    let kept = match rid {
+                        Some(rid) => crate::gc::protect_manifest(tx, rid, &d, t)?,
+                        None => false,
+                    };
+                    if !kept {
+                        return Err(Error::ManifestUnknown(d));
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Ok(m)
     }
 
     /// Deletes a tag (only the tag) or a manifest by digest (with every tag pointing at it).
@@ -1003,18 +1073,29 @@ impl Store {
     }
 }
 
+type ManifestRow = (String, String, Vec<u8>, bool);
+
+fn manifest_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
 fn page(mut items: Vec<String>, n: usize) -> Page {
     let more = items.len() > n;
     items.truncate(n);
     Page { items, more }
 }
 
+/// Links `digest` into a repository (an upload's commit or a mount): the client is told the blob
+/// is there, so it is protected from garbage collection for the grace period even when the
+/// link already existed (a re-push into a repository that still links a deleted image's blob).
 fn link_blob(tx: &rusqlite::Transaction<'_>, repo_id: i64, digest: &str) -> Result<()> {
+    let t = now();
     tx.execute(
         "INSERT INTO repo_blobs (repo_id, digest, created_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT DO NOTHING",
-        params![repo_id, digest, now()],
+         ON CONFLICT (repo_id, digest) DO UPDATE SET created_at = excluded.created_at",
+        params![repo_id, digest, t],
     )?;
+    crate::gc::protect_blob(tx, digest, t)?;
     Ok(())
 }
 

@@ -1,10 +1,11 @@
 //! Garbage collection while clients push, mount, move tags and delete.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use berth_storage::GcPolicy;
+use berth_storage::{GcPolicy, StorageConfig, Store};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
@@ -13,51 +14,78 @@ use crate::support::{TestServer, digest};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-/// Pushes an image the way docker does: HEAD each blob, upload the missing ones, PUT the
-/// manifest; when the registry says a blob vanished (collected meanwhile), start over.
-async fn push(c: &Client, root: &str, repo: &str, tag: &str, blobs: &[Vec<u8>]) -> String {
+/// How a test client pushes.
+#[derive(Clone, Copy)]
+struct Style {
+    /// HEAD each blob first and skip it when the registry has it (docker, skopeo); otherwise
+    /// upload every blob regardless (crane, oras, scripts with curl).
+    head_first: bool,
+    /// Time between the last blob and the manifest, as while another layer uploads.
+    pause: Duration,
+}
+
+const DOCKER: Style = Style {
+    head_first: true,
+    pause: Duration::ZERO,
+};
+
+/// Pushes an image: blobs as `style` says, then the manifest. A registry that loses a blob it
+/// acknowledged fails the push, and the test with it.
+async fn push_as(
+    c: &Client,
+    root: &str,
+    repo: &str,
+    tag: &str,
+    blobs: &[Vec<u8>],
+    style: Style,
+) -> String {
     let m = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&blobs[0]), "size": blobs[0].len()},
         "layers": blobs[1..].iter().map(|b| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(b), "size": b.len()})).collect::<Vec<_>>(),
     }))
     .unwrap();
-    for _attempt in 0..5 {
-        for b in blobs {
-            let d = digest(b);
+    for b in blobs {
+        let d = digest(b);
+        if style.head_first {
             let head = c
                 .head(format!("{root}/v2/{repo}/blobs/{d}"))
                 .send()
                 .await
                 .unwrap();
             if head.status() == StatusCode::OK {
-                continue;
+                continue; // skipped, as docker does: the registry said it has it
             }
-            let r = c
-                .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
-                .body(b.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::CREATED);
+            assert_eq!(head.status(), StatusCode::NOT_FOUND, "HEAD {repo} {d}");
         }
         let r = c
-            .put(format!("{root}/v2/{repo}/manifests/{tag}"))
-            .header("content-type", OCI_MANIFEST)
-            .body(m.clone())
+            .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .body(b.clone())
             .send()
             .await
             .unwrap();
-        match r.status() {
-            StatusCode::CREATED => return digest(&m),
-            StatusCode::BAD_REQUEST => {
-                let v: Value = r.json().await.unwrap();
-                assert_eq!(v["errors"][0]["code"], "MANIFEST_BLOB_UNKNOWN", "{v}");
-            }
-            other => panic!("manifest push answered {other}"),
-        }
+        assert_eq!(r.status(), StatusCode::CREATED);
     }
-    panic!("push of {repo}:{tag} kept losing blobs");
+    tokio::time::sleep(style.pause).await;
+    let r = c
+        .put(format!("{root}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "push of {repo}:{tag} failed after the registry acknowledged its blobs: {body}"
+    );
+    digest(&m)
+}
+
+async fn push(c: &Client, root: &str, repo: &str, tag: &str, blobs: &[Vec<u8>]) -> String {
+    push_as(c, root, repo, tag, blobs, DOCKER).await
 }
 
 fn image_blobs(seed: u64) -> Vec<Vec<u8>> {
@@ -124,9 +152,40 @@ async fn pull_everything(c: &Client, root: &str) -> usize {
     images
 }
 
-fn object_path(root: &std::path::Path, d: &str) -> std::path::PathBuf {
-    let hex = &d[7..];
-    root.join("objects/blobs/sha256").join(&hex[..2]).join(hex)
+/// Digests of the blob objects on disk under a data directory.
+fn blobs_on_disk(data: &std::path::Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let root = data.join("objects/blobs/sha256");
+    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.insert(format!("sha256:{}", f.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+/// How long the writers of the GC stress test push: `BERTH_GC_STRESS_SECS`, 20 s by default
+/// (CI); run it for 600 s before a release.
+fn stress_time() -> Duration {
+    let secs = std::env::var("BERTH_GC_STRESS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
+/// The grace period of the stress test: short, so that re-pushes land near its end.
+const GRACE: Duration = Duration::from_secs(3);
+
+/// Counts of what the stress test did.
+#[derive(Default)]
+struct Tally {
+    pushes: AtomicU64,
+    late_repushes: AtomicU64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +198,6 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
     for i in 0..6 {
         push(&c, &root, &format!("old/{i}"), "v1", &image_blobs(i)).await;
     }
-    let mut garbage: BTreeMap<String, String> = BTreeMap::new(); // digest -> repo
     for i in 0..10u64 {
         let b = noise(3_000, 500 + i);
         let d = digest(&b);
@@ -150,7 +208,6 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
-        garbage.insert(d, "junk".into());
     }
     for i in 0..4u64 {
         let blobs = image_blobs(100 + i);
@@ -163,9 +220,6 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                 .status(),
             StatusCode::ACCEPTED
         );
-        for b in &blobs {
-            garbage.insert(digest(b), "deleted".into());
-        }
     }
     // Make all of it two hours old.
     s.state
@@ -183,33 +237,56 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
         .await
         .unwrap();
 
-    // Clients work while GC runs over and over.
-    let policy = GcPolicy::default();
-    let done = Arc::new(AtomicBool::new(false));
-    let gc = {
-        let store = s.state.store.clone();
-        let done = done.clone();
-        tokio::spawn(async move {
-            let mut runs = 0;
-            let mut removed = 0;
-            while !done.load(Ordering::Relaxed) || runs < 3 {
-                removed += store.gc(&policy, false).await.expect("gc").blobs;
-                runs += 1;
-                tokio::task::yield_now().await;
-            }
-            (runs, removed)
-        })
+    // Two collectors take turns, over and over: the server's store, and a second one on the
+    // same data, as `berth gc` or another replica would be.
+    let policy = GcPolicy {
+        grace: GRACE,
+        ..GcPolicy::default()
     };
+    let other = Arc::new(
+        Store::open(&StorageConfig::local(s.dir.path()))
+            .await
+            .unwrap(),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let collectors: Vec<_> = [s.state.store.clone(), other.clone()]
+        .into_iter()
+        .map(|store| {
+            let (done, policy) = (done.clone(), policy.clone());
+            tokio::spawn(async move {
+                let (mut runs, mut freed) = (0u64, 0u64);
+                while !done.load(Ordering::Relaxed) || runs < 3 {
+                    match store.gc(&policy, false).await {
+                        Ok(r) => {
+                            runs += 1;
+                            freed += r.blobs;
+                        }
+                        Err(berth_storage::Error::Busy { .. }) => {}
+                        Err(e) => panic!("gc: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (runs, freed)
+            })
+        })
+        .collect();
+
+    let tally = Arc::new(Tally::default());
     let reused: Vec<Vec<u8>> = (100..102u64).flat_map(image_blobs).collect();
+    let deadline = Instant::now() + stress_time();
     let mut writers = Vec::new();
     for w in 0..3u64 {
-        let (c, root, reused) = (c.clone(), root.clone(), reused.clone());
+        let (c, root, reused, tally) = (c.clone(), root.clone(), reused.clone(), tally.clone());
         writers.push(tokio::spawn(async move {
-            let mut kept = BTreeSet::new();
-            for round in 0..8u64 {
-                let repo = format!("new/{w}");
+            let repo = format!("new/{w}");
+            // Deleted images whose bytes come back around the end of their grace period: when
+            // each is pushed again (spread across the moment its blobs become collectable), and
+            // how.
+            let mut deleted: VecDeque<(Instant, Duration, Style, Vec<Vec<u8>>)> = VecDeque::new();
+            let mut round = 0u64;
+            while Instant::now() < deadline || !deleted.is_empty() {
                 // A fresh image, sometimes built on blobs that are old garbage.
-                let mut blobs = image_blobs(10_000 + w * 100 + round);
+                let mut blobs = image_blobs(10_000 + w * 100_000 + round);
                 if round % 2 == 0 {
                     blobs.push(reused[((w + round) % reused.len() as u64) as usize].clone());
                 }
@@ -219,7 +296,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                 // Mount an old kept image's layer into a new repository and use it.
                 let old = image_blobs(round % 6);
                 let d = digest(&old[1]);
-                let _ = c
+                let r = c
                     .post(format!(
                         "{root}/v2/mounted/{w}/blobs/uploads/?mount={d}&from=old/{}",
                         round % 6
@@ -227,6 +304,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                     .send()
                     .await
                     .unwrap();
+                assert_eq!(r.status(), StatusCode::CREATED, "mount of {d}");
                 push(
                     &c,
                     &root,
@@ -235,61 +313,98 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                     &old,
                 )
                 .await;
+                tally.pushes.fetch_add(3, Ordering::Relaxed);
                 // Delete every other image again.
-                if round % 2 == 1 {
+                if round % 2 == 1 && Instant::now() < deadline {
                     let r = c
                         .delete(format!("{root}/v2/{repo}/manifests/{md}"))
                         .send()
                         .await
                         .unwrap();
                     assert_eq!(r.status(), StatusCode::ACCEPTED);
-                } else {
-                    kept.insert(md);
+                    // Collectable between GRACE and GRACE + 1 s after the delete (timestamps
+                    // are in seconds): come back anywhere from just before to just after.
+                    let offset = GRACE - Duration::from_millis(400)
+                        + Duration::from_millis((round * 7919 + w * 104_729) % 1_800);
+                    let style = Style {
+                        head_first: round % 4 == 1,
+                        pause: Duration::from_millis(300),
+                    };
+                    deleted.push_back((Instant::now(), offset, style, blobs));
                 }
+                // The same repository still links those blobs: they are pushed again there.
+                while let Some(i) = deleted
+                    .iter()
+                    .position(|(at, off, ..)| at.elapsed() >= *off)
+                {
+                    let (_, _, style, blobs) = deleted.remove(i).unwrap();
+                    push_as(&c, &root, &repo, &format!("back{round}"), &blobs, style).await;
+                    tally.late_repushes.fetch_add(1, Ordering::Relaxed);
+                }
+                if Instant::now() >= deadline
+                    && let Some(wait) = deleted
+                        .iter()
+                        .map(|(at, off, ..)| off.saturating_sub(at.elapsed()))
+                        .min()
+                {
+                    tokio::time::sleep(wait).await;
+                }
+                round += 1;
             }
-            kept
         }));
     }
     for w in writers {
         w.await.unwrap();
     }
     done.store(true, Ordering::Relaxed);
-    let (runs, removed) = gc.await.unwrap();
-    assert!(
-        runs >= 3 && removed > 0,
-        "gc ran {runs} times and removed {removed} blobs"
+    let mut runs = 0;
+    let mut freed = 0;
+    for g in collectors {
+        let (r, f) = g.await.unwrap();
+        runs += r;
+        freed += f;
+    }
+    let pushes = tally.pushes.load(Ordering::Relaxed);
+    let late = tally.late_repushes.load(Ordering::Relaxed);
+    eprintln!(
+        "gc stress: {pushes} pushes ({late} re-pushes around the end of grace), 0 failed; {runs} collections freed {freed} blobs"
     );
+    assert!(
+        runs >= 6 && freed > 0,
+        "gc ran {runs} times and freed {freed} blobs"
+    );
+    assert!(late >= 3, "only {late} late re-pushes");
 
     // Every tagged image pulls completely, before and after one more collection.
     let images = pull_everything(&c, &root).await;
     assert!(images >= 6 + 3 * 5, "only {images} images left");
-    s.state.store.gc(&GcPolicy::default(), false).await.unwrap();
+    tokio::time::sleep(GRACE + Duration::from_millis(1100)).await;
+    s.state.store.gc(&policy, false).await.unwrap();
     assert_eq!(pull_everything(&c, &root).await, images);
 
-    // Old garbage nobody pushed again is gone, from the metadata and from disk.
-    let reused: BTreeSet<String> = reused.iter().map(|b| digest(b)).collect();
-    let mut checked = 0;
-    for (d, repo) in &garbage {
-        if reused.contains(d) {
-            continue;
-        }
-        let r = c
-            .head(format!("{root}/v2/{repo}/blobs/{d}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::NOT_FOUND,
-            "garbage {d} still served"
-        );
-        assert!(
-            !object_path(s.dir.path(), d).exists(),
-            "garbage {d} still on disk"
-        );
-        checked += 1;
-    }
-    assert!(checked >= 10, "{checked}");
+    // What is left on disk is exactly what manifests reference: every unreferenced blob freed.
+    let referenced: BTreeSet<String> = s
+        .state
+        .store
+        .db()
+        .read(|c| {
+            let mut st =
+                c.prepare("SELECT DISTINCT child_digest FROM manifest_refs WHERE kind = 'blob'")?;
+            let ds = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<BTreeSet<_>>>()?;
+            Ok(ds)
+        })
+        .await
+        .unwrap();
+    let on_disk = blobs_on_disk(s.dir.path());
+    let lost: Vec<_> = referenced.difference(&on_disk).collect();
+    let kept: Vec<_> = on_disk.difference(&referenced).collect();
+    assert!(
+        lost.is_empty(),
+        "referenced blobs missing from disk: {lost:?}"
+    );
+    assert!(kept.is_empty(), "unreferenced blobs not freed: {kept:?}");
 }
 
 #[tokio::test]
@@ -339,4 +454,68 @@ async fn gc_cli_dry_run_changes_nothing() {
         "{out}"
     );
     assert_eq!(count(), 0);
+}
+
+/// Issue 14, as an operator met it: docker HEADs the layers of an image whose earlier copy was
+/// deleted (200: still linked), skips them, and `berth gc` runs from the command line before the
+/// manifest arrives. The read was the server's; the collection another process's.
+#[tokio::test]
+async fn blobs_headed_on_a_live_server_survive_berth_gc_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = crate::support::spawn_berth_with(&data, Some("[gc]\ninterval = \"0s\"\n"));
+    let c = crate::support::client();
+    let root = server.root();
+    let blobs = image_blobs(77);
+    let md = push(&c, &root, "x/app", "v1", &blobs).await;
+    let r = c
+        .delete(format!("{root}/v2/x/app/manifests/{md}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // Two hours pass (the rows are aged rather than waited for).
+    let db = rusqlite::Connection::open(data.join("berth.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "UPDATE blob_review SET queued_at = queued_at - 7200;
+         UPDATE blobs SET created_at = created_at - 7200, last_access = last_access - 7200;
+         UPDATE repo_blobs SET created_at = created_at - 7200;",
+    )
+    .unwrap();
+    for b in &blobs {
+        let r = c
+            .head(format!("{root}/v2/x/app/blobs/{}", digest(b)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["gc", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.starts_with("removed: 0 blobs"), "{report}");
+    // The push goes on: the manifest names blobs the registry said it had.
+    push(&c, &root, "x/app", "v2", &blobs).await;
+    // The server's metrics show the command line's run.
+    let metrics = c
+        .get(format!("{root}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("berth_gc_last_run_timestamp_seconds"),
+        "the CLI run is not in the server's metrics"
+    );
 }

@@ -15,7 +15,11 @@ use rusqlite::{
 
 use crate::error::{Error, Result};
 
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("gc.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("gc.sql"),
+    include_str!("runs.sql"),
+];
 /// Read connections, and so reads running at once: more only adds memory and contention on a
 /// few cores.
 const READERS: usize = 4;

@@ -1,0 +1,149 @@
+//! Leases: one holder at a time for work that must not run twice at once across every process
+//! sharing the metadata (the server, `berth gc`, replicas), such as garbage collection.
+//!
+//! A lease is a row naming its holder and when it lapses; the holder renews it while it works
+//! and drops it when done. A holder that dies stops renewing, so its lease lapses by itself; on
+//! the same host, a lease whose holder process is gone (or whose pid now belongs to a process
+//! started later, as after a container restart) is taken over at once, so a crash does not
+//! block the next run.
+
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::error::{Error, Result};
+use crate::meta::now;
+use crate::store::Store;
+
+/// Who holds leases for this process: `<host> <pid> <start> <nonce>`, where `start` is when the
+/// process started (clock ticks since boot, from `/proc`), so that a restarted process that got
+/// the same pid (pid 1 in a container) is not taken for its earlier life.
+pub(crate) fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && !h.contains(' '))
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    let pid = std::process::id();
+    let start = process_start(&pid.to_string()).unwrap_or_else(|| "0".to_owned());
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host} {pid} {start} {}", &nonce[..8])
+}
+
+/// When process `pid` started (field 22 of `/proc/<pid>/stat`); `None` when it does not run or
+/// this is not Linux.
+fn process_start(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it are plain.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19).map(str::to_owned)
+}
+
+/// Whether `holder` (another instance's id) is certainly dead: a process on this host that no
+/// longer runs, or whose pid now belongs to a process started at another time.
+fn holder_is_dead(holder: &str, me: &str) -> bool {
+    let theirs: Vec<&str> = holder.split(' ').collect();
+    let mine: Vec<&str> = me.split(' ').collect();
+    let ([h_host, h_pid, h_start, _], [m_host, ..]) = (theirs.as_slice(), mine.as_slice()) else {
+        return false;
+    };
+    if h_host != m_host || !cfg!(target_os = "linux") {
+        return false;
+    }
+    process_start(h_pid).is_none_or(|started| started != *h_start)
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Takes lease `name` for `ttl`, or says who holds it.
+    pub(crate) async fn take_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
+        let me = self.instance.clone();
+        self.db
+            .write(move |tx| {
+                let t = now();
+                let current: Option<(String, i64)> = tx
+                    .query_row(
+                        "SELECT holder, expires_at FROM leases WHERE name = ?1",
+                        [name],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((holder, until)) = current
+                    && holder != me
+                    && until >= t
+                    && !holder_is_dead(&holder, &me)
+                {
+                    return Err(Error::Busy {
+                        what: name.to_owned(),
+                        holder,
+                        until,
+                    });
+                }
+                tx.execute(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                        expires_at = excluded.expires_at",
+                    params![name, me, t.saturating_add(secs(ttl))],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Extends lease `name` by `ttl`; an error when this process no longer holds it.
+    pub(crate) async fn renew_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
+        let me = self.instance.clone();
+        self.db
+            .write(move |tx| {
+                let n = tx.execute(
+                    "UPDATE leases SET expires_at = ?3 WHERE name = ?1 AND holder = ?2",
+                    params![name, me, now().saturating_add(secs(ttl))],
+                )?;
+                if n == 0 {
+                    return Err(Error::Internal(format!("lost the {name} lease")));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Drops lease `name` if this process holds it.
+    pub(crate) async fn release_lease(&self, name: &'static str) -> Result<()> {
+        let me = self.instance.clone();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                    params![name, me],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_holders_are_recognised_only_on_this_host() {
+        let me = instance_id();
+        let host = me.split(' ').next().unwrap().to_owned();
+        let pid = std::process::id();
+        let start = process_start(&pid.to_string()).unwrap();
+        // Another store in this very process is alive.
+        assert!(!holder_is_dead(&format!("{host} {pid} {start} other"), &me));
+        // The same pid started at another time: an earlier life (a restarted container).
+        assert!(holder_is_dead(&format!("{host} {pid} 1 other"), &me));
+        // No such process.
+        assert!(holder_is_dead(&format!("{host} 4000001 5 other"), &me));
+        // Another host's holder is never judged from here.
+        assert!(!holder_is_dead("elsewhere 4000001 5 other", &me));
+        assert!(!holder_is_dead("garbage", &me));
+    }
+}
