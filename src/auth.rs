@@ -1,14 +1,16 @@
 //! Authentication and authorization for the server: who is calling, and may they do this.
 //!
-//! Built from `[auth]` at start-up. The HTTP side (challenges, the token endpoint) lives in
-//! `api::access` and `api::token`; the rules themselves in the `berth-auth` crate.
+//! Built from `[auth]` at start-up. [`AuthService::decide`] is the one place a request's access
+//! is decided; it returns a typed [`Decision`], which the HTTP side (`api::access`) renders as a
+//! challenge, a `403` or a `429`. The rules themselves live in the `berth-auth` crate.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use berth_auth::{
-    Actions, Issuer, LoginLimiter, Policy, Scope, SigningKey, TokenError, Users, Verifier,
+    Actions, ChallengeError, Credentials, Issuer, LoginLimiter, Policy, Scope, SigningKey,
+    TokenError, Users, Verifier,
 };
 
 use crate::config::{AuthMode, Config};
@@ -59,6 +61,33 @@ impl Caller {
             _ => None,
         }
     }
+}
+
+/// Whether a request may go on.
+#[derive(Debug)]
+pub enum Decision {
+    /// It may, as this caller.
+    Allow(Caller),
+    /// It may not.
+    Deny(Denial),
+}
+
+/// Why a request may not go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// Too many failed logins from this address: wait this long.
+    TooManyFailures(std::time::Duration),
+    /// No valid credentials: authenticate (a challenge), with the reason to show the client.
+    Unauthenticated {
+        /// Why a token was refused, when one was sent.
+        error: Option<ChallengeError>,
+        /// A short reason for the client.
+        reason: &'static str,
+    },
+    /// A valid token that does not grant this: ask for one that does.
+    InsufficientScope,
+    /// A signed-in user who lacks the right.
+    Forbidden,
 }
 
 /// Why a request could not be authenticated.
@@ -187,7 +216,13 @@ impl AuthService {
             Ok(())
         } else {
             self.limiter.failed(ip);
-            tracing::info!(client = %ip, user, "failed login");
+            // A client chooses the name: log a bounded, printable prefix of it.
+            let shown: String = user
+                .chars()
+                .take(64)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            tracing::info!(client = %ip, user = %shown, name_bytes = user.len(), "failed login");
             Err(Rejection::BadCredentials)
         }
     }
@@ -213,21 +248,64 @@ impl AuthService {
         let Some(value) = authorization else {
             return Ok(Caller::Anonymous);
         };
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        let rest = rest.trim();
-        if scheme.eq_ignore_ascii_case("bearer") && self.mode == AuthMode::Token {
-            let v = self.verifier.verify(rest).map_err(Rejection::BadToken)?;
-            return Ok(Caller::Token {
-                subject: v.subject,
-                access: berth_auth::scope::merge(v.access),
-            });
+        match Credentials::parse(value) {
+            Credentials::Bearer(token) if self.mode == AuthMode::Token => {
+                let v = self.verifier.verify(&token).map_err(Rejection::BadToken)?;
+                Ok(Caller::Token {
+                    subject: v.subject,
+                    access: berth_auth::scope::merge(v.access),
+                })
+            }
+            Credentials::Basic { user, password } => {
+                self.login(ip, &user, &password).await?;
+                Ok(Caller::User(user))
+            }
+            Credentials::Malformed => Err(Rejection::BadCredentials),
+            Credentials::Bearer(_) | Credentials::Other => Err(Rejection::Unsupported),
         }
-        if scheme.eq_ignore_ascii_case("basic") {
-            let (user, password) = decode_basic(rest).ok_or(Rejection::BadCredentials)?;
-            self.login(ip, &user, &password).await?;
-            return Ok(Caller::User(user));
+    }
+
+    /// Decides whether a request with `authorization`, from `ip`, may do what `scopes` name;
+    /// `ping` for `/v2/`, which any valid credential may call and anonymous callers are
+    /// challenged on (that is how clients find the auth scheme).
+    pub async fn decide(
+        &self,
+        authorization: Option<&str>,
+        ip: IpAddr,
+        scopes: &[Scope],
+        ping: bool,
+    ) -> Decision {
+        let unauthenticated =
+            |error, reason| Decision::Deny(Denial::Unauthenticated { error, reason });
+        let caller = match self.authenticate(authorization, ip).await {
+            Ok(c) => c,
+            Err(Rejection::TooManyFailures(d)) => {
+                return Decision::Deny(Denial::TooManyFailures(d));
+            }
+            Err(Rejection::BadToken(e)) => {
+                // The detail helps an operator, not a client (nor an attacker).
+                tracing::debug!(client = %ip, error = %e, "token refused");
+                return unauthenticated(Some(ChallengeError::InvalidToken), "invalid token");
+            }
+            Err(Rejection::BadCredentials | Rejection::Unsupported) => {
+                return unauthenticated(None, "invalid credentials");
+            }
+        };
+        if ping {
+            return match caller {
+                Caller::Anonymous => unauthenticated(None, "authentication required"),
+                c => Decision::Allow(c),
+            };
         }
-        Err(Rejection::Unsupported)
+        if self.permits(&caller, scopes) {
+            return Decision::Allow(caller);
+        }
+        match caller {
+            Caller::Anonymous => unauthenticated(None, "authentication required"),
+            // A token for other scopes: the client fetches one for these and retries.
+            Caller::Token { .. } => Decision::Deny(Denial::InsufficientScope),
+            Caller::User(_) | Caller::Open => Decision::Deny(Denial::Forbidden),
+        }
     }
 
     /// Whether `caller` may do everything `required` names.
@@ -259,15 +337,4 @@ impl AuthService {
 /// Whether `caller` may do `required` with `auth` (no auth: always).
 pub fn permits(auth: Option<&AuthService>, caller: &Caller, required: &[Scope]) -> bool {
     auth.is_none_or(|a| a.permits(caller, required))
-}
-
-/// Decodes the credentials of a Basic `Authorization` value.
-pub fn decode_basic(b64: &str) -> Option<(String, String)> {
-    use base64::Engine as _;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (u, p) = text.split_once(':')?;
-    (!u.is_empty()).then(|| (u.to_owned(), p.to_owned()))
 }

@@ -22,6 +22,9 @@ pub enum Command {
     /// Collect garbage once and print what was removed. Safe against a stopped or a running
     /// Berth on the same data: the metadata database serialises it with the server's writes.
     Gc(GcArgs),
+    /// Bring every upstream's `prefetch` list into the cache once, printing each image; exits 1
+    /// when an image could not be fetched. Safe beside a running server on the same data.
+    Prefetch(PrefetchArgs),
     /// Exit 0 when the Berth on this host answers `/livez` (for container health checks,
     /// where no curl is at hand).
     Healthcheck {
@@ -70,4 +73,15 @@ pub struct GcArgs {
     /// Report what would be removed without removing anything.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `berth prefetch` options.
+#[derive(Debug, clap::Args)]
+pub struct PrefetchArgs {
+    /// Data directory [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA")]
+    pub data: Option<PathBuf>,
+    /// Configuration file (TOML); its `[proxy]` section lists what to prefetch.
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
 }

@@ -70,9 +70,12 @@
 //! # [proxy]
 //! # max_size = "200 GiB"        # cap on cached images: least recently pulled go first
 //! # max_age = "30d"             # and those not pulled for this long (space returns at GC)
+//! # prefetch_interval = "1h"    # how often upstreams' prefetch lists are refreshed
 //! # [[proxy.upstream]]          # pull-through cache of another registry (read-only here)
 //! # name = "docker.io"          # how clients name it: `?ns=docker.io`, `/v2/docker.io/...`
 //! # url = "https://registry-1.docker.io"   # default: https://<name> (Docker Hub built in)
+//! # urls = ["https://mirror.corp", "https://registry-1.docker.io"]  # or several, in order
+//! # prefetch = ["library/alpine:3.20", "org/app:1.*"]   # kept warm on a schedule
 //! # aliases = []                # more path prefixes (names with a port need one)
 //! # default = true              # plain names not pushed here come from it (registry-mirrors)
 //! # username = "..."            # credentials for the upstream (password or password_file)
@@ -459,7 +462,7 @@ pub struct TrustedSection {
 }
 
 /// `[proxy]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxySection {
     /// Upstream registries.
@@ -469,6 +472,20 @@ pub struct ProxySection {
     /// Cached images not pulled for this long go.
     #[serde(with = "humantime_serde")]
     pub max_age: Option<Duration>,
+    /// How often the upstreams' `prefetch` lists are brought up to date.
+    #[serde(with = "humantime_serde")]
+    pub prefetch_interval: Duration,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            upstream: Vec::new(),
+            max_size: None,
+            max_age: None,
+            prefetch_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// `[[proxy.upstream]]`.
@@ -479,6 +496,11 @@ pub struct UpstreamSection {
     pub name: String,
     /// Its API base URL.
     pub url: Option<String>,
+    /// Several API base URLs for it (a mirror, then the registry itself), tried in order;
+    /// one that fails is skipped until its backoff passes.
+    pub urls: Vec<String>,
+    /// Images kept warm: `repository:tag`, the tag may hold `*` and `?`.
+    pub prefetch: Vec<String>,
     /// Further path prefixes selecting it.
     pub aliases: Vec<String>,
     /// Plain repository names (no `ns`, no host prefix) not pushed here come from it.
@@ -506,6 +528,8 @@ impl Default for UpstreamSection {
         Self {
             name: String::new(),
             url: None,
+            urls: Vec::new(),
+            prefetch: Vec::new(),
             aliases: Vec::new(),
             default: false,
             username: None,
@@ -679,12 +703,25 @@ impl Config {
                     "{at}.name: a lower-case registry host like \"docker.io\""
                 ));
             }
-            if let Some(url) = &u.url
-                && !(url.starts_with("http://") || url.starts_with("https://"))
-            {
-                problems.push(format!(
-                    "{at}.url: {url:?} must start with http:// or https://"
-                ));
+            if u.url.is_some() && !u.urls.is_empty() {
+                problems.push(format!("{at}: give url or urls, not both"));
+            }
+            for url in u.url.iter().chain(&u.urls) {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    problems.push(format!(
+                        "{at}.url: {url:?} must start with http:// or https://"
+                    ));
+                }
+            }
+            for p in &u.prefetch {
+                let (repo, tag) = p.rsplit_once(':').unwrap_or((p, "latest"));
+                if repo.parse::<berth_storage::RepoName>().is_err() {
+                    problems.push(format!(
+                        "{at}.prefetch: {p:?} is not repository:tag (a tag may hold * and ?)"
+                    ));
+                } else if let Err(e) = glob::Pattern::new(tag) {
+                    problems.push(format!("{at}.prefetch: {p:?}: {e}"));
+                }
             }
             if u.password.is_some() && u.password_file.is_some() {
                 problems.push(format!("{at}: give password or password_file, not both"));
@@ -704,6 +741,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.proxy.prefetch_interval < Duration::from_secs(60) {
+            problems.push("proxy.prefetch_interval: must be at least 1m".to_owned());
         }
         if ups.iter().filter(|u| u.default).count() > 1 {
             problems.push("proxy.upstream: only one upstream can be the default".to_owned());

@@ -1,4 +1,5 @@
-//! Background jobs: pull-time flushes, upload expiry, scheduled garbage collection.
+//! Background jobs: pull-time flushes, upload expiry, scheduled garbage collection, cache
+//! eviction and prefetch.
 //!
 //! Background jobs. Each is a `run_once` plus a loop on an interval, spawned on one
 //! [`TaskTracker`] and stopped through one [`CancellationToken`], so shutdown waits for them.
@@ -36,7 +37,7 @@ impl Jobs {
         tracker.spawn(every(FLUSH_EVERY, cancel.clone(), move || {
             let s = s.clone();
             async move {
-                if let Err(e) = s.store.flush_access().await {
+                if let Err(e) = s.store().flush_access().await {
                     warn!(error = %e, "writing pull times failed");
                 }
             }
@@ -46,7 +47,7 @@ impl Jobs {
             let s = s.clone();
             async move {
                 if let Err(e) = s
-                    .store
+                    .store()
                     .expire_uploads(s.config.registry.upload_expiry)
                     .await
                 {
@@ -66,7 +67,7 @@ impl Jobs {
                 let s = s.clone();
                 async move {
                     // The run is recorded in the database, where `/metrics` reads it.
-                    match s.store.gc(&s.config.gc_policy(), false).await {
+                    match s.store().gc(&s.config.gc_policy(), false).await {
                         Ok(_) => {}
                         Err(berth_storage::Error::Busy { holder, .. }) => {
                             tracing::info!(%holder, "scheduled garbage collection skipped: another one is running")
@@ -76,14 +77,14 @@ impl Jobs {
                 }
             }));
         }
-        if let Some(proxy) = state.proxy.clone()
+        if let Some(proxy) = state.registry.proxy().cloned()
             && (proxy.evict_policy().max_bytes.is_some() || proxy.evict_policy().max_age.is_some())
         {
             let s = state.clone();
             tracker.spawn(every(EVICT_EVERY, cancel.clone(), move || {
                 let (s, p) = (s.clone(), proxy.clone());
                 async move {
-                    match s.store.evict_cache(p.evict_policy()).await {
+                    match s.store().evict_cache(p.evict_policy()).await {
                         Ok(r) => {
                             metrics::gauge!("berth_proxy_cache_bytes").set(r.bytes_after as f64)
                         }
@@ -91,6 +92,19 @@ impl Jobs {
                     }
                 }
             }));
+        }
+        if let Some(proxy) = state.registry.proxy().cloned()
+            && proxy.has_prefetch()
+        {
+            let s = state.clone();
+            tracker.spawn(every(
+                state.config.proxy.prefetch_interval,
+                cancel.clone(),
+                move || {
+                    let (s, p) = (s.clone(), proxy.clone());
+                    async move { prefetch_once(&s, &p).await }
+                },
+            ));
         }
         tracker.close();
         Self {
@@ -104,9 +118,36 @@ impl Jobs {
     pub async fn stop(self) {
         self.cancel.cancel();
         self.tracker.wait().await;
-        if let Err(e) = self.state.store.flush_access().await {
+        if let Err(e) = self.state.store().flush_access().await {
             warn!(error = %e, "writing pull times at shutdown failed");
         }
+    }
+}
+
+/// One scheduled prefetch run, under the cluster-wide `prefetch` lease.
+async fn prefetch_once(state: &AppState, proxy: &crate::proxy::Proxy) {
+    use crate::proxy::prefetch::{LEASE, LEASE_TTL};
+    let held = match state.store().hold_lease(LEASE, LEASE_TTL).await {
+        Ok(h) => h,
+        Err(berth_storage::Error::Busy { holder, .. }) => {
+            tracing::info!(%holder, "scheduled prefetch skipped: another one is running");
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "prefetch lease");
+            return;
+        }
+    };
+    let done = proxy
+        .prefetch(|p| match &p.error {
+            None => tracing::info!(upstream = %p.upstream, image = %p.image, manifests = p.manifests, blobs = p.blobs, bytes = p.bytes, cached = p.cached, "prefetched"),
+            Some(e) => warn!(upstream = %p.upstream, image = %p.image, error = %e, "prefetch failed"),
+        })
+        .await;
+    metrics::gauge!("berth_proxy_prefetch_failed_images")
+        .set(done.iter().filter(|p| p.error.is_some()).count() as f64);
+    if let Err(e) = held.release().await {
+        warn!(error = %e, "releasing the prefetch lease");
     }
 }
 

@@ -6,6 +6,8 @@
 //! - [`config`]: the configuration file and its defaults.
 //! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection).
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
+//! - [`registry`]: the façade handlers call: local storage, and the cache where configured;
+//!   decides once per request whether it is local or goes to an upstream.
 //! - [`proxy`]: the pull-through cache of upstream registries.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
@@ -23,6 +25,7 @@ pub mod config;
 pub mod jobs;
 pub mod metrics;
 pub mod proxy;
+pub mod registry;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
@@ -49,6 +52,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    metrics::install();
     let jobs = jobs::Jobs::start(&state);
     let make = app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = if state.config.tls.enabled() {

@@ -1,7 +1,7 @@
 //! The `berth` binary: parse the command line, load the configuration, run.
 
 use anyhow::Context;
-use berth::cli::{Cli, Command, GcArgs, ServeArgs};
+use berth::cli::{Cli, Command, GcArgs, PrefetchArgs, ServeArgs};
 use berth::config::Config;
 use clap::Parser;
 
@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args),
         Command::Gc(args) => gc(args),
+        Command::Prefetch(args) => prefetch(args),
         Command::Healthcheck { listen } => healthcheck(listen),
         Command::Passwd { user, cost } => passwd(&user, cost),
     }
@@ -95,6 +96,72 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
+    let mut config = load(args.config.as_deref())?;
+    if let Some(d) = args.data {
+        config.data = d;
+    }
+    berth::telemetry::init(&config.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        use berth::proxy::prefetch::{LEASE, LEASE_TTL};
+        let storage = config.storage_config()?;
+        let store = std::sync::Arc::new(
+            berth_storage::Store::open(&storage)
+                .await
+                .context("opening storage")?,
+        );
+        // A spool of its own: the server's is in use by its own fetches.
+        let spool = tempfile_dir(&config.data)?;
+        let proxy = berth::proxy::Proxy::from_config(
+            &config,
+            store.clone(),
+            berth::proxy::Spool::At(spool.clone()),
+        )
+        .map_err(anyhow::Error::msg)?
+        .filter(berth::proxy::Proxy::has_prefetch)
+        .context("no [[proxy.upstream]] lists images to prefetch")?;
+        let held = match store.hold_lease(LEASE, LEASE_TTL).await {
+            Ok(h) => h,
+            Err(e @ berth_storage::Error::Busy { .. }) => {
+                anyhow::bail!("{e}; try again when it has finished")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let done = proxy
+            .prefetch(|p| {
+                #[allow(clippy::print_stdout)]
+                {
+                    println!("{p}");
+                }
+            })
+            .await;
+        held.release().await?;
+        let _ = std::fs::remove_dir_all(&spool);
+        let failed = done.iter().filter(|p| p.error.is_some()).count();
+        let bytes: u64 = done.iter().map(|p| p.bytes).sum();
+        #[allow(clippy::print_stdout)]
+        {
+            println!(
+                "prefetch: {} images, {} failed, {bytes} bytes fetched",
+                done.len(),
+                failed
+            );
+        }
+        anyhow::ensure!(failed == 0, "{failed} images could not be prefetched");
+        Ok(())
+    })
+}
+
+/// A fresh directory under `data` for this process's use.
+fn tempfile_dir(data: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let dir = data.join(format!("proxy-spool-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -1,8 +1,10 @@
-//! Prometheus metrics, served at `/metrics`.
+//! Prometheus metrics, served at `/metrics`. A leaf: it reads what others decided (the
+//! request's [`Classified`] operation) and what storage recorded; the recorder is installed
+//! once, at start-up ([`install`]).
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `berth_requests_total` | counter | endpoint, method, status |
+//! | `berth_requests_total` | counter | endpoint (the operation's name), method, status |
 //! | `berth_request_duration_seconds` | histogram | endpoint, method |
 //! | `berth_bytes_received_total` | counter | |
 //! | `berth_bytes_sent_total` | counter | |
@@ -19,10 +21,15 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::api::endpoint::Endpoint;
+use crate::api::operation::Classified;
 use crate::state::AppState;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls do nothing).
+pub fn install() {
+    handle();
+}
 
 /// The process-wide recorder's handle, installing the recorder on first use.
 pub fn handle() -> &'static PrometheusHandle {
@@ -45,11 +52,10 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// Middleware: counts and times every request, by endpoint.
 pub async fn track(req: Request, next: Next) -> Response {
-    let label = match req.uri().path() {
-        "/metrics" => "metrics",
-        "/livez" | "/readyz" => "health",
-        p => Endpoint::parse(p).map(|e| e.label()).unwrap_or("other"),
-    };
+    let label = req
+        .extensions()
+        .get::<Classified>()
+        .map_or("other", Classified::label);
     let method = req.method().as_str().to_owned();
     let start = Instant::now();
     let resp = next.run(req).await;
@@ -71,11 +77,11 @@ pub async fn track(req: Request, next: Next) -> Response {
 
 /// `GET /metrics`.
 pub async fn render(State(state): State<AppState>) -> Response {
-    if let Ok(n) = state.store.uploads_in_progress().await {
+    if let Ok(n) = state.store().uploads_in_progress().await {
         metrics::gauge!("berth_uploads_in_progress").set(n as f64);
     }
     // The latest collection of any process sharing the database (`berth gc`, other replicas).
-    if let Ok(Some(run)) = state.store.last_gc_run().await {
+    if let Ok(Some(run)) = state.store().last_gc_run().await {
         gc_gauges(&run);
     }
     (

@@ -6,6 +6,8 @@ use berth_storage::Store;
 
 use crate::auth::{AuthService, AuthSetupError};
 use crate::config::Config;
+use crate::proxy::{Proxy, Spool};
+use crate::registry::Registry;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -27,31 +29,32 @@ pub enum StartError {
 /// What handlers share.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    /// The registry's storage.
-    pub store: Arc<Store>,
+    /// The registry: local storage, and the pull-through cache where configured.
+    pub registry: Registry,
     /// The configuration the server runs with.
     pub config: Arc<Config>,
     /// Authentication and access control; `None` when `auth.mode` is `none`.
     pub auth: Option<Arc<AuthService>>,
-    /// The pull-through cache; `None` without upstreams.
-    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 impl AppState {
-    /// Opens storage and sets up authentication as `config` says.
+    /// Opens storage and sets up authentication and the cache as `config` says.
     pub async fn open(config: Config) -> Result<Self, StartError> {
-        crate::metrics::handle();
         let auth = AuthService::from_config(&config)?.map(Arc::new);
         let storage = config.storage_config()?;
         let store = Arc::new(Store::open(&storage).await?);
-        let proxy = crate::proxy::Proxy::from_config(&config, store.clone())
+        let proxy = Proxy::from_config(&config, store.clone(), Spool::Server)
             .map_err(StartError::Proxy)?
             .map(Arc::new);
         Ok(Self {
-            store,
+            registry: Registry::new(store, proxy),
             config: Arc::new(config),
             auth,
-            proxy,
         })
+    }
+
+    /// Local storage (background jobs, health, metrics).
+    pub fn store(&self) -> &Arc<Store> {
+        self.registry.store()
     }
 }

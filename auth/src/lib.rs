@@ -5,11 +5,13 @@
 //! - [`htpasswd`]: users and passwords (bcrypt).
 //! - [`policy`]: who may pull, push or delete where.
 //! - [`challenge`]: `WWW-Authenticate` values.
+//! - [`credentials`]: `Authorization` values.
 //! - [`limiter`]: failed-login limiting per client address.
 //!
 //! Names are plain `&str` here: the server checks them against the OCI grammar before asking.
 
 pub mod challenge;
+pub mod credentials;
 pub mod error;
 pub mod htpasswd;
 pub mod limiter;
@@ -18,6 +20,7 @@ pub mod scope;
 pub mod token;
 
 pub use challenge::{Challenge, ChallengeError};
+pub use credentials::Credentials;
 pub use error::{Error, TokenError};
 pub use htpasswd::Users;
 pub use limiter::LoginLimiter;

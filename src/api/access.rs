@@ -1,5 +1,6 @@
-//! Access control on the distribution API: the scope each request needs, the caller's
-//! identity, and the 401/403/429 answers with their challenges.
+//! Access control on the distribution API, as HTTP: the caller's address and credentials go
+//! to [`AuthService::decide`], and its typed decision is rendered here (a challenge with the
+//! exact scope, a `403`, a `429`).
 //!
 //! Checked before the handler looks anything up, so an anonymous request for a private
 //! repository gets the same 401 whether the repository exists or not.
@@ -7,33 +8,16 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Request};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_auth::{Actions, Challenge, ChallengeError, Scope};
 use serde_json::json;
 
-use super::endpoint::Endpoint;
 use super::error::{ApiError, Code};
-use crate::auth::{AuthService, Caller, Rejection};
+use super::operation::{Access, Operation};
+use crate::auth::{AuthService, Caller, Decision, Denial};
 use crate::config::AuthMode;
 use crate::state::AppState;
-
-/// The scopes a request needs: pull to read, pull+push to write, delete to delete.
-pub fn required(ep: &Endpoint<'_>, method: &Method) -> Vec<Scope> {
-    let repo = |name: &str, actions| vec![Scope::repository(name, actions)];
-    let write = Actions::PULL | Actions::PUSH;
-    match *ep {
-        Endpoint::Base => Vec::new(),
-        Endpoint::Catalog => vec![Scope::catalog()],
-        Endpoint::Tags { name } | Endpoint::Referrers { name, .. } => repo(name, Actions::PULL),
-        Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } => match *method {
-            Method::PUT => repo(name, write),
-            Method::DELETE => repo(name, Actions::DELETE),
-            _ => repo(name, Actions::PULL),
-        },
-        Endpoint::Uploads { name } | Endpoint::Upload { name, .. } => repo(name, write),
-    }
-}
 
 /// The client's address (for failed-login limiting): the peer, or, when the peer is a trusted
 /// proxy, the nearest address in `X-Forwarded-For` that is not one (entries further left
@@ -147,57 +131,29 @@ pub fn too_many(retry: std::time::Duration) -> Response {
 /// Identifies the caller and checks it may make this request; the answer to send otherwise.
 pub async fn authorize(
     state: &AppState,
-    ep: &Endpoint<'_>,
-    method: &Method,
+    op: &Operation,
     headers: &HeaderMap,
     ip: IpAddr,
 ) -> Result<Caller, Response> {
     let Some(auth) = state.auth.as_deref() else {
         return Ok(Caller::Open);
     };
-    let scopes = required(ep, method);
+    let scopes = op.scopes();
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match auth.authenticate(authorization, ip).await {
-        Ok(c) => c,
-        Err(Rejection::TooManyFailures(d)) => return Err(too_many(d)),
-        Err(Rejection::BadToken(e)) => {
-            let c = challenge(
-                state,
-                auth,
-                headers,
-                &scopes,
-                Some(ChallengeError::InvalidToken),
-            );
-            return Err(unauthorized(&c, &e.to_string(), &scopes));
-        }
-        Err(Rejection::BadCredentials | Rejection::Unsupported) => {
-            let c = challenge(state, auth, headers, &scopes, None);
-            return Err(unauthorized(&c, "invalid credentials", &scopes));
-        }
+    let ping = op.route.access == Access::SignedIn;
+    let denial = match auth.decide(authorization, ip, &scopes, ping).await {
+        Decision::Allow(caller) => return Ok(caller),
+        Decision::Deny(d) => d,
     };
-    if matches!(ep, Endpoint::Base) {
-        // `/v2/` answers 200 to any valid credential and challenges anonymous clients, which is
-        // how `docker login` and every client's first ping find the auth scheme.
-        return match caller {
-            Caller::Anonymous => {
-                let c = challenge(state, auth, headers, &[], None);
-                Err(unauthorized(&c, "authentication required", &[]))
-            }
-            c => Ok(c),
-        };
-    }
-    if auth.permits(&caller, &scopes) {
-        return Ok(caller);
-    }
-    match caller {
-        Caller::Anonymous => {
-            let c = challenge(state, auth, headers, &scopes, None);
-            Err(unauthorized(&c, "authentication required", &scopes))
+    Err(match denial {
+        Denial::TooManyFailures(d) => too_many(d),
+        Denial::Unauthenticated { error, reason } => {
+            let c = challenge(state, auth, headers, &scopes, error);
+            unauthorized(&c, reason, &scopes)
         }
-        // A token for other scopes: the client fetches one for these and retries.
-        Caller::Token { .. } => {
+        Denial::InsufficientScope => {
             let c = challenge(
                 state,
                 auth,
@@ -205,20 +161,15 @@ pub async fn authorize(
                 &scopes,
                 Some(ChallengeError::InsufficientScope),
             );
-            Err(unauthorized(
-                &c,
-                "the token does not grant this access",
-                &scopes,
-            ))
+            unauthorized(&c, "the token does not grant this access", &scopes)
         }
-        Caller::User(_) | Caller::Open => Err(ApiError::new(
-            Code::Denied,
-            "requested access to the resource is denied",
-        )
-        .with_detail(detail(&scopes))
-        .with_status(StatusCode::FORBIDDEN)
-        .into_response()),
-    }
+        Denial::Forbidden => {
+            ApiError::new(Code::Denied, "requested access to the resource is denied")
+                .with_detail(detail(&scopes))
+                .with_status(StatusCode::FORBIDDEN)
+                .into_response()
+        }
+    })
 }
 
 /// Whether the caller may pull `repo` (cross-repository mount sources).
@@ -264,39 +215,5 @@ mod tests {
             forwarded_client(ingress, &HeaderMap::new(), &trusted),
             ingress
         );
-    }
-
-    #[test]
-    fn scopes_per_operation() {
-        let m = Endpoint::Manifest {
-            name: "a/b",
-            reference: "t",
-        };
-        assert_eq!(
-            required(&m, &Method::GET)[0].to_string(),
-            "repository:a/b:pull"
-        );
-        assert_eq!(
-            required(&m, &Method::HEAD)[0].to_string(),
-            "repository:a/b:pull"
-        );
-        assert_eq!(
-            required(&m, &Method::PUT)[0].to_string(),
-            "repository:a/b:pull,push"
-        );
-        assert_eq!(
-            required(&m, &Method::DELETE)[0].to_string(),
-            "repository:a/b:delete"
-        );
-        let u = Endpoint::Upload { name: "a", id: "x" };
-        assert_eq!(
-            required(&u, &Method::GET)[0].to_string(),
-            "repository:a:pull,push"
-        );
-        assert_eq!(
-            required(&Endpoint::Catalog, &Method::GET)[0].to_string(),
-            "registry:catalog:*"
-        );
-        assert!(required(&Endpoint::Base, &Method::GET).is_empty());
     }
 }

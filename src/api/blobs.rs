@@ -2,12 +2,14 @@
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_storage::Digest;
 
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{DIGEST_HEADER, byte_range, repo, value};
+use super::operation::Operation;
+use crate::registry::Blob;
 use crate::state::AppState;
 
 fn digest(s: &str) -> ApiResult<Digest> {
@@ -15,21 +17,30 @@ fn digest(s: &str) -> ApiResult<Digest> {
 }
 
 /// `GET`/`HEAD` a blob: 200 with the bytes, 206 for a satisfiable `Range`, 416 otherwise,
-/// 404 `BLOB_UNKNOWN` when the repository does not hold it.
-pub async fn get(state: &AppState, name: &str, d: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
-    let digest = digest(d)?;
-    let size = state.store.stat_blob(&repo, &digest).await?;
-    serve(state, &digest, size, req.method(), req.headers()).await
+/// 404 `BLOB_UNKNOWN` when the repository does not hold it; 307 to the object store when it
+/// presigns.
+pub async fn get(state: AppState, op: Operation, req: Request) -> ApiResult {
+    repo(op.repository())?;
+    let digest = digest(op.arg())?;
+    let head = op.is_head();
+    let blob = state
+        .registry
+        .blob(super::at(&op), &digest, head)
+        .await
+        .map_err(|e| ApiError::missing(e, Code::BlobUnknown))?;
+    match blob {
+        Blob::Stored { size } => serve(&state, &digest, size, head, req.headers()).await,
+        Blob::Upstream { size } => Ok(from_upstream(&digest, size, Body::empty())),
+        Blob::Streaming { size, body } => Ok(from_upstream(&digest, size, Body::from_stream(body))),
+    }
 }
 
-/// The answer to a `GET`/`HEAD` of blob `digest` (`size` bytes), which the repository asked
-/// for may serve.
-pub async fn serve(
+/// The answer for a stored blob of `size` bytes.
+async fn serve(
     state: &AppState,
     digest: &Digest,
     size: u64,
-    method: &Method,
+    head: bool,
     headers: &HeaderMap,
 ) -> ApiResult {
     let Ok(range) = byte_range(headers, size) else {
@@ -44,11 +55,11 @@ pub async fn serve(
     };
     // Ranged reads are served here: not every object store takes every range form (Azure has
     // no suffix ranges), and they are resumptions, not bulk downloads.
-    if *method == Method::GET
+    if !head
         && range.is_none()
         && state.config.storage.redirects()
         && let Some(url) = state
-            .store
+            .registry
             .blob_url(digest, state.config.storage.redirect_ttl())
             .await?
     {
@@ -59,10 +70,10 @@ pub async fn serve(
         h.insert(header::CONTENT_LENGTH, value("0"));
         return Ok(resp);
     }
-    let body = if *method == Method::HEAD {
+    let body = if head {
         Body::empty()
     } else {
-        Body::from_stream(state.store.read_blob(digest, size, range).await?.body)
+        Body::from_stream(state.registry.read_blob(digest, size, range).await?.body)
     };
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
@@ -81,14 +92,26 @@ pub async fn serve(
     Ok(resp)
 }
 
+/// A blob the upstream answers for (a `HEAD`, or bytes streamed as they are cached).
+fn from_upstream(d: &Digest, size: Option<u64>, body: Body) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, value("application/octet-stream"));
+    h.insert(DIGEST_HEADER, value(&d.to_string()));
+    if let Some(n) = size {
+        h.insert(header::CONTENT_LENGTH, value(&n.to_string()));
+    }
+    resp
+}
+
 /// `DELETE` a blob from a repository: 202, or 404 `BLOB_UNKNOWN`.
-pub async fn delete(state: &AppState, name: &str, d: &str) -> ApiResult {
-    let repo = repo(name)?;
-    let digest = digest(d)?;
+pub async fn delete(state: AppState, op: Operation) -> ApiResult {
+    repo(op.repository())?;
+    let digest = digest(op.arg())?;
     if !state.config.registry.delete_enabled {
         return Err(ApiError::new(Code::Unsupported, "deletes are disabled"));
     }
-    state.store.delete_blob(&repo, &digest).await?;
+    state.registry.delete_blob(super::at(&op), &digest).await?;
     Ok(accepted())
 }
 

@@ -1,12 +1,17 @@
 //! [`ApiError`]: every failure as an OCI error code, an HTTP status and a message.
 //!
-//! Storage errors are mapped once, here. Internal failures are logged where they are turned
-//! into a response and reach the client only as a generic `UNKNOWN`.
+//! Storage, cache and routing errors are mapped once, here. An internal failure reaches the
+//! client only as a generic `UNKNOWN`; its detail travels in the response's extensions to
+//! [`log_failures`], the one place failures are logged and counted.
 
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use berth_storage::Error as StoreError;
 use serde_json::json;
+
+use crate::proxy::{CacheError, UpstreamError};
 
 /// An error code of the distribution spec (plus Docker's extras).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +116,18 @@ pub struct ApiError {
     message: String,
     detail: Option<serde_json::Value>,
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// What went wrong inside, for the log only.
+    internal: Option<String>,
+}
+
+/// The inside story of a failed request, left in the response's extensions for
+/// [`log_failures`].
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// What failed.
+    pub error: String,
+    /// Whether it was storage (counted in `berth_storage_errors_total`).
+    pub storage: bool,
 }
 
 impl ApiError {
@@ -122,7 +139,15 @@ impl ApiError {
             message: message.into(),
             detail: None,
             headers: Vec::new(),
+            internal: None,
         }
+    }
+
+    /// A generic `UNKNOWN` for the client; `error` goes to the log.
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(Code::Unknown, "internal storage error");
+        e.internal = Some(error.to_string());
+        e
     }
 
     /// Overrides the status.
@@ -188,13 +213,89 @@ impl From<StoreError> for ApiError {
                 Self::new(Code::ManifestInvalid, msg).with_status(StatusCode::PAYLOAD_TOO_LARGE)
             }
             StoreError::Body(_) => Self::new(Code::BlobUploadInvalid, msg),
-            other => {
-                metrics::counter!("berth_storage_errors_total").increment(1);
-                tracing::error!(error = %other, "storage failure");
-                Self::new(Code::Unknown, "internal storage error")
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<CacheError> for ApiError {
+    fn from(e: CacheError) -> Self {
+        match e {
+            CacheError::Upstream(UpstreamError::NotFound(m)) => {
+                Self::new(Code::NameUnknown, m).with_status(StatusCode::NOT_FOUND)
+            }
+            CacheError::Upstream(UpstreamError::RateLimited {
+                retry_after,
+                message,
+            }) => {
+                let e = Self::new(
+                    Code::TooManyRequests,
+                    format!("not cached, and the upstream rate-limits us: {message}"),
+                );
+                match retry_after.and_then(|r| HeaderValue::from_str(&r).ok()) {
+                    Some(v) => e.with_header(header::RETRY_AFTER, v),
+                    None => e,
+                }
+            }
+            CacheError::Upstream(e @ UpstreamError::Unavailable(_)) => Self::new(
+                Code::Unavailable,
+                format!("not cached, and the upstream cannot be reached: {e}"),
+            ),
+            CacheError::Upstream(e @ UpstreamError::BadContent(_)) => {
+                Self::new(Code::Unavailable, e.to_string()).with_status(StatusCode::BAD_GATEWAY)
+            }
+            // An operator error at the gateway, not the client's: 502, and the message says
+            // which upstream refused which credentials.
+            CacheError::Upstream(e @ UpstreamError::CredentialsRefused(_)) => {
+                Self::new(Code::Unavailable, e.to_string()).with_status(StatusCode::BAD_GATEWAY)
+            }
+            CacheError::Storage(m) => Self::internal(format!("cache storage: {m}")),
+        }
+    }
+}
+
+impl From<crate::registry::Error> for ApiError {
+    fn from(e: crate::registry::Error) -> Self {
+        use crate::registry::Error as E;
+        match e {
+            E::Storage(e) => e.into(),
+            E::Cache(e) => e.into(),
+            E::ReadOnly(_) => Self::new(Code::Unsupported, "cached repositories are read-only"),
+            e @ E::UnknownUpstream(_) => {
+                Self::new(Code::NameUnknown, e.to_string()).with_status(StatusCode::NOT_FOUND)
             }
         }
     }
+}
+
+impl ApiError {
+    /// Like `From`, but an answer of "not there" from the cache gets the code `missing` (a
+    /// manifest or a blob rather than a repository).
+    pub fn missing(e: crate::registry::Error, missing: Code) -> Self {
+        match e {
+            crate::registry::Error::Cache(CacheError::Upstream(UpstreamError::NotFound(m))) => {
+                Self::new(missing, m)
+            }
+            other => other.into(),
+        }
+    }
+}
+
+/// Middleware: logs each failed request once, inside its span, with what failed inside, and
+/// counts storage failures.
+pub async fn log_failures(req: Request, next: Next) -> Response {
+    let op = req
+        .extensions()
+        .get::<super::operation::Classified>()
+        .map_or("other", |c| c.name());
+    let mut resp = next.run(req).await;
+    if let Some(f) = resp.extensions_mut().remove::<Failure>() {
+        if f.storage {
+            metrics::counter!("berth_storage_errors_total").increment(1);
+        }
+        tracing::error!(operation = op, status = resp.status().as_u16(), error = %f.error, "request failed");
+    }
+    resp
 }
 
 impl IntoResponse for ApiError {
@@ -212,6 +313,12 @@ impl IntoResponse for ApiError {
             .into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
+        }
+        if let Some(error) = self.internal {
+            resp.extensions_mut().insert(Failure {
+                error,
+                storage: true,
+            });
         }
         resp
     }

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{param, query, repo, value};
+use super::operation::Operation;
 use crate::auth::Caller;
 use crate::state::AppState;
 
@@ -46,11 +47,18 @@ fn json_page(body: serde_json::Value, page: &Page, base: &str, n: usize) -> Resp
 }
 
 /// `GET /v2/<name>/tags/list[?n=&last=]`.
-pub async fn tags(state: &AppState, name: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
+///
+/// For a cached repository the page comes from the upstream (the cached tags when it fails),
+/// under the name the client used.
+pub async fn tags(state: AppState, op: Operation, req: Request) -> ApiResult {
+    let repo = repo(op.repository())?;
     let q = query(req.uri());
     let n = page_size(&q, MAX_PAGE)?;
-    let page = state.store.list_tags(&repo, param(&q, "last"), n).await?;
+    let page = state
+        .registry
+        .tags(super::at(&op), param(&q, "last"), n)
+        .await
+        .map_err(|e| ApiError::missing(e, Code::NameUnknown))?;
     let body = json!({ "name": repo.as_str(), "tags": page.items });
     Ok(json_page(body, &page, &format!("/v2/{repo}/tags/list"), n))
 }
@@ -59,7 +67,7 @@ pub async fn tags(state: &AppState, name: &str, req: Request) -> ApiResult {
 ///
 /// With access control on, only repositories the caller may pull are listed; pages are
 /// filled from further storage pages so `n` still means `n`.
-pub async fn catalog(state: &AppState, req: Request) -> ApiResult {
+pub async fn catalog(state: AppState, _op: Operation, req: Request) -> ApiResult {
     let q = query(req.uri());
     let n = page_size(&q, DEFAULT_CATALOG_PAGE)?;
     let caller = req
@@ -68,12 +76,12 @@ pub async fn catalog(state: &AppState, req: Request) -> ApiResult {
         .cloned()
         .unwrap_or(Caller::Open);
     let page = match state.auth.as_deref() {
-        None => state.store.catalog(param(&q, "last"), n).await?,
+        None => state.registry.catalog(param(&q, "last"), n).await?,
         Some(auth) => {
             let mut items = Vec::new();
             let mut last = param(&q, "last").map(str::to_owned);
             let more = loop {
-                let p = state.store.catalog(last.as_deref(), n).await?;
+                let p = state.registry.catalog(last.as_deref(), n).await?;
                 last = p.items.last().cloned();
                 let mut rest = p.items.into_iter();
                 for name in rest.by_ref() {
@@ -99,12 +107,18 @@ pub async fn catalog(state: &AppState, req: Request) -> ApiResult {
 }
 
 /// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: always an OCI index, possibly empty.
-pub async fn referrers(state: &AppState, name: &str, d: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
-    let digest: Digest = d.parse().map_err(ApiError::from)?;
+///
+/// For a cached repository, the upstream's referrers are cached first (see
+/// [`crate::proxy`]).
+pub async fn referrers(state: AppState, op: Operation, req: Request) -> ApiResult {
+    repo(op.repository())?;
+    let digest: Digest = op.arg().parse().map_err(ApiError::from)?;
     let q = query(req.uri());
     let filter = param(&q, "artifactType").filter(|t| !t.is_empty());
-    let list = state.store.referrers(&repo, &digest, filter).await?;
+    let list = state
+        .registry
+        .referrers(super::at(&op), &digest, filter)
+        .await?;
     let manifests: Vec<_> = list
         .into_iter()
         .map(|r| {

@@ -2,21 +2,22 @@
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_storage::{MAX_MANIFEST_SIZE, Reference, RepoName, StoredManifest, Tag};
+use berth_storage::{MAX_MANIFEST_SIZE, Reference, StoredManifest, Tag};
 use futures_util::StreamExt;
 
 use super::blobs::accepted;
 use super::error::{ApiError, ApiResult, Code};
 use super::headers::{DIGEST_HEADER, query, repo, text, value};
+use super::operation::Operation;
 use crate::state::AppState;
 
 /// `GET`/`HEAD` a manifest by tag or digest: the exact stored bytes with their media type.
 /// A reference that is neither a tag nor a digest is simply not there (404).
-pub async fn get(state: &AppState, name: &str, reference: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
-    let reference: Reference = match reference.parse() {
+pub async fn get(state: AppState, op: Operation, req: Request) -> ApiResult {
+    repo(op.repository())?;
+    let reference: Reference = match op.arg().parse() {
         Ok(r) => r,
         Err(berth_storage::Error::DigestInvalid(d)) => {
             return Err(ApiError::new(
@@ -28,14 +29,16 @@ pub async fn get(state: &AppState, name: &str, reference: &str, req: Request) ->
             return Err(ApiError::new(Code::ManifestUnknown, "manifest unknown"));
         }
     };
-    let m = state.store.get_manifest(&repo, &reference).await?;
-    Ok(respond(state, &repo, m, &req))
+    let m = state
+        .registry
+        .manifest(super::at(&op), &reference)
+        .await
+        .map_err(|e| ApiError::missing(e, Code::ManifestUnknown))?;
+    Ok(respond(m, &op, &req))
 }
 
-/// The answer to a `GET`/`HEAD` of manifest `m` of `repo` (304 for a matching `If-None-Match`).
-pub fn respond(state: &AppState, repo: &RepoName, m: StoredManifest, req: &Request) -> Response {
-    // Kept in memory and written in batches: a read never waits on a write.
-    state.store.record_manifest_pull(repo, &m.digest);
+/// The answer to a `GET`/`HEAD` of manifest `m` (304 for a matching `If-None-Match`).
+fn respond(m: StoredManifest, op: &Operation, req: &Request) -> Response {
     let etag = format!("\"{}\"", m.digest);
     if text(req.headers(), &header::IF_NONE_MATCH)
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
@@ -47,7 +50,7 @@ pub fn respond(state: &AppState, repo: &RepoName, m: StoredManifest, req: &Reque
         return resp;
     }
     let len = m.bytes.len();
-    let body = if req.method() == Method::HEAD {
+    let body = if op.is_head() {
         Body::empty()
     } else {
         Body::from(m.bytes)
@@ -63,9 +66,9 @@ pub fn respond(state: &AppState, repo: &RepoName, m: StoredManifest, req: &Reque
 
 /// `PUT` a manifest: 201 with `Location`, `Docker-Content-Digest`, `OCI-Subject` when it has a
 /// subject, and `OCI-Tag` for tags given as `?tag=` (push by digest).
-pub async fn put(state: &AppState, name: &str, reference: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
-    let reference: Reference = reference.parse().map_err(ApiError::from)?;
+pub async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
+    let repo = repo(op.repository())?;
+    let reference: Reference = op.arg().parse().map_err(ApiError::from)?;
     let q = query(req.uri());
     let tags = q
         .iter()
@@ -82,8 +85,8 @@ pub async fn put(state: &AppState, name: &str, reference: &str, req: Request) ->
         .to_owned();
     let bytes = read_limited(req.into_body(), MAX_MANIFEST_SIZE).await?;
     let out = state
-        .store
-        .put_manifest(&repo, &reference, &content_type, bytes, &tags)
+        .registry
+        .put_manifest(super::at(&op), &reference, &content_type, bytes, &tags)
         .await?;
     let mut resp = (StatusCode::CREATED, Body::empty()).into_response();
     let h = resp.headers_mut();
@@ -125,12 +128,15 @@ async fn read_limited(body: Body, limit: usize) -> ApiResult<bytes::Bytes> {
 }
 
 /// `DELETE` a tag (removes only the tag) or a manifest by digest (and its tags): 202.
-pub async fn delete(state: &AppState, name: &str, reference: &str) -> ApiResult<Response> {
-    let repo = repo(name)?;
-    let reference: Reference = reference.parse().map_err(ApiError::from)?;
+pub async fn delete(state: AppState, op: Operation) -> ApiResult<Response> {
+    repo(op.repository())?;
+    let reference: Reference = op.arg().parse().map_err(ApiError::from)?;
     if !state.config.registry.delete_enabled {
         return Err(ApiError::new(Code::Unsupported, "deletes are disabled"));
     }
-    state.store.delete_manifest(&repo, &reference).await?;
+    state
+        .registry
+        .delete_manifest(super::at(&op), &reference)
+        .await?;
     Ok(accepted())
 }

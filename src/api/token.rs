@@ -15,13 +15,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_auth::{Challenge, Scope};
+use berth_auth::{Challenge, Credentials, Scope};
 use berth_storage::RepoName;
 use serde_json::json;
 
 use super::access::{client_ip, too_many};
 use super::headers::query;
-use crate::auth::{AuthService, Rejection, decode_basic};
+use crate::auth::{AuthService, Rejection};
 use crate::state::AppState;
 
 /// Largest POST form accepted.
@@ -160,22 +160,18 @@ pub async fn get(State(state): State<AppState>, req: Request) -> Response {
     }
     let ip = client_ip(&req, &state.config.auth.trusted_proxies);
     let headers = req.headers();
-    let user = match headers
+    let credentials = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Basic ")
-                .or_else(|| v.strip_prefix("basic "))
-        }) {
-        None => None,
-        Some(b64) => {
-            let Some((u, p)) = decode_basic(b64) else {
-                return reject(Rejection::BadCredentials);
-            };
-            if let Err(r) = auth.login(ip, &u, &p).await {
+        .map(Credentials::parse);
+    let user = match credentials {
+        None | Some(Credentials::Bearer(_) | Credentials::Other) => None,
+        Some(Credentials::Malformed) => return reject(Rejection::BadCredentials),
+        Some(Credentials::Basic { user, password }) => {
+            if let Err(r) = auth.login(ip, &user, &password).await {
                 return reject(r);
             }
-            Some(u)
+            Some(user)
         }
     };
     let scopes = asked(

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_storage::{Digest, RepoName, UploadStatus};
+use berth_storage::{Chunk, Digest, RepoName, UploadStatus};
 
 use super::access::{may_mount_anywhere, may_pull};
 use super::error::{ApiError, ApiResult, Code};
@@ -15,7 +15,9 @@ use super::headers::{
     DIGEST_HEADER, content_length, content_range, param, query, repo, stream, upload_location,
     upload_range, value,
 };
+use super::operation::Operation;
 use crate::auth::Caller;
+use crate::registry::At;
 use crate::state::AppState;
 
 fn session(repo: &RepoName, s: &UploadStatus, status: StatusCode) -> Response {
@@ -48,8 +50,9 @@ fn digest_param(q: &[(String, String)]) -> ApiResult<Option<Digest>> {
 
 /// `POST /v2/<name>/blobs/uploads/`: a new session (202), a whole blob with `?digest=` (201),
 /// or a cross-repository mount with `?mount=` (201, or a new session when it cannot mount).
-pub async fn post(state: &AppState, name: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
+pub async fn post(state: AppState, op: Operation, req: Request) -> ApiResult {
+    let repo = repo(op.repository())?;
+    let at = super::at(&op);
     let q = query(req.uri());
     let caller = req
         .extensions()
@@ -61,61 +64,74 @@ pub async fn post(state: &AppState, name: &str, req: Request) -> ApiResult {
         // A mount the caller may not make (no pull on the source) falls back to a session.
         let from = match param(&q, "from") {
             Some(f) => match f.parse::<RepoName>() {
-                Ok(f) if may_pull(state, &caller, f.as_str()) => Some(Some(f)),
+                Ok(f) if may_pull(&state, &caller, f.as_str()) => Some(Some(f)),
                 _ => None, // an invalid or unreadable source cannot lend the blob
             },
-            None if state.config.registry.anonymous_mount && may_mount_anywhere(state, &caller) => {
+            None if state.config.registry.anonymous_mount
+                && may_mount_anywhere(&state, &caller) =>
+            {
                 Some(None)
             }
             None => None,
         };
-        if let Some(from) = from
-            && state
-                .store
-                .mount_blob(&repo, &digest, from.as_ref())
-                .await?
-        {
-            return Ok(created(&repo, &digest));
+        if let Some(from) = from {
+            let source = from.as_ref().map(|f| At {
+                name: f.as_str(),
+                ns: None,
+            });
+            if state.registry.mount(at, &digest, source).await? {
+                return Ok(created(&repo, &digest));
+            }
         }
-        let s = state.store.start_upload(&repo).await?;
+        let s = state.registry.start_upload(at).await?;
         return Ok(session(&repo, &s, StatusCode::ACCEPTED));
     }
     if let Some(digest) = digest_param(&q)? {
         let len = content_length(req.headers())?;
-        let s = state.store.start_upload(&repo).await?;
-        let body = stream(req.into_body());
+        let s = state.registry.start_upload(at).await?;
+        let chunk = Chunk {
+            len,
+            ..Chunk::new(stream(req.into_body()))
+        };
         state
-            .store
-            .finish_upload(&repo, &s.id, &digest, Some((None, len, body)))
+            .registry
+            .finish_upload(at, &s.id, &digest, Some(chunk))
             .await?;
         return Ok(created(&repo, &digest));
     }
-    let s = state.store.start_upload(&repo).await?;
+    let s = state.registry.start_upload(at).await?;
     Ok(session(&repo, &s, StatusCode::ACCEPTED))
 }
 
 /// `GET /v2/<name>/blobs/uploads/<id>`: 204 with the committed `Range`.
-pub async fn status(state: &AppState, name: &str, id: &str) -> ApiResult {
-    let repo = repo(name)?;
-    let s = state.store.upload_status(&repo, id).await?;
+pub async fn status(state: AppState, op: Operation) -> ApiResult {
+    let repo = repo(op.repository())?;
+    let s = state
+        .registry
+        .upload_status(super::at(&op), op.arg())
+        .await?;
     Ok(session(&repo, &s, StatusCode::NO_CONTENT))
 }
 
 /// `PATCH /v2/<name>/blobs/uploads/<id>`: appends a chunk (with `Content-Range`) or a stream.
-pub async fn patch(state: &AppState, name: &str, id: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
+pub async fn patch(state: AppState, op: Operation, req: Request) -> ApiResult {
+    let repo = repo(op.repository())?;
     let (start, len) = chunk_bounds(req.headers())?;
-    let body = stream(req.into_body());
+    let chunk = Chunk {
+        start,
+        len,
+        ..Chunk::new(stream(req.into_body()))
+    };
     let s = state
-        .store
-        .append_upload(&repo, id, start, len, body)
+        .registry
+        .append_upload(super::at(&op), op.arg(), chunk)
         .await?;
     Ok(session(&repo, &s, StatusCode::ACCEPTED))
 }
 
 /// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: the last chunk (optional) and the commit.
-pub async fn put(state: &AppState, name: &str, id: &str, req: Request) -> ApiResult {
-    let repo = repo(name)?;
+pub async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
+    let repo = repo(op.repository())?;
     let q = query(req.uri());
     let digest = digest_param(&q)?.ok_or_else(|| {
         ApiError::new(
@@ -128,18 +144,25 @@ pub async fn put(state: &AppState, name: &str, id: &str, req: Request) -> ApiRes
         Some(_) => chunk_bounds(req.headers())?,
         None => (None, None),
     };
-    let body = stream(req.into_body());
+    let chunk = Chunk {
+        start,
+        len,
+        ..Chunk::new(stream(req.into_body()))
+    };
     state
-        .store
-        .finish_upload(&repo, id, &digest, Some((start, len, body)))
+        .registry
+        .finish_upload(super::at(&op), op.arg(), &digest, Some(chunk))
         .await?;
     Ok(created(&repo, &digest))
 }
 
 /// `DELETE /v2/<name>/blobs/uploads/<id>`: cancels the session (204).
-pub async fn cancel(state: &AppState, name: &str, id: &str) -> ApiResult {
-    let repo = repo(name)?;
-    state.store.cancel_upload(&repo, id).await?;
+pub async fn cancel(state: AppState, op: Operation) -> ApiResult {
+    repo(op.repository())?;
+    state
+        .registry
+        .cancel_upload(super::at(&op), op.arg())
+        .await?;
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_LENGTH, "0")]).into_response())
 }
 

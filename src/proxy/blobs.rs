@@ -179,7 +179,7 @@ async fn fill(
     mut spool: tokio::fs::File,
 ) -> Result<(), CacheError> {
     // It may have arrived between the caller's look and this fetch.
-    if store.mount_blob(&t.local, digest, None).await? {
+    if store.link_cached_blob(&t.local, digest).await? {
         return Ok(());
     }
     let resp = t

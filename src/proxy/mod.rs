@@ -1,11 +1,6 @@
 //! The pull-through cache: Berth as a mirror of other registries.
 //!
-//! # Routing
-//! A read is served from an upstream when
-//! - the request carries containerd's `?ns=<host>` naming a configured upstream,
-//! - or the repository name starts with an upstream's prefix (`docker.io/library/alpine`),
-//! - or the upstream is the default and the plain name was never pushed here (Docker's
-//!   `registry-mirrors`, which sends Hub names as they are).
+//! Which requests come here is decided once, by the registry façade (see [`crate::registry`]).
 //!
 //! Cached content lives in ordinary repositories named `<prefix>/<upstream name>`, so it is
 //! stored, listed, garbage-collected and served like anything pushed; those repositories are
@@ -15,7 +10,11 @@
 //! - By digest: local first; a miss fetches once from the upstream, verifies, stores.
 //! - By tag: trusted for `tag_ttl`, then revalidated with a HEAD (which Docker Hub does not
 //!   count as a pull); the manifest is fetched only when the digest is new. When the upstream
-//!   fails (down, 5xx, 429), the cached tag is served up to `max_stale` past its TTL.
+//!   fails (down, 5xx, 429, our credentials refused), the cached tag is served up to
+//!   `max_stale` past its TTL; while it is marked down (see [`health`]) without waiting for it.
+//! - Referrers (signatures, SBOMs) of cached content are fetched from the upstream's referrers
+//!   API, or its `sha256-<hex>` tag, and cached like manifests.
+//! - Prefetch ([`prefetch`]) keeps listed images warm on a schedule.
 //! - Blobs: a miss starts one fetch per digest, detached from the client. It writes the
 //!   upstream's bytes to a spool file while the store takes them in (hashing as it goes), and
 //!   every client asking meanwhile streams from that file as it grows: the first bytes reach
@@ -24,6 +23,8 @@
 //!   and breaks every client's stream.
 
 mod blobs;
+pub mod health;
+pub mod prefetch;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -32,11 +33,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use berth_storage::{Digest, Reference, RepoName, Store, StoredManifest, Tag};
+use berth_storage::{Digest, Page, Reference, RepoName, Store, StoredManifest, Tag};
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 use reqwest::Method;
-use tokio::sync::OnceCell;
 
+pub use health::Availability;
 pub use upstream::{Upstream, UpstreamError};
 
 use crate::config::Config;
@@ -87,8 +90,8 @@ impl From<berth_storage::Error> for CacheError {
     }
 }
 
-/// One coalesced manifest fetch.
-type Flight = Arc<OnceCell<Result<(), CacheError>>>;
+/// One coalesced upstream fetch: every caller awaits the same detached task.
+type Flight = Shared<BoxFuture<'static, Result<(), CacheError>>>;
 
 /// Where a request goes.
 #[derive(Clone, Debug)]
@@ -101,26 +104,19 @@ pub struct Target {
     pub remote: String,
 }
 
-/// The routing decision for a request.
-#[derive(Debug)]
-pub enum Route {
-    /// A local repository.
-    Local,
-    /// Cached from an upstream.
-    Cached(Target),
-    /// `?ns=` names a registry that is not configured.
-    UnknownUpstream(String),
-}
-
 /// The pull-through cache.
 pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     upstreams: Vec<Arc<Upstream>>,
     evict: berth_storage::EvictPolicy,
     store: Arc<Store>,
     spool: PathBuf,
-    /// When each cached tag was last confirmed by its upstream.
+    /// When each cached tag (and each subject's referrers) was last confirmed upstream.
     confirmed: Mutex<HashMap<String, Instant>>,
-    /// Manifest fetches in flight, one per (repository, reference).
+    /// Manifest and referrer fetches in flight, one per key.
     flights: Mutex<HashMap<String, Flight>>,
     /// Blob fetches in flight, one per digest.
     blobs: blobs::Inflight,
@@ -129,14 +125,28 @@ pub struct Proxy {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstreams", &self.upstreams)
+            .field("upstreams", &self.inner.upstreams)
             .finish_non_exhaustive()
     }
 }
 
+/// Where the cache spools blobs while it fetches them.
+#[derive(Debug, Clone)]
+pub enum Spool {
+    /// The server's: `<data>/proxy-spool`, emptied at start (its fetches died with the last
+    /// run).
+    Server,
+    /// A directory of its own (a command-line run beside a live server).
+    At(PathBuf),
+}
+
 impl Proxy {
     /// The cache for `config`; `None` without upstreams.
-    pub fn from_config(config: &Config, store: Arc<Store>) -> Result<Option<Self>, String> {
+    pub fn from_config(
+        config: &Config,
+        store: Arc<Store>,
+        spool: Spool,
+    ) -> Result<Option<Self>, String> {
         if config.proxy.upstream.is_empty() {
             return Ok(None);
         }
@@ -146,12 +156,18 @@ impl Proxy {
             .iter()
             .map(|u| Upstream::new(u).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let spool = config.data.join("proxy-spool");
-        // Leftovers of a previous run are useless: their fetches died with it.
-        let _ = std::fs::remove_dir_all(&spool);
+        let spool = match spool {
+            Spool::Server => {
+                let dir = config.data.join("proxy-spool");
+                let _ = std::fs::remove_dir_all(&dir);
+                dir
+            }
+            Spool::At(dir) => dir,
+        };
         std::fs::create_dir_all(&spool).map_err(|e| format!("{}: {e}", spool.display()))?;
         for u in &upstreams {
-            tracing::info!(upstream = %u.name, prefix = %u.cache_prefix, default = u.default, "caching upstream");
+            let urls: Vec<&str> = u.urls().collect();
+            tracing::info!(upstream = %u.name, prefix = %u.cache_prefix, default = u.default, ?urls, "caching upstream");
         }
         let evict = berth_storage::EvictPolicy {
             prefixes: upstreams.iter().map(|u| u.cache_prefix.clone()).collect(),
@@ -159,102 +175,67 @@ impl Proxy {
             max_age: config.proxy.max_age,
         };
         Ok(Some(Self {
-            evict,
-            upstreams,
-            store,
-            spool,
-            confirmed: Mutex::new(HashMap::new()),
-            flights: Mutex::new(HashMap::new()),
-            blobs: blobs::Inflight::default(),
+            inner: Arc::new(Inner {
+                evict,
+                upstreams,
+                store,
+                spool,
+                confirmed: Mutex::new(HashMap::new()),
+                flights: Mutex::new(HashMap::new()),
+                blobs: blobs::Inflight::default(),
+            }),
         }))
+    }
+
+    /// The configured upstreams.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.inner.upstreams
     }
 
     /// Whether `name` lies in a cache namespace (such repositories are read-only).
     pub fn is_cache_name(&self, name: &str) -> bool {
         let first = name.split('/').next().unwrap_or("");
-        self.upstreams
+        self.inner
+            .upstreams
             .iter()
             .any(|u| u.cache_prefix == first || u.prefixes.iter().any(|p| p == first))
     }
 
     /// What eviction keeps.
     pub fn evict_policy(&self) -> &berth_storage::EvictPolicy {
-        &self.evict
+        &self.inner.evict
     }
 
-    /// Whether `ns` names a configured upstream.
-    pub fn knows_ns(&self, ns: &str) -> bool {
-        self.upstreams.iter().any(|u| u.matches_ns(ns))
+    /// The upstream `ns` (containerd's `?ns=`) names, if configured.
+    pub fn upstream_for_ns(&self, ns: &str) -> Option<&Arc<Upstream>> {
+        self.inner.upstreams.iter().find(|u| u.matches_ns(ns))
     }
 
-    fn target(&self, u: &Arc<Upstream>, name: &str) -> Option<Target> {
+    /// The upstream whose prefix `name` starts with, and the rest of the name.
+    pub fn upstream_for_prefix<'n>(&self, name: &'n str) -> Option<(&Arc<Upstream>, &'n str)> {
+        let (first, rest) = name.split_once('/')?;
+        let u = self
+            .inner
+            .upstreams
+            .iter()
+            .find(|u| u.prefixes.iter().any(|p| p == first))?;
+        Some((u, rest))
+    }
+
+    /// The upstream plain names come from, if one is the default.
+    pub fn default_upstream(&self) -> Option<&Arc<Upstream>> {
+        self.inner.upstreams.iter().find(|u| u.default)
+    }
+
+    /// Where upstream `u`'s repository `name` (as the client named it) is cached.
+    pub fn target(&self, u: &Arc<Upstream>, name: &str) -> Result<Target, berth_storage::Error> {
         let remote = u.remote_name(name);
-        let local = format!("{}/{remote}", u.cache_prefix).parse().ok()?;
-        Some(Target {
+        let local = format!("{}/{remote}", u.cache_prefix).parse()?;
+        Ok(Target {
             upstream: u.clone(),
             local,
             remote,
         })
-    }
-
-    /// Decides where a read of repository `name` goes.
-    pub async fn route(&self, name: &str, ns: Option<&str>) -> Route {
-        if let Some(ns) = ns.filter(|n| !n.is_empty()) {
-            return match self.upstreams.iter().find(|u| u.matches_ns(ns)) {
-                Some(u) => self.target(u, name).map_or(Route::Local, Route::Cached),
-                None => Route::UnknownUpstream(ns.to_owned()),
-            };
-        }
-        if let Some((first, rest)) = name.split_once('/')
-            && let Some(u) = self
-                .upstreams
-                .iter()
-                .find(|u| u.prefixes.iter().any(|p| p == first))
-        {
-            return self.target(u, rest).map_or(Route::Local, Route::Cached);
-        }
-        if let Some(u) = self.upstreams.iter().find(|u| u.default) {
-            let pushed_here = match name.parse::<RepoName>() {
-                Ok(r) => self.store.repo_exists(&r).await.unwrap_or(true),
-                Err(_) => true,
-            };
-            if !pushed_here {
-                return self.target(u, name).map_or(Route::Local, Route::Cached);
-            }
-        }
-        Route::Local
-    }
-
-    /// Runs `fetch` once for `key`, however many callers ask at the same time; the fetch runs
-    /// as its own task, so a caller going away does not abandon it.
-    async fn once<F>(&self, key: String, fetch: F) -> Result<(), CacheError>
-    where
-        F: Future<Output = Result<(), CacheError>> + Send + 'static,
-    {
-        let cell = {
-            let mut m = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry(key.clone()).or_default().clone()
-        };
-        let mut led = false;
-        let r = cell
-            .get_or_init(|| {
-                led = true;
-                async move {
-                    tokio::spawn(fetch)
-                        .await
-                        .unwrap_or_else(|e| Err(CacheError::Storage(format!("fetch task: {e}"))))
-                }
-            })
-            .await
-            .clone();
-        if !led {
-            metrics::counter!("berth_proxy_coalesced_total", "kind" => "manifest").increment(1);
-        }
-        let mut m = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if m.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            m.remove(&key);
-        }
-        r
     }
 
     fn hit(t: &Target, kind: &'static str) {
@@ -268,75 +249,85 @@ impl Proxy {
     }
 
     /// A manifest by tag or digest, from the cache or the upstream.
+    ///
+    /// By digest, a cached manifest never touches the upstream. By tag, a cached answer is
+    /// trusted for `tag_ttl`, then revalidated; while the upstream is down it is served at
+    /// once (up to `max_stale` past its TTL), and when a probe is due the revalidation runs in
+    /// the background while the client gets the cached answer.
     pub async fn manifest(
         &self,
         t: &Target,
         reference: &Reference,
     ) -> Result<StoredManifest, CacheError> {
-        let cached = self.store.get_manifest(&t.local, reference).await.ok();
+        let store = &self.inner.store;
+        let cached = store.get_manifest(&t.local, reference).await.ok();
         let key = format!("{}:{reference}", t.local);
-        match reference {
+        let tag = match reference {
             Reference::Digest(d) => {
                 if let Some(m) = cached {
                     Self::hit(t, "manifest");
                     return Ok(m);
                 }
                 Self::miss(t, "manifest");
-                let (store, t2, d2) = (self.store.clone(), t.clone(), d.clone());
-                self.once(
-                    key,
-                    async move { fetch_manifest(&store, &t2, &d2, None).await },
-                )
-                .await?;
-                Ok(self.store.get_manifest(&t.local, reference).await?)
+                let (s2, t2, d2) = (store.clone(), t.clone(), d.clone());
+                self.inner
+                    .once(
+                        key,
+                        async move { fetch_manifest(&s2, &t2, &d2, None).await },
+                    )
+                    .await?;
+                return Ok(store.get_manifest(&t.local, reference).await?);
             }
-            Reference::Tag(tag) => {
-                let confirmed = self
-                    .confirmed
-                    .lock()
-                    .ok()
-                    .and_then(|c| c.get(&key).copied());
-                if let Some(m) = &cached
-                    && confirmed.is_some_and(|at| at.elapsed() < t.upstream.tag_ttl)
-                {
-                    Self::hit(t, "manifest");
-                    return Ok(m.clone());
-                }
-                let (store, t2, tag2) = (self.store.clone(), t.clone(), tag.clone());
-                let have = cached.as_ref().map(|m| m.digest.clone());
-                let r = self
-                    .once(key.clone(), async move {
-                        revalidate(&store, &t2, &tag2, have.as_ref()).await
-                    })
-                    .await;
-                match r {
-                    Ok(()) => {
-                        if let Ok(mut c) = self.confirmed.lock() {
-                            c.insert(key, Instant::now());
-                        }
-                        Ok(self.store.get_manifest(&t.local, reference).await?)
-                    }
-                    Err(CacheError::Upstream(e)) if e.is_outage() => {
-                        let within = |at: Instant| {
-                            t.upstream
-                                .max_stale
-                                .is_none_or(|m| at.elapsed() < t.upstream.tag_ttl + m)
-                        };
-                        match cached {
-                            // Never confirmed in this process (a restart): served, as the
-                            // cache is all there is.
-                            Some(m) if confirmed.is_none_or(within) => {
-                                tracing::warn!(repo = %t.local, tag = %tag, error = %e, "upstream failing; serving the cached tag");
-                                metrics::counter!("berth_proxy_stale_total", "upstream" => t.upstream.name.clone()).increment(1);
-                                Ok(m)
-                            }
-                            _ => Err(e.into()),
-                        }
-                    }
-                    Err(e) => Err(e),
-                }
+            Reference::Tag(tag) => tag,
+        };
+        let confirmed = self.inner.confirmed_at(&key);
+        // Never confirmed in this process (a restart): served, as the cache is all there is.
+        let within_max_stale = confirmed.is_none_or(|at| {
+            t.upstream
+                .max_stale
+                .is_none_or(|max| at.elapsed() < t.upstream.tag_ttl + max)
+        });
+        if let Some(m) = &cached {
+            if confirmed.is_some_and(|at| at.elapsed() < t.upstream.tag_ttl) {
+                Self::hit(t, "manifest");
+                return Ok(m.clone());
+            }
+            if t.upstream.availability() != Availability::Up && within_max_stale {
+                // A probe runs in the background when one is due; nobody waits for it.
+                t.upstream.probe_if_due();
+                return Ok(Self::stale(t, tag, m.clone(), "upstream is down"));
             }
         }
+        let have = cached.as_ref().map(|m| m.digest.clone());
+        match self.revalidation(t, tag, key, have).await {
+            Ok(()) => Ok(store.get_manifest(&t.local, reference).await?),
+            Err(CacheError::Upstream(e)) if e.cache_may_answer() && within_max_stale => {
+                match cached {
+                    Some(m) => Ok(Self::stale(t, tag, m, &e.to_string())),
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The coalesced revalidation of a tag; it records the confirmation itself, so that it
+    /// counts even when nobody waits for it.
+    fn revalidation(&self, t: &Target, tag: &Tag, key: String, have: Option<Digest>) -> Flight {
+        let (inner, t2, tag2, k) = (self.inner.clone(), t.clone(), tag.clone(), key.clone());
+        self.inner.once(key, async move {
+            revalidate(&inner.store, &t2, &tag2, have.as_ref()).await?;
+            inner.confirm(k);
+            Ok(())
+        })
+    }
+
+    /// A cached tag served while the upstream cannot confirm it (within `max_stale`).
+    fn stale(t: &Target, tag: &Tag, m: StoredManifest, why: &str) -> StoredManifest {
+        tracing::debug!(repo = %t.local, tag = %tag, why, "serving the cached tag");
+        metrics::counter!("berth_proxy_stale_total", "upstream" => t.upstream.name.clone())
+            .increment(1);
+        m
     }
 
     /// A blob: local when cached, else streamed while it is fetched (see the module docs).
@@ -346,6 +337,7 @@ impl Proxy {
         digest: &Digest,
         head: bool,
     ) -> Result<BlobAnswer, CacheError> {
+        let store = &self.inner.store;
         if let Some(size) = self.stored_size(t, digest).await? {
             Self::hit(t, "blob");
             return Ok(BlobAnswer::Local { size });
@@ -363,81 +355,205 @@ impl Proxy {
                 .and_then(|v| v.parse().ok());
             return Ok(BlobAnswer::Head { size });
         }
-        match self.blobs.get(&self.store, &self.spool, t, digest).await? {
+        match self
+            .inner
+            .blobs
+            .get(store, &self.inner.spool, t, digest)
+            .await?
+        {
             Some((size, body)) => Ok(BlobAnswer::Stream { size, body }),
             None => Ok(BlobAnswer::Local {
-                size: self.store.stat_blob(&t.local, digest).await?,
+                size: store.stat_blob(&t.local, digest).await?,
             }),
         }
     }
 
     /// The size of `digest` in the cache repository, linking it there first when the registry
-    /// holds it elsewhere (blobs are shared by digest); `None` when it is not here at all.
+    /// holds it elsewhere and a cached manifest names it; `None` when it is not here.
     async fn stored_size(&self, t: &Target, digest: &Digest) -> Result<Option<u64>, CacheError> {
-        if let Ok(size) = self.store.stat_blob(&t.local, digest).await {
+        let store = &self.inner.store;
+        if let Ok(size) = store.stat_blob(&t.local, digest).await {
             return Ok(Some(size));
         }
-        if self.store.mount_blob(&t.local, digest, None).await? {
-            return Ok(Some(self.store.stat_blob(&t.local, digest).await?));
+        if store.link_cached_blob(&t.local, digest).await? {
+            return Ok(Some(store.stat_blob(&t.local, digest).await?));
         }
         Ok(None)
     }
 
-    /// The upstream's tag list (its pagination passed through), or the cached one when the
-    /// upstream fails; `None` means "use the local list".
+    /// A page of the upstream's tags (`n` after `last`), or `None` when the upstream fails:
+    /// the cached list answers then.
     pub async fn tags(
         &self,
         t: &Target,
-        query: &str,
-    ) -> Result<Option<(serde_json::Value, Option<String>)>, CacheError> {
-        let suffix = if query.is_empty() {
-            "tags/list".to_owned()
-        } else {
-            format!("tags/list?{query}")
-        };
-        match t.upstream.send(Method::GET, &t.remote, &suffix, None).await {
-            Ok(r) => {
-                let link = r
-                    .headers()
-                    .get(reqwest::header::LINK)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let body = r
-                    .bytes()
-                    .await
-                    .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-                let v: serde_json::Value = serde_json::from_slice(&body)
-                    .map_err(|e| UpstreamError::BadContent(format!("tag list: {e}")))?;
-                Ok(Some((v, link)))
-            }
-            Err(e) if e.is_outage() => Ok(None),
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Option<Page>, CacheError> {
+        if t.upstream.availability() == Availability::Down {
+            return Ok(None);
+        }
+        match upstream_tags(t, last, n).await {
+            Ok(page) => Ok(Some(page)),
+            Err(e) if e.cache_may_answer() => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// The upstream's referrers index for `digest`; `None` when it has no referrers API or
-    /// fails (the cached referrers are answered then).
-    pub async fn referrers(&self, t: &Target, digest: &Digest, query: &str) -> Option<Bytes> {
-        let suffix = if query.is_empty() {
-            format!("referrers/{digest}")
-        } else {
-            format!("referrers/{digest}?{query}")
-        };
-        let r = t
-            .upstream
-            .send(Method::GET, &t.remote, &suffix, None)
-            .await
-            .ok()?;
-        let ct = r
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !ct.starts_with("application/vnd.oci.image.index.v1+json") {
-            return None;
+    /// Brings the upstream's referrers of `subject` into the cache (signatures, SBOMs,
+    /// attestations), at most once per `tag_ttl`; best effort: what is cached answers when
+    /// the upstream cannot.
+    pub async fn cache_referrers(&self, t: &Target, subject: &Digest) {
+        let key = format!("{}@referrers:{subject}", t.local);
+        if self
+            .inner
+            .confirmed_at(&key)
+            .is_some_and(|at| at.elapsed() < t.upstream.tag_ttl)
+            || t.upstream.availability() == Availability::Down
+        {
+            return;
         }
-        r.bytes().await.ok()
+        let (inner, t2, s2, k) = (self.inner.clone(), t.clone(), subject.clone(), key.clone());
+        let r = self
+            .inner
+            .once(key, async move {
+                fetch_referrers(&inner.store, &t2, &s2).await?;
+                inner.confirm(k);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(repo = %t.local, subject = %subject, error = %e, "upstream referrers not cached");
+        }
     }
+}
+
+impl Inner {
+    fn confirmed_at(&self, key: &str) -> Option<Instant> {
+        self.confirmed.lock().ok().and_then(|c| c.get(key).copied())
+    }
+
+    fn confirm(&self, key: String) {
+        if let Ok(mut c) = self.confirmed.lock() {
+            c.insert(key, Instant::now());
+        }
+    }
+
+    /// Runs `fetch` once for `key`, however many callers ask meanwhile, as a task of its own:
+    /// a caller going away (or never waiting) does not abandon it.
+    fn once<F>(self: &Arc<Self>, key: String, fetch: F) -> Flight
+    where
+        F: Future<Output = Result<(), CacheError>> + Send + 'static,
+    {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = flights.get(&key) {
+            metrics::counter!("berth_proxy_coalesced_total", "kind" => "manifest").increment(1);
+            return f.clone();
+        }
+        let (inner, k) = (self.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            let r = fetch.await;
+            // Under the lock: a caller now starts a new fetch rather than join this one.
+            inner
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&k);
+            r
+        });
+        let flight = async move {
+            task.await
+                .unwrap_or_else(|e| Err(CacheError::Storage(format!("fetch task: {e}"))))
+        }
+        .boxed()
+        .shared();
+        flights.insert(key, flight.clone());
+        flight
+    }
+}
+
+/// One page of the upstream's tag list, its `Link` turned into "more after the last".
+async fn upstream_tags(t: &Target, last: Option<&str>, n: usize) -> Result<Page, UpstreamError> {
+    let query = {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &n.to_string());
+        if let Some(l) = last {
+            q.append_pair("last", l);
+        }
+        q.finish()
+    };
+    let r = t
+        .upstream
+        .send(Method::GET, &t.remote, &format!("tags/list?{query}"), None)
+        .await?;
+    let more = r.headers().contains_key(reqwest::header::LINK);
+    let body = r
+        .bytes()
+        .await
+        .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| UpstreamError::BadContent(format!("tag list: {e}")))?;
+    let mut items: Vec<String> = v["tags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Registries that ignore `n` send everything: page it here.
+    let more = more || items.len() > n;
+    items.truncate(n);
+    Ok(Page { items, more })
+}
+
+/// Fetches the upstream's referrers of `subject` (its referrers API, else the `sha256-<hex>`
+/// tag schema) and caches each referrer manifest; they then show in the local referrers list.
+async fn fetch_referrers(store: &Store, t: &Target, subject: &Digest) -> Result<(), CacheError> {
+    let via_api = t
+        .upstream
+        .send(
+            Method::GET,
+            &t.remote,
+            &format!("referrers/{subject}"),
+            Some("application/vnd.oci.image.index.v1+json"),
+        )
+        .await;
+    let index = match via_api {
+        Ok(r)
+            if r.headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/vnd.oci.image.index.v1+json")) =>
+        {
+            read_manifest(r).await?.0
+        }
+        Ok(_) | Err(UpstreamError::NotFound(_)) => {
+            let fallback = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
+            match t.upstream.manifest(Method::GET, &t.remote, &fallback).await {
+                Ok(r) => read_manifest(r).await?.0,
+                Err(UpstreamError::NotFound(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&index)
+        .map_err(|e| UpstreamError::BadContent(format!("referrers index: {e}")))?;
+    let digests = v["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["digest"].as_str()?.parse::<Digest>().ok());
+    for d in digests {
+        if store
+            .get_manifest(&t.local, &Reference::Digest(d.clone()))
+            .await
+            .is_err()
+        {
+            fetch_manifest(store, t, &d, None).await?;
+        }
+    }
+    Ok(())
 }
 
 /// GETs a manifest by digest from the upstream, verifies it, stores it (under `tag` too).

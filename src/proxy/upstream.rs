@@ -1,17 +1,21 @@
-//! One upstream registry: its URL, credentials, and the Docker token dance.
+//! One upstream registry: its endpoints, credentials, and the Docker token dance.
 //!
-//! Requests go out with a cached token for their scope; a `401` is answered by following the
-//! upstream's challenge (a Bearer token from its realm, or Basic credentials) and retrying once.
-//! Tokens are cached per scope until shortly before they expire. Only the credentials
-//! configured for the upstream are ever sent there, never a client's.
+//! An upstream has one or more endpoints (`urls`: a mirror of Docker Hub, then Hub itself),
+//! tried in order; each has its own [`Health`], so a down endpoint is skipped at once until its
+//! backoff passes (see [`super::health`]). Requests go out with a cached token for their scope;
+//! a `401` is answered by following the endpoint's challenge (a Bearer token from its realm, or
+//! Basic credentials) and retrying once. Tokens are cached per endpoint and scope until
+//! shortly before they expire. Only the credentials configured for the upstream are ever sent
+//! there, never a client's.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_auth::Challenge;
 use reqwest::{Method, Response, StatusCode, header};
 
+use super::health::{Admission, Availability, Health, ProbeGuard};
 use crate::config::UpstreamSection;
 
 /// The `Accept` header for manifests: every type a registry may hold, so nothing is converted.
@@ -41,13 +45,30 @@ pub enum UpstreamError {
     /// What the upstream sent does not match what was asked for.
     #[error("upstream sent bad content: {0}")]
     BadContent(String),
+    /// The upstream refused the credentials configured for it (or wants some and none are
+    /// configured): the operator must fix `[[proxy.upstream]]`.
+    #[error("{0}")]
+    CredentialsRefused(String),
 }
 
 impl UpstreamError {
-    /// Whether cached content may stand in (the upstream failed, rather than said no).
+    /// Whether the upstream failed (rather than said no): the endpoint counts as down.
     pub fn is_outage(&self) -> bool {
         matches!(self, Self::RateLimited { .. } | Self::Unavailable(_))
     }
+
+    /// Whether cached content may stand in for the upstream's answer: it failed, or it will
+    /// not let us in; either way clients are better served by what the cache holds.
+    pub fn cache_may_answer(&self) -> bool {
+        self.is_outage() || matches!(self, Self::CredentialsRefused(_))
+    }
+}
+
+/// One URL of an upstream, with its health.
+#[derive(Debug)]
+struct Endpoint {
+    base: String,
+    health: Arc<Health>,
 }
 
 /// A configured upstream registry.
@@ -65,11 +86,14 @@ pub struct Upstream {
     pub tag_ttl: Duration,
     /// How long past the TTL a tag may be served while the upstream fails.
     pub max_stale: Option<Duration>,
-    base: String,
+    /// Images kept warm (`repository:tag`, the tag may hold `*` and `?`).
+    pub prefetch: Vec<String>,
+    endpoints: Vec<Endpoint>,
     hub: bool,
     credentials: Option<(String, String)>,
     client: reqwest::Client,
-    tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// (endpoint, scope) → token and when to stop using it.
+    tokens: Mutex<HashMap<(usize, String), (String, Instant)>>,
 }
 
 fn normalize_host(h: &str) -> String {
@@ -88,18 +112,27 @@ impl Upstream {
     pub fn new(cfg: &UpstreamSection) -> Result<Self, String> {
         let name = normalize_host(&cfg.name);
         let hub = name == "docker.io";
-        let base = cfg
-            .url
-            .clone()
-            .unwrap_or_else(|| {
-                if hub {
-                    "https://registry-1.docker.io".to_owned()
-                } else {
-                    format!("https://{name}")
+        let mut urls: Vec<String> = cfg.urls.clone();
+        if let Some(u) = &cfg.url {
+            urls.insert(0, u.clone());
+        }
+        if urls.is_empty() {
+            urls.push(if hub {
+                "https://registry-1.docker.io".to_owned()
+            } else {
+                format!("https://{name}")
+            });
+        }
+        let endpoints = urls
+            .iter()
+            .map(|u| {
+                let base = u.trim_end_matches('/').to_owned();
+                Endpoint {
+                    health: Arc::new(Health::new(&name, &base)),
+                    base,
                 }
             })
-            .trim_end_matches('/')
-            .to_owned();
+            .collect();
         let password = match &cfg.password_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)
@@ -138,7 +171,8 @@ impl Upstream {
             default: cfg.default,
             tag_ttl: cfg.tag_ttl,
             max_stale: cfg.max_stale,
-            base,
+            prefetch: cfg.prefetch.clone(),
+            endpoints,
             hub,
             credentials,
             client,
@@ -161,15 +195,44 @@ impl Upstream {
         }
     }
 
-    fn cached_token(&self, scope: &str) -> Option<String> {
+    /// The URLs of its endpoints, in the order they are tried.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.iter().map(|e| e.base.as_str())
+    }
+
+    /// The best any endpoint can offer now (see [`Availability`]).
+    pub fn availability(&self) -> Availability {
+        let all = self.endpoints.iter().map(|e| e.health.availability());
+        all.fold(Availability::Down, |best, a| match (best, a) {
+            (Availability::Up, _) | (_, Availability::Up) => Availability::Up,
+            (Availability::ProbeDue, _) | (_, Availability::ProbeDue) => Availability::ProbeDue,
+            _ => Availability::Down,
+        })
+    }
+
+    fn cached_token(&self, ep: usize, scope: &str) -> Option<String> {
         let t = self.tokens.lock().ok()?;
-        t.get(scope)
+        t.get(&(ep, scope.to_owned()))
             .filter(|(_, until)| Instant::now() < *until)
             .map(|(tok, _)| tok.clone())
     }
 
+    fn refusal(&self, what: &str, status: StatusCode) -> UpstreamError {
+        UpstreamError::CredentialsRefused(match &self.credentials {
+            Some((user, _)) => format!(
+                "upstream {} refused the credentials configured for it (user {user:?}): {what} answered {status}; fix username/password in its [[proxy.upstream]] section",
+                self.name
+            ),
+            None => format!(
+                "upstream {} wants credentials and none are configured: {what} answered {status}; set username/password in its [[proxy.upstream]] section",
+                self.name
+            ),
+        })
+    }
+
     async fn fetch_token(
         &self,
+        ep: usize,
         realm: &str,
         service: &str,
         scope: &str,
@@ -185,17 +248,19 @@ impl Upstream {
             .send()
             .await
             .map_err(|e| UpstreamError::Unavailable(format!("token from {realm}: {e}")))?;
-        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(UpstreamError::RateLimited {
                 retry_after: retry_after(&resp),
                 message: format!("token endpoint {realm}"),
             });
         }
-        if !resp.status().is_success() {
-            return Err(UpstreamError::NotFound(format!(
-                "{} refused a token for {scope}: {}",
-                self.name,
-                resp.status()
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(self.refusal(&format!("its token service {realm}"), status));
+        }
+        if !status.is_success() {
+            return Err(UpstreamError::Unavailable(format!(
+                "token service {realm} answered {status}"
             )));
         }
         let v: serde_json::Value = resp
@@ -211,13 +276,15 @@ impl Upstream {
         // Renew a little early, so a token never expires on the way.
         let until = Instant::now() + Duration::from_secs(lifetime - lifetime / 10);
         if let Ok(mut t) = self.tokens.lock() {
-            t.insert(scope.to_owned(), (token.clone(), until));
+            t.insert((ep, scope.to_owned()), (token.clone(), until));
         }
         Ok(token)
     }
 
-    /// Sends `method` to `/v2/<remote>/<suffix>` (suffix may carry a query), authenticating as
-    /// the upstream asks. Success statuses come back as the response; others as errors.
+    /// Sends `method` to `/v2/<remote>/<suffix>` (suffix may carry a query), trying the
+    /// endpoints in order (skipping those that are down) and authenticating as each asks.
+    /// Success statuses come back as the response; others as errors. Every answer and failure
+    /// updates the endpoint's health.
     pub async fn send(
         &self,
         method: Method,
@@ -225,9 +292,120 @@ impl Upstream {
         suffix: &str,
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
-        let url = format!("{}/v2/{remote}/{suffix}", self.base);
+        let mut last: Option<UpstreamError> = None;
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            match ep.health.admit() {
+                Admission::Go => {}
+                Admission::Probe(guard) => {
+                    self.start_probe(&ep.base, guard);
+                    last = Some(UpstreamError::Unavailable(format!(
+                        "{} ({}) is down; checking whether it is back",
+                        self.name, ep.base
+                    )));
+                    continue;
+                }
+                Admission::Down {
+                    last_error,
+                    retry_in,
+                    rate_limited,
+                } => {
+                    let secs = retry_in.as_secs() + 1;
+                    last = Some(if rate_limited {
+                        UpstreamError::RateLimited {
+                            retry_after: Some(secs.to_string()),
+                            message: format!("{} ({}): {last_error}", self.name, ep.base),
+                        }
+                    } else {
+                        UpstreamError::Unavailable(format!(
+                            "{} ({}) is down after: {last_error}; next try in {secs} s",
+                            self.name, ep.base
+                        ))
+                    });
+                    continue;
+                }
+                Admission::Refused { message, retry_in } => {
+                    last = Some(UpstreamError::CredentialsRefused(format!(
+                        "{message} (no new login for {} s)",
+                        retry_in.as_secs() + 1
+                    )));
+                    continue;
+                }
+            }
+            match self.send_to(i, ep, &method, remote, suffix, accept).await {
+                Ok(resp) => {
+                    ep.health.succeeded();
+                    return Ok(resp);
+                }
+                Err(e @ (UpstreamError::Unavailable(_) | UpstreamError::RateLimited { .. })) => {
+                    let (wait, limited) = match &e {
+                        UpstreamError::RateLimited { retry_after, .. } => (
+                            retry_after
+                                .as_deref()
+                                .and_then(|r| r.trim().parse().ok())
+                                .map(Duration::from_secs),
+                            true,
+                        ),
+                        _ => (None, false),
+                    };
+                    ep.health.failed(&e.to_string(), wait, limited);
+                    last = Some(e);
+                }
+                Err(e @ UpstreamError::CredentialsRefused(_)) => {
+                    ep.health.refused(&e.to_string());
+                    last = Some(e);
+                }
+                Err(e) => {
+                    ep.health.succeeded();
+                    return Err(e);
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| UpstreamError::Unavailable(format!("{}: no endpoints", self.name))))
+    }
+
+    /// Starts the probes that are due (see [`super::health`]), without waiting for them.
+    pub fn probe_if_due(&self) {
+        for ep in &self.endpoints {
+            if ep.health.availability() == Availability::ProbeDue
+                && let Admission::Probe(guard) = ep.health.admit()
+            {
+                self.start_probe(&ep.base, guard);
+            }
+        }
+    }
+
+    /// A `GET /v2/` of a down endpoint, in the background: any HTTP answer (a 401 included)
+    /// means it is back.
+    fn start_probe(&self, base: &str, guard: ProbeGuard) {
+        let (client, url) = (self.client.clone(), format!("{base}/v2/"));
+        tokio::spawn(async move {
+            match client.get(&url).send().await {
+                Ok(r) if !r.status().is_server_error() => guard.health().succeeded(),
+                Ok(r) => {
+                    guard
+                        .health()
+                        .failed(&format!("probe {url}: {}", r.status()), None, false)
+                }
+                Err(e) => guard
+                    .health()
+                    .failed(&format!("probe {url}: {e}"), None, false),
+            }
+        });
+    }
+
+    async fn send_to(
+        &self,
+        i: usize,
+        ep: &Endpoint,
+        method: &Method,
+        remote: &str,
+        suffix: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, UpstreamError> {
+        let url = format!("{}/v2/{remote}/{suffix}", ep.base);
         let scope = format!("repository:{remote}:pull");
-        let build = |auth: Option<Auth>| {
+        let build = |auth: Option<&Auth>| {
             let mut req = self.client.request(method.clone(), &url);
             if let Some(a) = accept {
                 req = req.header(header::ACCEPT, a);
@@ -238,8 +416,9 @@ impl Upstream {
                 None => req,
             }
         };
-        let first = self.cached_token(&scope).map(Auth::Bearer);
-        let mut resp = self.go(build(first)).await?;
+        let first = self.cached_token(i, &scope).map(Auth::Bearer);
+        let mut resp = self.go(build(first.as_ref())).await?;
+        let mut sent: Option<Auth> = first;
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = resp
                 .headers()
@@ -248,7 +427,7 @@ impl Upstream {
                 .and_then(Challenge::parse);
             let auth = match challenge {
                 Some(Challenge::Bearer { realm, service, .. }) => Some(Auth::Bearer(
-                    self.fetch_token(&realm, &service, &scope).await?,
+                    self.fetch_token(i, &realm, &service, &scope).await?,
                 )),
                 Some(Challenge::Basic { .. }) => {
                     self.credentials.clone().map(|(u, p)| Auth::Basic(u, p))
@@ -256,18 +435,28 @@ impl Upstream {
                 None => None,
             };
             if auth.is_some() {
-                resp = self.go(build(auth)).await?;
+                resp = self.go(build(auth.as_ref())).await?;
+                sent = auth;
             }
         }
         self.record_rate_limit(&resp);
         let status = resp.status();
         if status.is_success() {
+            if sent.is_some() {
+                ep.health.credentials_accepted();
+            }
             return Ok(resp);
         }
         let what = format!("{method} {remote}/{suffix} at {}", self.name);
         Err(match status {
             StatusCode::NOT_FOUND => UpstreamError::NotFound(format!("{what}: not found")),
+            // Basic credentials the registry itself refused.
+            StatusCode::UNAUTHORIZED if matches!(sent, Some(Auth::Basic(..))) => {
+                self.refusal(&format!("{} (Basic)", ep.base), status)
+            }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                // With a token it granted us: the repository is private or absent (Docker Hub
+                // answers 401 for both).
                 UpstreamError::NotFound(format!("{what}: not readable with our credentials"))
             }
             StatusCode::TOO_MANY_REQUESTS => {
@@ -349,7 +538,10 @@ mod tests {
     #[test]
     fn docker_hub_quirks() {
         let hub = up("docker.io", &[]);
-        assert_eq!(hub.base, "https://registry-1.docker.io");
+        assert_eq!(
+            hub.urls().collect::<Vec<_>>(),
+            ["https://registry-1.docker.io"]
+        );
         assert_eq!(hub.remote_name("alpine"), "library/alpine");
         assert_eq!(hub.remote_name("library/alpine"), "library/alpine");
         assert_eq!(hub.remote_name("bitnami/redis"), "bitnami/redis");
@@ -364,7 +556,7 @@ mod tests {
         assert!(!hub.matches_ns("ghcr.io"));
         let ghcr = up("ghcr.io", &[]);
         assert_eq!(ghcr.remote_name("alpine"), "alpine");
-        assert_eq!(ghcr.base, "https://ghcr.io");
+        assert_eq!(ghcr.urls().collect::<Vec<_>>(), ["https://ghcr.io"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::*;
 use crate::meta::Db;
 use crate::names::{Reference, RepoName};
+use crate::store::Chunk;
 use crate::store::PutManifest;
 
 const HOUR: i64 = 3600;
@@ -37,7 +38,7 @@ impl T {
         let d = Digest::sha256(data);
         let up = self.s.start_upload(&repo).await.unwrap();
         self.s
-            .finish_upload(&repo, &up.id, &d, Some((None, None, body(data.to_vec()))))
+            .finish_upload(&repo, &up.id, &d, Some(Chunk::new(body(data.to_vec()))))
             .await
             .unwrap();
         d
@@ -219,9 +220,17 @@ async fn a_blob_swept_during_a_push_of_the_same_content_is_put_back() {
     t.s.delete_blob(&repo, &d).await.unwrap();
     // The new push places its object first ...
     let up = t.s.start_upload(&repo).await.unwrap();
-    t.s.append_upload(&repo, &up.id, None, None, body(data.clone()))
-        .await
-        .unwrap();
+    t.s.append_upload(
+        &repo,
+        &up.id,
+        Chunk {
+            body: body(data.clone()),
+            start: None,
+            len: None,
+        },
+    )
+    .await
+    .unwrap();
     // ... GC marks and sweeps the old copy before the push commits its row ...
     let r =
         t.s.gc_as_of(&policy(), false, now() + 2 * HOUR)
@@ -270,9 +279,17 @@ async fn chunks_left_by_a_crash_are_swept_after_the_grace_period() {
     let t = T::new();
     let repo: RepoName = "app".parse().unwrap();
     let live = t.s.start_upload(&repo).await.unwrap();
-    t.s.append_upload(&repo, &live.id, None, None, body(b"in progress".to_vec()))
-        .await
-        .unwrap();
+    t.s.append_upload(
+        &repo,
+        &live.id,
+        Chunk {
+            body: body(b"in progress".to_vec()),
+            start: None,
+            len: None,
+        },
+    )
+    .await
+    .unwrap();
     // A chunk whose session row is gone, as after a crash between writing and committing.
     let orphan = crate::blob::upload_part_key("deadbeef", "00000000000000000000-x");
     t.s.objects
@@ -389,20 +406,36 @@ impl T {
         match how {
             Upload::Monolithic | Upload::PostPut => {
                 self.s
-                    .finish_upload(&repo, &up.id, &d, Some((None, None, body(data.to_vec()))))
+                    .finish_upload(&repo, &up.id, &d, Some(Chunk::new(body(data.to_vec()))))
                     .await
                     .unwrap();
             }
             Upload::Chunked => {
                 let (a, b) = data.split_at(data.len() / 2);
                 self.s
-                    .append_upload(&repo, &up.id, Some(0), None, body(a.to_vec()))
+                    .append_upload(
+                        &repo,
+                        &up.id,
+                        Chunk {
+                            body: body(a.to_vec()),
+                            start: Some(0),
+                            len: None,
+                        },
+                    )
                     .await
                     .unwrap();
                 // The worst moment for a chunked upload: between chunks.
                 self.s.gc(&policy(), false).await.unwrap();
                 self.s
-                    .append_upload(&repo, &up.id, Some(a.len() as u64), None, body(b.to_vec()))
+                    .append_upload(
+                        &repo,
+                        &up.id,
+                        Chunk {
+                            body: body(b.to_vec()),
+                            start: Some(a.len() as u64),
+                            len: None,
+                        },
+                    )
                     .await
                     .unwrap();
                 self.s.finish_upload(&repo, &up.id, &d, None).await.unwrap();

@@ -60,7 +60,7 @@ fn secs(d: Duration) -> i64 {
 
 impl Store {
     /// Takes lease `name` for `ttl`, or says who holds it.
-    pub(crate) async fn take_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
+    pub async fn take_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
         let me = self.instance.clone();
         self.db
             .write(move |tx| {
@@ -95,7 +95,7 @@ impl Store {
     }
 
     /// Extends lease `name` by `ttl`; an error when this process no longer holds it.
-    pub(crate) async fn renew_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
+    pub async fn renew_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
         let me = self.instance.clone();
         self.db
             .write(move |tx| {
@@ -112,7 +112,7 @@ impl Store {
     }
 
     /// Drops lease `name` if this process holds it.
-    pub(crate) async fn release_lease(&self, name: &'static str) -> Result<()> {
+    pub async fn release_lease(&self, name: &'static str) -> Result<()> {
         let me = self.instance.clone();
         self.db
             .write(move |tx| {
@@ -123,6 +123,56 @@ impl Store {
                 Ok(())
             })
             .await
+    }
+}
+
+/// A lease held for as long as this value lives: a task renews it at a third of its lifetime,
+/// [`Held::release`] gives it back.
+#[derive(Debug)]
+pub struct Held {
+    store: std::sync::Arc<Store>,
+    name: &'static str,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Store {
+    /// Takes lease `name` and keeps renewing it until [`Held::release`] (or until dropped, when
+    /// it lapses by itself within `ttl`).
+    pub async fn hold_lease(
+        self: &std::sync::Arc<Self>,
+        name: &'static str,
+        ttl: Duration,
+    ) -> Result<Held> {
+        self.take_lease(name, ttl).await?;
+        let store = self.clone();
+        let keeper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                if let Err(e) = store.renew_lease(name, ttl).await {
+                    tracing::warn!(lease = name, error = %e, "renewing a lease failed");
+                    return;
+                }
+            }
+        });
+        Ok(Held {
+            store: self.clone(),
+            name,
+            keeper,
+        })
+    }
+}
+
+impl Held {
+    /// Stops renewing and gives the lease back.
+    pub async fn release(self) -> Result<()> {
+        self.keeper.abort();
+        self.store.release_lease(self.name).await
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.keeper.abort();
     }
 }
 

@@ -12,7 +12,7 @@
 //! - [`backend`]: storage configuration → object store.
 //! - [`gc`]: online garbage collection (mark from SQL review queues, sweep in batches).
 //! - [`maintenance`]: batched pull times, upload expiry.
-//! - `lease`: one holder at a time, across processes, for garbage collection.
+//! - [`lease`]: one holder at a time, across processes (garbage collection, prefetch).
 //!
 //! # Consistency rules
 //! - An object is written before the row that makes it visible; a row is deleted before its object.
@@ -25,7 +25,7 @@ pub mod blob;
 pub mod error;
 mod evict;
 pub mod gc;
-mod lease;
+pub mod lease;
 pub mod maintenance;
 pub mod manifest;
 pub mod meta;
@@ -39,5 +39,6 @@ pub use evict::{EvictPolicy, EvictReport};
 pub use gc::{GcPolicy, GcReport, GcRun};
 pub use names::{Algorithm, Digest, Reference, RepoName, Tag};
 pub use store::{
-    BlobRead, MAX_MANIFEST_SIZE, Page, PutManifest, Referrer, Store, StoredManifest, UploadStatus,
+    BlobRead, Chunk, MAX_MANIFEST_SIZE, Page, PutManifest, Referrer, Store, StoredManifest,
+    UploadStatus,
 };

@@ -103,6 +103,7 @@ mod tests {
 
     use super::*;
     use crate::meta::Db;
+    use crate::store::Chunk;
 
     async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -119,9 +120,17 @@ mod tests {
         let (_d, s) = store().await;
         let repo: RepoName = "a".parse().unwrap();
         let up = s.start_upload(&repo).await.unwrap();
-        s.append_upload(&repo, &up.id, None, None, body(b"hello"))
-            .await
-            .unwrap();
+        s.append_upload(
+            &repo,
+            &up.id,
+            Chunk {
+                body: body(b"hello"),
+                start: None,
+                len: None,
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(
             s.expire_uploads(Duration::from_secs(3600)).await.unwrap(),
             0

@@ -29,6 +29,36 @@ pub struct UploadStatus {
     pub size: u64,
 }
 
+/// A chunk of an upload: its bytes, and what the client declared about them.
+pub struct Chunk {
+    /// The bytes.
+    pub body: ByteStream,
+    /// Where the chunk must start (`Content-Range`); `None`: at the current end.
+    pub start: Option<u64>,
+    /// How many bytes it must have (`Content-Length`); `None`: whatever arrives.
+    pub len: Option<u64>,
+}
+
+impl Chunk {
+    /// A chunk appended at the current end, of any length.
+    pub fn new(body: ByteStream) -> Self {
+        Self {
+            body,
+            start: None,
+            len: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 /// A blob being read.
 pub struct BlobRead {
     /// Size of the whole blob.
@@ -332,6 +362,32 @@ impl Store {
             .await
     }
 
+    /// Links blob `digest`, held anywhere in the registry, into cache repository `repo` when a
+    /// manifest of `repo` names it: the cache shares bytes by digest, but only for content its
+    /// upstream vouches for (so a cache never serves another repository's blob that its
+    /// upstream does not have). Whether it is linked now.
+    pub async fn link_cached_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        let (name, d) = (repo.to_string(), digest.to_string());
+        self.db
+            .write(move |tx| {
+                let Some(rid) = repo_id(tx, &name)? else {
+                    return Ok(false);
+                };
+                let ok: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?2)
+                        AND EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1
+                                    AND child_digest = ?2 AND kind = 'blob')",
+                    params![rid, d],
+                    |r| r.get(0),
+                )?;
+                if ok {
+                    link_blob(tx, rid, &d)?;
+                }
+                Ok(ok)
+            })
+            .await
+    }
+
     // ---------------------------------------------------------------- uploads
 
     /// Opens an upload session in `repo` (creating the repository).
@@ -366,16 +422,20 @@ impl Store {
             .await
     }
 
-    /// Appends `body` to upload `id`. When `start` is given the chunk must begin at the current
-    /// end of the upload; when `expected_len` is given the body must have exactly that length.
+    /// Appends `chunk` to upload `id`. When it names a start, the chunk must begin at the
+    /// current end of the upload; when it names a length, the body must have exactly that
+    /// length.
     pub async fn append_upload(
         &self,
         repo: &RepoName,
         id: &str,
-        start: Option<u64>,
-        expected_len: Option<u64>,
-        body: ByteStream,
+        chunk: Chunk,
     ) -> Result<UploadStatus> {
+        let Chunk {
+            body,
+            start,
+            len: expected_len,
+        } = chunk;
         // On local disk the session is one file written in place: chunks of one session are
         // written one at a time (a second writer waits, then finds the range moved).
         let session_lock = self.local_root.as_ref().map(|_| {
@@ -494,10 +554,10 @@ impl Store {
         repo: &RepoName,
         id: &str,
         digest: &Digest,
-        body: Option<(Option<u64>, Option<u64>, ByteStream)>,
+        last: Option<Chunk>,
     ) -> Result<u64> {
-        if let Some((start, len, body)) = body {
-            self.append_upload(repo, id, start, len, body).await?;
+        if let Some(chunk) = last {
+            self.append_upload(repo, id, chunk).await?;
         }
         let (name, sid) = (repo.to_string(), id.to_owned());
         let (size, parts) = self
@@ -725,7 +785,27 @@ impl Store {
         bytes: Bytes,
         extra_tags: &[Tag],
     ) -> Result<PutManifest> {
-        self.store_manifest(repo, reference, content_type, bytes, extra_tags, true)
+        self.put_manifest_lent(repo, reference, content_type, bytes, extra_tags, None)
+            .await
+    }
+
+    /// [`Store::put_manifest`], where blobs the manifest names that `repo` does not link but
+    /// `lender` does are linked into `repo` first (a mount from `lender`, in the same
+    /// transaction).
+    pub async fn put_manifest_lent(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: &str,
+        bytes: Bytes,
+        extra_tags: &[Tag],
+        lender: Option<&RepoName>,
+    ) -> Result<PutManifest> {
+        let refs = match lender {
+            Some(l) => Refs::CheckOrBorrow(l.to_string()),
+            None => Refs::Check,
+        };
+        self.store_manifest(repo, reference, content_type, bytes, extra_tags, refs)
             .await
     }
 
@@ -739,7 +819,7 @@ impl Store {
         content_type: &str,
         bytes: Bytes,
     ) -> Result<PutManifest> {
-        self.store_manifest(repo, reference, content_type, bytes, &[], false)
+        self.store_manifest(repo, reference, content_type, bytes, &[], Refs::Trust)
             .await
     }
 
@@ -752,21 +832,24 @@ impl Store {
         body: ByteStream,
     ) -> Result<u64> {
         let s = self.start_upload(repo).await?;
-        self.finish_upload(repo, &s.id, digest, Some((None, None, body)))
+        self.finish_upload(repo, &s.id, digest, Some(Chunk::new(body)))
             .await
     }
 
-    /// Whether anything was ever put in `repo` here (an upload started, a blob, a manifest):
-    /// a push in progress counts, before its manifest arrives.
-    pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool> {
-        let name = repo.to_string();
+    /// What routing a read of a plain name needs to know, in one query: whether anything was
+    /// ever put in `repo` here (an upload started, a blob, a manifest: a push in progress
+    /// counts, before its manifest arrives), and whether repository `twin` holds a manifest.
+    pub async fn route_facts(&self, repo: &RepoName, twin: &RepoName) -> Result<(bool, bool)> {
+        let (name, twin) = (repo.to_string(), twin.to_string());
         self.db
             .read(move |c| {
-                Ok(
-                    c.query_row("SELECT 1 FROM repos WHERE name = ?1", [&name], |_| Ok(()))
-                        .optional()?
-                        .is_some(),
-                )
+                Ok(c.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM repos WHERE name = ?1),
+                            EXISTS (SELECT 1 FROM manifests m JOIN repos r ON r.id = m.repo_id
+                                    WHERE r.name = ?2)",
+                    params![name, twin],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?)
             })
             .await
     }
@@ -778,7 +861,7 @@ impl Store {
         content_type: &str,
         bytes: Bytes,
         extra_tags: &[Tag],
-        check_refs: bool,
+        refs: Refs,
     ) -> Result<PutManifest> {
         if bytes.len() > MAX_MANIFEST_SIZE {
             return Err(Error::ManifestTooLarge {
@@ -815,11 +898,15 @@ impl Store {
         self.db
             .write(move |tx| {
                 let rid = ensure_repo(tx, &name)?;
+                let lender = match &refs {
+                    Refs::CheckOrBorrow(l) => repo_id(tx, l)?,
+                    _ => None,
+                };
                 let mut missing = Vec::new();
                 for r in manifest
                     .references
                     .iter()
-                    .filter(|r| r.required && check_refs)
+                    .filter(|r| r.required && refs != Refs::Trust)
                 {
                     let d = r.digest.to_string();
                     let sql = match r.kind {
@@ -830,12 +917,20 @@ impl Store {
                             "SELECT 1 FROM manifests WHERE repo_id = ?1 AND digest = ?2"
                         }
                     };
-                    if tx
-                        .query_row(sql, params![rid, d], |_| Ok(()))
-                        .optional()?
-                        .is_none()
-                    {
-                        missing.push(d);
+                    let has = |id: i64| -> Result<bool> {
+                        Ok(tx
+                            .query_row(sql, params![id, d], |_| Ok(()))
+                            .optional()?
+                            .is_some())
+                    };
+                    if has(rid)? {
+                        continue;
+                    }
+                    match lender {
+                        Some(l) if r.kind == crate::manifest::RefKind::Blob && has(l)? => {
+                            link_blob(tx, rid, &d)?;
+                        }
+                        _ => missing.push(d),
                     }
                 }
                 if !missing.is_empty() {
@@ -1071,6 +1166,18 @@ impl Store {
             })
             .await
     }
+}
+
+/// How a manifest's references are checked when it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refs {
+    /// Every required blob and child must be in the repository (a push).
+    Check,
+    /// Likewise, but blobs found in the named repository are linked in (a push to a name whose
+    /// cache twin holds them).
+    CheckOrBorrow(String),
+    /// Not checked (a manifest from an upstream, whose content the cache fetches lazily).
+    Trust,
 }
 
 type ManifestRow = (String, String, Vec<u8>, bool);

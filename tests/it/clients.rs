@@ -1109,3 +1109,236 @@ with open("sigconfig.json", "w") as f:
 c.push(target=f"{host}/skopeo/small:sig", files=["sig.txt"], manifest_config="sigconfig.json:application/vnd.dev.berth.signature", subject=sub)
 print("oras ok")
 "#;
+
+/// One Berth as mirror and private registry (issue 15): its default upstream is Distribution
+/// behind token auth (standing in for Docker Hub). skopeo and docker push (a) images built on
+/// layers the cache holds, to new names, (b) to names the upstream also holds and the cache has
+/// pulled, (c) with the upstream hung; each pulls back with the pushed digest, and the upstream
+/// (registry and token service, counted in their own logs) sees no request during any push.
+#[test]
+fn real_clients_push_to_a_mirror_with_a_default_upstream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let up_dir = tmp.path().join("hub");
+    std::fs::create_dir_all(&up_dir).unwrap();
+    let (tokens, realm, cert) = crate::support::start_token_server(&up_dir);
+    let hub = crate::support::spawn_distribution_with(
+        &up_dir,
+        Some(crate::support::DistributionAuth::Token {
+            realm: &realm,
+            service: "berth-test",
+            cert: &cert,
+        }),
+    );
+    let upstream_requests = || {
+        let (granted, refused) = crate::support::token_requests(&up_dir);
+        crate::support::requests_logged(&up_dir) + granted + refused
+    };
+    let mirror = spawn_berth_with(
+        &tmp.path().join("mirror-data"),
+        Some(&format!(
+            "[gc]\ninterval = \"0s\"\n[[proxy.upstream]]\nname = \"docker.io\"\nurl = \"{}\"\n\
+             default = true\nusername = \"tester\"\npassword = \"s3cret\"\ntimeout = \"3s\"\n",
+            hub.root()
+        )),
+    );
+    let host = mirror.addr.to_string();
+    let t = Tools::new(tmp.path(), &host, "unqualified-search-registries = []\n");
+    let mut layout = Layout::new(&tmp.path().join("src"));
+    // Images sharing layers: an image with one more layer of the same seed is built on it.
+    let base = layout.image("amd64", &[300_000, 200_000], 31);
+    let app = layout.image("amd64", &[300_000, 200_000, 50_000], 31);
+    let held = layout.image("amd64", &[150_000], 32);
+    let held_mine = layout.image("amd64", &[150_000, 40_000], 32);
+    let offline = layout.image("amd64", &[60_000], 33);
+    let held2 = layout.image("amd64", &[80_000], 34);
+    for (tag, desc) in [
+        ("base", &base),
+        ("app", &app),
+        ("held", &held),
+        ("held-mine", &held_mine),
+        ("offline", &offline),
+        ("held2", &held2),
+    ] {
+        layout.tag(tag, desc);
+    }
+    let d = |v: &Value| v["digest"].as_str().unwrap_or_default().to_owned();
+    let mut s = Suite::new();
+    s.op("seed the upstream (token auth) with skopeo", || {
+        for (tag, name) in [
+            ("base", "library/base:1"),
+            ("held", "team/held:1"),
+            ("held2", "team/held2:1"),
+        ] {
+            sh(t.skopeo()
+                .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])
+                .args(["--dest-creds", "tester:s3cret"])
+                .arg(layout.reference(tag))
+                .arg(format!("docker://{}/{name}", hub.addr)))?;
+        }
+        Ok(())
+    });
+    s.op("skopeo pulls through the mirror (plain names)", || {
+        for name in ["library/base:1", "team/held:1", "team/held2:1"] {
+            sh(t.skopeo()
+                .args(["copy", "--src-tls-verify=false"])
+                .arg(format!("docker://{host}/{name}"))
+                .arg(format!("oci:{}:x", tmp.path().join("pulled").display())))?;
+        }
+        Ok(())
+    });
+    // A push, with the upstream's request count before and after.
+    let quiet = |what: &str, push: &mut dyn FnMut() -> Result<(), String>| -> Result<(), String> {
+        let before = upstream_requests();
+        push()?;
+        let after = upstream_requests();
+        expect(after == before, || {
+            format!("{what}: the upstream saw {} requests", after - before)
+        })
+    };
+    let pushed = |name: &str, want: &str| -> Result<(), String> {
+        let got = digest(&t.raw(name)?);
+        expect(got == want, || format!("{name}: {got} != {want}"))
+    };
+    let skopeo_push = |tag: &str, name: &str| {
+        sh(t.skopeo()
+            .args(["copy", "--preserve-digests", "--dest-tls-verify=false"])
+            .arg(layout.reference(tag))
+            .arg(format!("docker://{host}/{name}")))
+        .map(|_| ())
+    };
+    s.op("skopeo push: cached layers, new name", || {
+        quiet("skopeo (a)", &mut || {
+            skopeo_push("app", "team/skopeo-app:1")
+        })?;
+        pushed("team/skopeo-app:1", &d(&app))
+    });
+    s.op("skopeo push: a name the upstream holds", || {
+        quiet("skopeo (b)", &mut || {
+            skopeo_push("held-mine", "team/held:mine")
+        })?;
+        pushed("team/held:mine", &d(&held_mine))
+    });
+    s.op("skopeo push: upstream hung", || {
+        hub.pause();
+        tokens.pause();
+        let start = Instant::now();
+        let r = skopeo_push("offline", "team/skopeo-offline:1");
+        let took = start.elapsed();
+        hub.resume();
+        tokens.resume();
+        r?;
+        expect(took < Duration::from_secs(10), || format!("took {took:?}"))?;
+        pushed("team/skopeo-offline:1", &d(&offline))
+    });
+
+    let dkd_dir = tmp.path().join("dockerd");
+    std::fs::create_dir_all(&dkd_dir).unwrap();
+    match start_dockerd(&dkd_dir) {
+        Err(e) => s.op("dockerd starts", || Err(e)),
+        Ok((_daemon, dh)) => {
+            // docker pulls through the mirror as a registry: the cache fills, docker keeps
+            // the layers and remembers where they came from (it mounts from there on push).
+            s.op("docker pull through the mirror (plain names)", || {
+                for name in ["library/base:1", "team/held2:1"] {
+                    sh(docker(&dh)
+                        .args(["pull", "-q"])
+                        .arg(format!("{host}/{name}")))?;
+                }
+                Ok(())
+            });
+            let docker_push = |src: &str, name: &str| -> Result<String, String> {
+                sh(docker(&dh)
+                    .arg("tag")
+                    .arg(format!("{host}/{src}"))
+                    .arg(format!("{host}/{name}")))?;
+                let out = sh(docker(&dh).arg("push").arg(format!("{host}/{name}")))?;
+                // "<tag>: digest: sha256:… size: N"
+                out.split_whitespace()
+                    .skip_while(|w| *w != "digest:")
+                    .nth(1)
+                    .map(str::to_owned)
+                    .ok_or(out)
+            };
+            s.op("docker push: cached layers, new name", || {
+                let mut got = String::new();
+                quiet("docker (a)", &mut || {
+                    got = docker_push("library/base:1", "team/docker-app:1")?;
+                    Ok(())
+                })?;
+                // docker pushes its own (schema 2) form of the image: the mirror serves that.
+                pushed("team/docker-app:1", &got)
+            });
+            s.op("docker push: a name the upstream holds", || {
+                let mut got = String::new();
+                quiet("docker (b)", &mut || {
+                    got = docker_push("library/base:1", "team/held2:mine")?;
+                    Ok(())
+                })?;
+                pushed("team/held2:mine", &got)
+            });
+            s.op("docker push: upstream hung", || {
+                let archive = tmp.path().join("offline.tar");
+                sh(t.skopeo()
+                    .arg("copy")
+                    .arg(layout.reference("offline"))
+                    .arg(format!(
+                        "docker-archive:{}:{host}/team/docker-offline:1",
+                        archive.display()
+                    )))?;
+                sh(docker(&dh).arg("load").arg("-i").arg(&archive))?;
+                hub.pause();
+                tokens.pause();
+                let start = Instant::now();
+                let r = sh(docker(&dh)
+                    .arg("push")
+                    .arg(format!("{host}/team/docker-offline:1")));
+                let took = start.elapsed();
+                hub.resume();
+                tokens.resume();
+                r?;
+                expect(took < Duration::from_secs(10), || format!("took {took:?}"))?;
+                t.raw("team/docker-offline:1").map(|_| ())
+            });
+            s.op("docker pull of what docker pushed", || {
+                let _ = sh(docker(&dh).args(["system", "prune", "-af"]));
+                for name in [
+                    "team/docker-app:1",
+                    "team/held2:mine",
+                    "team/docker-offline:1",
+                ] {
+                    sh(docker(&dh)
+                        .args(["pull", "-q"])
+                        .arg(format!("{host}/{name}")))?;
+                }
+                Ok(())
+            });
+            let _ = sh(docker(&dh).args(["system", "prune", "-af"]));
+        }
+    }
+    s.op(
+        "skopeo pulls back every pushed image with its digest",
+        || {
+            for (name, want) in [
+                ("team/skopeo-app:1", d(&app)),
+                ("team/held:mine", d(&held_mine)),
+                ("team/skopeo-offline:1", d(&offline)),
+            ] {
+                let out = tmp.path().join("back");
+                sh(t.skopeo()
+                    .args(["copy", "--preserve-digests", "--src-tls-verify=false"])
+                    .arg(format!("docker://{host}/{name}"))
+                    .arg(format!("oci:{}:x", out.display())))?;
+                let got = Layout::tagged_digest(&out, "x").unwrap_or_default();
+                expect(got == want, || format!("{name}: {got} != {want}"))?;
+            }
+            Ok(())
+        },
+    );
+    drop(mirror);
+    println!("{} passed, {} failed", s.passed, s.failed.len());
+    assert!(
+        s.failed.is_empty(),
+        "client operations failed:\n{}",
+        s.failed.join("\n")
+    );
+}

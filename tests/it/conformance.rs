@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use berth_conformance::{Config, run};
 
 use crate::support::{
-    DistributionAuth, TestServer, free_port, require, spawn_distribution, spawn_distribution_with,
-    wait_listening,
+    DistributionAuth, TestServer, require, spawn_distribution, spawn_distribution_with,
+    start_token_server,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,56 +226,6 @@ async fn bearer_token_flow_against_distribution_with_token_auth() {
     assert!(auth.iter().all(|o| o.result.is_ok()), "{auth:#?}");
     assert_eq!(failed_checks(&report), known_gaps());
     drop(token_server);
-}
-
-/// Starts tests/it/fixtures/token_server.py (an external Docker token server signing RS256
-/// tokens with an `x5c` header, issuer `berth-test-issuer`, service `berth-test`, user
-/// `tester`/`s3cret`); the process, its realm URL and its certificate.
-fn start_token_server(dir: &std::path::Path) -> (crate::support::Proc, String, std::path::PathBuf) {
-    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
-    let out = std::process::Command::new(require("openssl"))
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=berth-test-token",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = free_port();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/token_server.py");
-    let log = dir.join("token.log");
-    let child = std::process::Command::new("python3")
-        .arg(script)
-        .arg(port.to_string())
-        .args(["berth-test", "tester", "s3cret"])
-        .arg(&key)
-        .arg(&cert)
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("token server");
-    let token_server = crate::support::Proc {
-        child,
-        addr: format!("127.0.0.1:{port}").parse().expect("addr"),
-    };
-    wait_listening(token_server.addr, "token server", &log);
-    let realm = format!("http://127.0.0.1:{port}/token");
-    (token_server, realm, cert)
 }
 
 /// A Berth with users in htpasswd and the given auth mode; `tester` is an admin.

@@ -223,7 +223,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
     }
     // Make all of it two hours old.
     s.state
-        .store
+        .store()
         .db()
         .write(|tx| {
             tx.execute_batch(
@@ -249,7 +249,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
             .unwrap(),
     );
     let done = Arc::new(AtomicBool::new(false));
-    let collectors: Vec<_> = [s.state.store.clone(), other.clone()]
+    let collectors: Vec<_> = [s.state.store().clone(), other.clone()]
         .into_iter()
         .map(|store| {
             let (done, policy) = (done.clone(), policy.clone());
@@ -379,13 +379,13 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
     let images = pull_everything(&c, &root).await;
     assert!(images >= 6 + 3 * 5, "only {images} images left");
     tokio::time::sleep(GRACE + Duration::from_millis(1100)).await;
-    s.state.store.gc(&policy, false).await.unwrap();
+    s.state.store().gc(&policy, false).await.unwrap();
     assert_eq!(pull_everything(&c, &root).await, images);
 
     // What is left on disk is exactly what manifests reference: every unreferenced blob freed.
     let referenced: BTreeSet<String> = s
         .state
-        .store
+        .store()
         .db()
         .read(|c| {
             let mut st =

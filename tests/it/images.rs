@@ -284,6 +284,74 @@ impl Image {
         digest(self.manifest.as_bytes())
     }
 
+    /// Pushes to `root` as `repo:tag` the way docker does: HEAD each blob, upload only what
+    /// the registry says it lacks (`POST ?digest=`), then the manifest. The first refusal is
+    /// the error.
+    pub async fn push_like_docker(&self, root: &str, repo: &str, tag: &str) -> Result<(), String> {
+        let c = client();
+        for b in &self.blobs {
+            let d = digest(b);
+            let head = c
+                .head(format!("{root}/v2/{repo}/blobs/{d}"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            match head.status() {
+                StatusCode::OK => continue,
+                StatusCode::NOT_FOUND => {}
+                s => return Err(format!("HEAD {repo} blob {d}: {s}")),
+            }
+            let r = c
+                .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
+                .body(b.clone())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status() != StatusCode::CREATED {
+                return Err(format!("upload of {d} to {repo}: {}", r.status()));
+            }
+        }
+        let r = c
+            .put(format!("{root}/v2/{repo}/manifests/{tag}"))
+            .header(
+                "content-type",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .body(self.manifest.clone())
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        match r.status() {
+            StatusCode::CREATED => Ok(()),
+            s => Err(format!(
+                "manifest {repo}:{tag}: {s} {}",
+                r.text().await.unwrap_or_default()
+            )),
+        }
+    }
+
+    /// An image made of this one's config and layers plus one layer of its own: built on it, as
+    /// a `FROM` line does.
+    pub fn on_top(&self, seed: u64, layer: usize) -> Self {
+        let extra = noise(layer, seed.wrapping_mul(7919));
+        let config =
+            format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
+        let desc =
+            |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": digest(b), "size": b.len()});
+        let mut layers: Vec<Vec<u8>> = self.blobs[1..].to_vec();
+        layers.push(extra);
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": desc("application/vnd.docker.container.image.v1+json", &config),
+            "layers": layers.iter().map(|l| desc("application/vnd.docker.image.rootfs.diff.tar.gzip", l)).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let mut blobs = vec![config];
+        blobs.extend(layers);
+        Self { manifest, blobs }
+    }
+
     /// Pushes to `root` as `repo:tag`.
     pub async fn push(&self, root: &str, repo: &str, tag: &str, creds: Auth<'_>) {
         let c = client();

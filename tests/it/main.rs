@@ -9,6 +9,7 @@ mod conformance;
 mod durability;
 mod gc;
 mod images;
+mod mirror;
 mod pki;
 mod proxy;
 mod support;

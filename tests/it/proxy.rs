@@ -11,7 +11,11 @@ use serde_json::{Value, json};
 use crate::images::{Auth, Image};
 use crate::support::{Proc, TestServer, client, digest, spawn_distribution};
 
-fn upstream(name: &str, url: &str, tweak: impl FnOnce(&mut UpstreamSection)) -> UpstreamSection {
+pub fn upstream(
+    name: &str,
+    url: &str,
+    tweak: impl FnOnce(&mut UpstreamSection),
+) -> UpstreamSection {
     let mut u = UpstreamSection {
         name: name.into(),
         url: Some(url.into()),
@@ -21,7 +25,7 @@ fn upstream(name: &str, url: &str, tweak: impl FnOnce(&mut UpstreamSection)) -> 
     u
 }
 
-async fn cache(upstreams: Vec<UpstreamSection>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+pub async fn cache(upstreams: Vec<UpstreamSection>, tweak: impl FnOnce(&mut Config)) -> TestServer {
     TestServer::start_with(|c| {
         c.proxy.upstream = upstreams;
         tweak(c);
@@ -29,16 +33,27 @@ async fn cache(upstreams: Vec<UpstreamSection>, tweak: impl FnOnce(&mut Config))
     .await
 }
 
-/// Pulls `repo:tag` from `s` like a client: manifest by tag, then every blob; checks digests.
-async fn pull(
+/// Pulls `repo:1` from `s` like a client: manifest by tag, then every blob; checks digests.
+pub async fn pull(
     root: String,
     path_repo: String,
     query: &'static str,
     image: &Image,
 ) -> Result<(), String> {
+    pull_tag(&root, &path_repo, "1", query, image).await
+}
+
+/// Pulls `repo:tag` like a client: manifest by tag, then every blob; checks digests.
+pub async fn pull_tag(
+    root: &str,
+    path_repo: &str,
+    tag: &str,
+    query: &str,
+    image: &Image,
+) -> Result<(), String> {
     let c = client();
     let r = c
-        .get(format!("{root}/v2/{path_repo}/manifests/1{query}"))
+        .get(format!("{root}/v2/{path_repo}/manifests/{tag}{query}"))
         .header(
             "accept",
             "application/vnd.docker.distribution.manifest.v2+json",
@@ -378,7 +393,7 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored() {
     let local: berth_storage::RepoName = "evil.example/evil/app".parse().unwrap();
     let digest: berth_storage::Digest = d.parse().unwrap();
     assert!(
-        s.state.store.stat_blob(&local, &digest).await.is_err(),
+        s.state.store().stat_blob(&local, &digest).await.is_err(),
         "a mismatching blob was stored"
     );
 }
@@ -405,7 +420,7 @@ async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
     let local: berth_storage::RepoName = "quay.io/big/layer".parse().unwrap();
     let d: berth_storage::Digest = layer.parse().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.state.store.stat_blob(&local, &d).await.is_err() {
+    while s.state.store().stat_blob(&local, &d).await.is_err() {
         assert!(
             std::time::Instant::now() < deadline,
             "the cache fill did not complete"
@@ -471,7 +486,7 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
         c.proxy.max_size = Some(bytesize::ByteSize::b(cap));
     })
     .await;
-    let proxy = s.state.proxy.clone().unwrap();
+    let proxy = s.state.registry.proxy().cloned().unwrap();
     let gc = berth_storage::GcPolicy {
         grace: Duration::ZERO,
         ..berth_storage::GcPolicy::default()
@@ -491,7 +506,7 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
         tokio::time::sleep(Duration::from_millis(1100)).await; // distinct pull times (seconds)
         let r = s
             .state
-            .store
+            .store()
             .evict_cache(proxy.evict_policy())
             .await
             .unwrap();
@@ -503,7 +518,7 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
             .unwrap()
             .as_secs() as i64
             + 2;
-        s.state.store.gc_as_of(&gc, false, later).await.unwrap();
+        s.state.store().gc_as_of(&gc, false, later).await.unwrap();
         let on_disk = disk_bytes(&objects);
         assert!(
             on_disk <= cap + 4096,
@@ -518,7 +533,7 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
         let local: berth_storage::RepoName = format!("docker.io/library/img{i}").parse().unwrap();
         let has = s
             .state
-            .store
+            .store()
             .get_manifest(&local, &berth_storage::Reference::Tag("1".parse().unwrap()))
             .await
             .is_ok();

@@ -86,10 +86,39 @@ impl Proc {
             .unwrap_or(0)
     }
 
+    /// Stops the process (SIGSTOP): it keeps its sockets, so connections are accepted by the
+    /// kernel and then hang, as with a wedged upstream.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
     pub fn sigkill(mut self) {
         let _ = self.child.kill(); // SIGKILL on Unix
         let _ = self.child.wait();
     }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Requests Distribution (started by [`spawn_distribution`]) logged in `dir`.
+pub fn requests_logged(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("access.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" HTTP/1.1\""))
+        .count()
 }
 
 pub fn free_port() -> u16 {
@@ -247,4 +276,64 @@ pub async fn median_small_get(client: &reqwest::Client, url: &str, n: usize) -> 
     }
     times.sort();
     times[n / 2]
+}
+
+/// Starts tests/it/fixtures/token_server.py (an external Docker token server signing RS256
+/// tokens with an `x5c` header, issuer `berth-test-issuer`, service `berth-test`, user
+/// `tester`/`s3cret`); the process, its realm URL and its certificate. Each request it
+/// answers is a line in `<dir>/token-requests.log` ([`token_requests`] counts them).
+pub fn start_token_server(dir: &Path) -> (Proc, String, PathBuf) {
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let out = std::process::Command::new(require("openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=berth-test-token",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures/token_server.py");
+    let log = dir.join("token.log");
+    let child = std::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .args(["berth-test", "tester", "s3cret"])
+        .arg(&key)
+        .arg(&cert)
+        .stdout(std::fs::File::create(dir.join("token-requests.log")).expect("log"))
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("token server");
+    let token_server = Proc {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+    };
+    wait_listening(token_server.addr, "token server", &log);
+    let realm = format!("http://127.0.0.1:{port}/token");
+    (token_server, realm, cert)
+}
+
+/// Logins the token server of `dir` saw: (granted, refused).
+pub fn token_requests(dir: &Path) -> (usize, usize) {
+    let log = std::fs::read_to_string(dir.join("token-requests.log")).unwrap_or_default();
+    (
+        log.lines().filter(|l| *l == "granted").count(),
+        log.lines().filter(|l| *l == "refused").count(),
+    )
 }
