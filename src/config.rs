@@ -9,7 +9,7 @@
 //!
 //! [storage]
 //! backend = "filesystem"        # "filesystem" (under `data`, or `root`), "memory",
-//!                               # "s3", "azure" or "gcs"
+//!                               # "s3", "azure" or "gcs"; each takes only its own keys
 //! # root = "/srv/berth/blobs"
 //! # For s3, azure and gcs:
 //! # bucket = "registry"         # bucket, or Azure container
@@ -165,74 +165,200 @@ impl Default for Config {
     }
 }
 
-/// `[storage]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[storage]`: where blob bytes live. `backend` (default `filesystem`) decides which keys
+/// apply: a key of another backend is refused by name, as any unknown key is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageSection {
+    /// Local disk.
+    Filesystem(FilesystemSection),
+    /// Process memory: everything is lost on exit (tests, experiments).
+    Memory,
+    /// Amazon S3 or an S3-compatible server.
+    S3(S3Section),
+    /// Azure Blob Storage (or Azurite).
+    Azure(AzureSection),
+    /// Google Cloud Storage.
+    Gcs(GcsSection),
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self::Filesystem(FilesystemSection::default())
+    }
+}
+
+/// The keys of `[storage]` per backend, as the file spells them.
+#[derive(Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+enum TaggedStorage {
+    Filesystem(FilesystemSection),
+    Memory {},
+    S3(S3Section),
+    Azure(AzureSection),
+    Gcs(GcsSection),
+}
+
+impl<'de> Deserialize<'de> for StorageSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut v = toml::Value::deserialize(d)?;
+        if let Some(t) = v.as_table_mut() {
+            t.entry("backend")
+                .or_insert_with(|| toml::Value::String("filesystem".into()));
+        }
+        let tagged = TaggedStorage::deserialize(v)
+            .map_err(|e| D::Error::custom(format!("storage: {}", e.message())))?;
+        Ok(match tagged {
+            TaggedStorage::Filesystem(f) => Self::Filesystem(f),
+            TaggedStorage::Memory {} => Self::Memory,
+            TaggedStorage::S3(c) => Self::S3(c),
+            TaggedStorage::Azure(c) => Self::Azure(c),
+            TaggedStorage::Gcs(c) => Self::Gcs(c),
+        })
+    }
+}
+
+/// `[storage]` with `backend = "filesystem"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct StorageSection {
-    /// Which backend holds blobs.
-    pub backend: Backend,
-    /// For `filesystem`: where blobs go (default `<data>/objects`).
+pub struct FilesystemSection {
+    /// Where blobs go (default `<data>/objects`).
     pub root: Option<PathBuf>,
-    /// Bucket (s3, gcs) or container (azure).
-    pub bucket: Option<String>,
+}
+
+/// `[storage]` with `backend = "s3"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// The bucket.
+    pub bucket: String,
     /// Key prefix inside the bucket.
+    #[serde(default)]
     pub prefix: Option<String>,
-    /// Endpoint URL (S3-compatible servers, Azurite, private clouds).
+    /// Endpoint URL of an S3-compatible server (MinIO, Ceph RGW, R2) or a private cloud.
+    #[serde(default)]
     pub endpoint: Option<String>,
-    /// S3 region.
+    /// The region.
+    #[serde(default)]
     pub region: Option<String>,
-    /// S3 access key id, or Azure storage account name.
+    /// Access key id.
+    #[serde(default)]
     pub access_key_id: Option<String>,
-    /// S3 secret key, or Azure account key.
+    /// Secret access key.
+    #[serde(default)]
     pub secret_access_key: Option<String>,
     /// A file holding `secret_access_key`.
+    #[serde(default)]
     pub secret_access_key_file: Option<PathBuf>,
-    /// GCS service account key file.
-    pub service_account_key: Option<PathBuf>,
     /// Allow plain HTTP to `endpoint`.
+    #[serde(default)]
     pub allow_http: bool,
-    /// S3: virtual-hosted-style bucket addressing.
+    /// Virtual-hosted-style bucket addressing (`bucket.host`).
+    #[serde(default)]
     pub virtual_hosted_style: bool,
-    /// Redirect blob downloads to presigned URLs (default on for object stores).
+    /// Redirect blob downloads to presigned URLs (default on).
+    #[serde(default)]
     pub redirect: Option<bool>,
-    /// How long presigned URLs stay valid.
-    #[serde(with = "humantime_serde")]
+    /// How long presigned URLs stay valid (default 20m; at most 7d on S3).
+    #[serde(default, with = "humantime_serde")]
     pub redirect_expiry: Option<Duration>,
 }
 
+/// `[storage]` with `backend = "azure"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureSection {
+    /// The container.
+    pub bucket: String,
+    /// Key prefix inside the container.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Endpoint URL, including the account path (Azurite:
+    /// `http://127.0.0.1:10000/devstoreaccount1`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The storage account name.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// The storage account key.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// A file holding `secret_access_key`.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Allow plain HTTP to `endpoint`.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Redirect blob downloads to presigned (SAS) URLs (default on).
+    #[serde(default)]
+    pub redirect: Option<bool>,
+    /// How long presigned URLs stay valid (default 20m).
+    #[serde(default, with = "humantime_serde")]
+    pub redirect_expiry: Option<Duration>,
+}
+
+/// `[storage]` with `backend = "gcs"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsSection {
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Endpoint URL (an emulator or a private endpoint).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Service account key file.
+    #[serde(default)]
+    pub service_account_key: Option<PathBuf>,
+    /// Redirect blob downloads to presigned URLs (default on).
+    #[serde(default)]
+    pub redirect: Option<bool>,
+    /// How long presigned URLs stay valid (default 20m; at most 7d).
+    #[serde(default, with = "humantime_serde")]
+    pub redirect_expiry: Option<Duration>,
+}
+
+/// Longest validity of a presigned URL that S3 and GCS accept.
+pub const MAX_REDIRECT_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl StorageSection {
+    /// The backend's name as the file spells it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Filesystem(_) => "filesystem",
+            Self::Memory => "memory",
+            Self::S3(_) => "s3",
+            Self::Azure(_) => "azure",
+            Self::Gcs(_) => "gcs",
+        }
+    }
+
+    /// Whether this is an object store reached over the network.
+    pub fn is_cloud(&self) -> bool {
+        matches!(self, Self::S3(_) | Self::Azure(_) | Self::Gcs(_))
+    }
+
+    fn redirect_settings(&self) -> (Option<bool>, Option<Duration>) {
+        match self {
+            Self::S3(c) => (c.redirect, c.redirect_expiry),
+            Self::Azure(c) => (c.redirect, c.redirect_expiry),
+            Self::Gcs(c) => (c.redirect, c.redirect_expiry),
+            Self::Filesystem(_) | Self::Memory => (Some(false), None),
+        }
+    }
+
     /// Whether blob GETs are redirected to the object store.
     pub fn redirects(&self) -> bool {
-        self.backend.is_cloud() && self.redirect.unwrap_or(true)
+        self.is_cloud() && self.redirect_settings().0.unwrap_or(true)
     }
 
     /// Validity of presigned URLs.
     pub fn redirect_ttl(&self) -> Duration {
-        self.redirect_expiry.unwrap_or(Duration::from_secs(20 * 60))
-    }
-}
-
-/// Blob storage backends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// Local disk.
-    #[default]
-    Filesystem,
-    /// Process memory: everything is lost on exit (tests, experiments).
-    Memory,
-    /// Amazon S3 or an S3-compatible server.
-    S3,
-    /// Azure Blob Storage.
-    Azure,
-    /// Google Cloud Storage.
-    Gcs,
-}
-
-impl Backend {
-    /// Whether this is an object store reached over the network.
-    pub fn is_cloud(self) -> bool {
-        matches!(self, Self::S3 | Self::Azure | Self::Gcs)
+        self.redirect_settings()
+            .1
+            .unwrap_or(Duration::from_secs(20 * 60))
     }
 }
 
@@ -575,42 +701,37 @@ impl Config {
             problems.push("data: must not be empty".to_owned());
         }
         let st = &self.storage;
-        if st.backend != Backend::Filesystem && st.root.is_some() {
-            problems.push("storage.root: only applies to the filesystem backend".to_owned());
+        let (key, key_file) = match st {
+            StorageSection::S3(c) => (&c.secret_access_key, &c.secret_access_key_file),
+            StorageSection::Azure(c) => (&c.secret_access_key, &c.secret_access_key_file),
+            _ => (&None, &None),
+        };
+        if key.is_some() && key_file.is_some() {
+            problems.push(
+                "storage: give secret_access_key or secret_access_key_file, not both".to_owned(),
+            );
         }
-        if st.backend.is_cloud() {
-            if st.bucket.as_deref().is_none_or(str::is_empty) {
-                problems.push(
-                    format!("storage.bucket: required for the {:?} backend", st.backend)
-                        .to_lowercase(),
-                );
+        match st {
+            StorageSection::S3(S3Section { bucket, .. })
+            | StorageSection::Azure(AzureSection { bucket, .. })
+            | StorageSection::Gcs(GcsSection { bucket, .. })
+                if bucket.is_empty() =>
+            {
+                problems.push(format!(
+                    "storage.bucket: required for the {} backend",
+                    st.backend()
+                ));
             }
-            if st.secret_access_key.is_some() && st.secret_access_key_file.is_some() {
-                problems.push(
-                    "storage: give secret_access_key or secret_access_key_file, not both"
-                        .to_owned(),
-                );
-            }
-        } else {
-            for (key, set) in [
-                ("bucket", st.bucket.is_some()),
-                ("prefix", st.prefix.is_some()),
-                ("endpoint", st.endpoint.is_some()),
-                ("region", st.region.is_some()),
-                ("access_key_id", st.access_key_id.is_some()),
-                (
-                    "secret_access_key",
-                    st.secret_access_key.is_some() || st.secret_access_key_file.is_some(),
-                ),
-                ("service_account_key", st.service_account_key.is_some()),
-                ("redirect", st.redirect.is_some()),
-            ] {
-                if set {
-                    problems.push(format!(
-                        "storage.{key}: only applies to the s3, azure and gcs backends"
-                    ));
-                }
-            }
+            _ => {}
+        }
+        if matches!(st, StorageSection::S3(_) | StorageSection::Gcs(_))
+            && st.redirect_ttl() > MAX_REDIRECT_EXPIRY
+        {
+            problems.push(format!(
+                "storage.redirect_expiry: {} presigns URLs for at most 7d; {} would fail every redirected download",
+                st.backend(),
+                humantime::format_duration(st.redirect_ttl())
+            ));
         }
         if self.registry.upload_expiry < Duration::from_secs(60) {
             problems.push("registry.upload_expiry: must be at least 1m".to_owned());
@@ -786,40 +907,49 @@ impl Config {
 
     /// What the storage layer needs (reads `secret_access_key_file`).
     pub fn storage_config(&self) -> Result<StorageConfig, ConfigError> {
-        let st = &self.storage;
         let mut s = StorageConfig::local(&self.data);
-        let secret = match &st.secret_access_key_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|source| ConfigError::Read {
-                        path: f.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => st.secret_access_key.clone(),
+        let secret = |inline: &Option<String>, file: &Option<PathBuf>| match file {
+            Some(f) => std::fs::read_to_string(f)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|source| ConfigError::Read {
+                    path: f.clone(),
+                    source,
+                }),
+            None => Ok(inline.clone()),
         };
-        let cloud = || CloudConfig {
-            bucket: st.bucket.clone().unwrap_or_default(),
-            prefix: st.prefix.clone(),
-            endpoint: st.endpoint.clone(),
-            region: st.region.clone(),
-            access_key_id: st.access_key_id.clone(),
-            secret_access_key: secret.clone(),
-            service_account_key: st.service_account_key.clone(),
-            allow_http: st.allow_http,
-            virtual_hosted_style: st.virtual_hosted_style,
-        };
-        s.blobs = match st.backend {
-            Backend::Memory => BlobBackend::Memory,
-            Backend::Filesystem => match &st.root {
+        s.blobs = match &self.storage {
+            StorageSection::Memory => BlobBackend::Memory,
+            StorageSection::Filesystem(f) => match &f.root {
                 Some(root) => BlobBackend::Filesystem(root.clone()),
                 None => s.blobs,
             },
-            Backend::S3 => BlobBackend::S3(cloud()),
-            Backend::Azure => BlobBackend::Azure(cloud()),
-            Backend::Gcs => BlobBackend::Gcs(cloud()),
+            StorageSection::S3(c) => BlobBackend::S3(CloudConfig {
+                bucket: c.bucket.clone(),
+                prefix: c.prefix.clone(),
+                endpoint: c.endpoint.clone(),
+                region: c.region.clone(),
+                access_key_id: c.access_key_id.clone(),
+                secret_access_key: secret(&c.secret_access_key, &c.secret_access_key_file)?,
+                service_account_key: None,
+                allow_http: c.allow_http,
+                virtual_hosted_style: c.virtual_hosted_style,
+            }),
+            StorageSection::Azure(c) => BlobBackend::Azure(CloudConfig {
+                bucket: c.bucket.clone(),
+                prefix: c.prefix.clone(),
+                endpoint: c.endpoint.clone(),
+                access_key_id: c.access_key_id.clone(),
+                secret_access_key: secret(&c.secret_access_key, &c.secret_access_key_file)?,
+                allow_http: c.allow_http,
+                ..CloudConfig::default()
+            }),
+            StorageSection::Gcs(c) => BlobBackend::Gcs(CloudConfig {
+                bucket: c.bucket.clone(),
+                prefix: c.prefix.clone(),
+                endpoint: c.endpoint.clone(),
+                service_account_key: c.service_account_key.clone(),
+                ..CloudConfig::default()
+            }),
         };
         Ok(s)
     }
@@ -877,22 +1007,45 @@ mod tests {
         let e = Config::parse("[storage]\nbackend = \"s3\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("storage.bucket"), "{e}");
-        let e = Config::parse("[storage]\nbucket = \"b\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("only applies"), "{e}");
+        assert!(e.contains("bucket"), "{e}");
+        // A key of another backend is refused by name.
+        for (backend, key) in [
+            ("filesystem", "bucket = \"b\""),
+            ("memory", "root = \"/x\""),
+            ("s3", "service_account_key = \"/k.json\""),
+            ("azure", "region = \"eu\""),
+            ("gcs", "region = \"eu\""),
+            ("gcs", "access_key_id = \"x\""),
+        ] {
+            let name = key.split(' ').next().unwrap();
+            let bucket = if matches!(backend, "filesystem" | "memory") {
+                ""
+            } else {
+                "bucket = \"b\"\n"
+            };
+            let text = format!("[storage]\nbackend = \"{backend}\"\n{bucket}{key}\n");
+            let e = Config::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(name), "{backend} took {name}: {e}");
+        }
+        // No backend: local disk, with its own keys only.
+        assert!(Config::parse("[storage]\nroot = \"/srv\"\n").is_ok());
         let c = Config::parse("[storage]\nbackend = \"azure\"\nbucket = \"c\"\nredirect = false\n")
             .unwrap();
         assert!(!c.storage.redirects());
+        // S3 refuses presigned URLs valid for more than 7 days.
+        let e = Config::parse(
+            "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nredirect_expiry = \"30d\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("storage.redirect_expiry"), "{e}");
     }
 
     #[test]
     fn every_problem_is_reported() {
-        let e = Config::parse("data = \"\"\n[storage]\nbackend = \"memory\"\nroot = \"/x\"\n")
-            .unwrap_err();
+        let e = Config::parse("data = \"\"\n[gc]\ngrace = \"1s\"\n").unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("data:") && s.contains("storage.root"), "{s}");
+        assert!(s.contains("data:") && s.contains("gc.grace"), "{s}");
     }
 
     #[test]

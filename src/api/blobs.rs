@@ -19,7 +19,7 @@ fn digest(s: &str) -> ApiResult<Digest> {
 /// `GET`/`HEAD` a blob: 200 with the bytes, 206 for a satisfiable `Range`, 416 otherwise,
 /// 404 `BLOB_UNKNOWN` when the repository does not hold it; 307 to the object store when it
 /// presigns.
-pub async fn get(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn get(state: AppState, op: Operation, req: Request) -> ApiResult {
     repo(op.repository())?;
     let digest = digest(op.arg())?;
     let head = op.is_head();
@@ -105,7 +105,7 @@ fn from_upstream(d: &Digest, size: Option<u64>, body: Body) -> Response {
 }
 
 /// `DELETE` a blob from a repository: 202, or 404 `BLOB_UNKNOWN`.
-pub async fn delete(state: AppState, op: Operation) -> ApiResult {
+pub(super) async fn delete(state: AppState, op: Operation) -> ApiResult {
     repo(op.repository())?;
     let digest = digest(op.arg())?;
     if !state.config.registry.delete_enabled {
@@ -116,6 +116,6 @@ pub async fn delete(state: AppState, op: Operation) -> ApiResult {
 }
 
 /// An empty 202.
-pub fn accepted() -> Response {
+pub(super) fn accepted() -> Response {
     (StatusCode::ACCEPTED, [(header::CONTENT_LENGTH, "0")]).into_response()
 }

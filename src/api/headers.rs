@@ -8,32 +8,32 @@ use futures_util::{StreamExt, TryStreamExt};
 use super::error::{ApiError, ApiResult, Code};
 
 /// `Docker-Content-Digest`.
-pub const DIGEST_HEADER: &str = "docker-content-digest";
+pub(super) const DIGEST_HEADER: &str = "docker-content-digest";
 
 /// Parses a repository name from the path.
-pub fn repo(name: &str) -> ApiResult<RepoName> {
+pub(super) fn repo(name: &str) -> ApiResult<RepoName> {
     name.parse().map_err(ApiError::from)
 }
 
 /// Query parameters, in order, repeated keys kept.
-pub fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
+pub(super) fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
     uri.query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
 /// The first value of `key` in `q`.
-pub fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(super) fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 /// A header as text, if present and printable.
-pub fn text<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
+pub(super) fn text<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// The declared `Content-Length`, if any.
-pub fn content_length(h: &HeaderMap) -> ApiResult<Option<u64>> {
+pub(super) fn content_length(h: &HeaderMap) -> ApiResult<Option<u64>> {
     match text(h, &header::CONTENT_LENGTH) {
         None => Ok(None),
         Some(v) => v
@@ -45,7 +45,7 @@ pub fn content_length(h: &HeaderMap) -> ApiResult<Option<u64>> {
 }
 
 /// A chunk's `Content-Range: <start>-<end>` (inclusive); a `bytes ` or `bytes=` prefix is tolerated.
-pub fn content_range(h: &HeaderMap) -> ApiResult<Option<(u64, u64)>> {
+pub(super) fn content_range(h: &HeaderMap) -> ApiResult<Option<(u64, u64)>> {
     let Some(v) = text(h, &header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -65,7 +65,7 @@ pub fn content_range(h: &HeaderMap) -> ApiResult<Option<(u64, u64)>> {
 }
 
 /// The body as a byte stream for storage.
-pub fn stream(body: Body) -> ByteStream {
+pub(super) fn stream(body: Body) -> ByteStream {
     body.into_data_stream()
         .map_err(std::io::Error::other)
         .inspect_ok(|chunk| {
@@ -75,23 +75,23 @@ pub fn stream(body: Body) -> ByteStream {
 }
 
 /// An upload session's URL.
-pub fn upload_location(repo: &RepoName, id: &str) -> HeaderValue {
+pub(super) fn upload_location(repo: &RepoName, id: &str) -> HeaderValue {
     value(&format!("/v2/{repo}/blobs/uploads/{id}"))
 }
 
 /// `0-<last byte>` as the spec writes upload progress (`0-0` when empty).
-pub fn upload_range(size: u64) -> HeaderValue {
+pub(super) fn upload_range(size: u64) -> HeaderValue {
     value(&format!("0-{}", size.saturating_sub(1)))
 }
 
 /// A header value from text that is known to be visible ASCII (names, digests, numbers).
-pub fn value(s: &str) -> HeaderValue {
+pub(super) fn value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// A byte range requested by `Range`, resolved against `size`: `Ok(None)` for the whole blob,
 /// `Err(())` when unsatisfiable.
-pub fn byte_range(h: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
+pub(super) fn byte_range(h: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some(v) = text(h, &header::RANGE) else {
         return Ok(None);
     };

@@ -50,7 +50,7 @@ fn json_page(body: serde_json::Value, page: &Page, base: &str, n: usize) -> Resp
 ///
 /// For a cached repository the page comes from the upstream (the cached tags when it fails),
 /// under the name the client used.
-pub async fn tags(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn tags(state: AppState, op: Operation, req: Request) -> ApiResult {
     let repo = repo(op.repository())?;
     let q = query(req.uri());
     let n = page_size(&q, MAX_PAGE)?;
@@ -67,7 +67,7 @@ pub async fn tags(state: AppState, op: Operation, req: Request) -> ApiResult {
 ///
 /// With access control on, only repositories the caller may pull are listed; pages are
 /// filled from further storage pages so `n` still means `n`.
-pub async fn catalog(state: AppState, _op: Operation, req: Request) -> ApiResult {
+pub(super) async fn catalog(state: AppState, _op: Operation, req: Request) -> ApiResult {
     let q = query(req.uri());
     let n = page_size(&q, DEFAULT_CATALOG_PAGE)?;
     let caller = req
@@ -110,7 +110,7 @@ pub async fn catalog(state: AppState, _op: Operation, req: Request) -> ApiResult
 ///
 /// For a cached repository, the upstream's referrers are cached first (see
 /// [`crate::proxy`]).
-pub async fn referrers(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn referrers(state: AppState, op: Operation, req: Request) -> ApiResult {
     repo(op.repository())?;
     let digest: Digest = op.arg().parse().map_err(ApiError::from)?;
     let q = query(req.uri());

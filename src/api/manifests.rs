@@ -15,7 +15,7 @@ use crate::state::AppState;
 
 /// `GET`/`HEAD` a manifest by tag or digest: the exact stored bytes with their media type.
 /// A reference that is neither a tag nor a digest is simply not there (404).
-pub async fn get(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn get(state: AppState, op: Operation, req: Request) -> ApiResult {
     repo(op.repository())?;
     let reference: Reference = match op.arg().parse() {
         Ok(r) => r,
@@ -66,7 +66,7 @@ fn respond(m: StoredManifest, op: &Operation, req: &Request) -> Response {
 
 /// `PUT` a manifest: 201 with `Location`, `Docker-Content-Digest`, `OCI-Subject` when it has a
 /// subject, and `OCI-Tag` for tags given as `?tag=` (push by digest).
-pub async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
     let repo = repo(op.repository())?;
     let reference: Reference = op.arg().parse().map_err(ApiError::from)?;
     let q = query(req.uri());
@@ -128,7 +128,7 @@ async fn read_limited(body: Body, limit: usize) -> ApiResult<bytes::Bytes> {
 }
 
 /// `DELETE` a tag (removes only the tag) or a manifest by digest (and its tags): 202.
-pub async fn delete(state: AppState, op: Operation) -> ApiResult<Response> {
+pub(super) async fn delete(state: AppState, op: Operation) -> ApiResult<Response> {
     repo(op.repository())?;
     let reference: Reference = op.arg().parse().map_err(ApiError::from)?;
     if !state.config.registry.delete_enabled {

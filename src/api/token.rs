@@ -149,7 +149,7 @@ fn refresh_for(auth: &AuthService, user: &str) -> Option<String> {
 }
 
 /// `GET /auth/token`.
-pub async fn get(State(state): State<AppState>, req: Request) -> Response {
+pub(super) async fn get(State(state): State<AppState>, req: Request) -> Response {
     let Some(auth) = state.auth.clone().filter(|a| a.issuer().is_some()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -195,7 +195,7 @@ pub async fn get(State(state): State<AppState>, req: Request) -> Response {
 }
 
 /// `POST /auth/token` (OAuth2 password and refresh_token grants).
-pub async fn post(State(state): State<AppState>, req: Request) -> Response {
+pub(super) async fn post(State(state): State<AppState>, req: Request) -> Response {
     let Some(auth) = state.auth.clone().filter(|a| a.issuer().is_some()) else {
         return StatusCode::NOT_FOUND.into_response();
     };

@@ -50,7 +50,7 @@ fn digest_param(q: &[(String, String)]) -> ApiResult<Option<Digest>> {
 
 /// `POST /v2/<name>/blobs/uploads/`: a new session (202), a whole blob with `?digest=` (201),
 /// or a cross-repository mount with `?mount=` (201, or a new session when it cannot mount).
-pub async fn post(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn post(state: AppState, op: Operation, req: Request) -> ApiResult {
     let repo = repo(op.repository())?;
     let at = super::at(&op);
     let q = query(req.uri());
@@ -104,7 +104,7 @@ pub async fn post(state: AppState, op: Operation, req: Request) -> ApiResult {
 }
 
 /// `GET /v2/<name>/blobs/uploads/<id>`: 204 with the committed `Range`.
-pub async fn status(state: AppState, op: Operation) -> ApiResult {
+pub(super) async fn status(state: AppState, op: Operation) -> ApiResult {
     let repo = repo(op.repository())?;
     let s = state
         .registry
@@ -114,7 +114,7 @@ pub async fn status(state: AppState, op: Operation) -> ApiResult {
 }
 
 /// `PATCH /v2/<name>/blobs/uploads/<id>`: appends a chunk (with `Content-Range`) or a stream.
-pub async fn patch(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn patch(state: AppState, op: Operation, req: Request) -> ApiResult {
     let repo = repo(op.repository())?;
     let (start, len) = chunk_bounds(req.headers())?;
     let chunk = Chunk {
@@ -130,7 +130,7 @@ pub async fn patch(state: AppState, op: Operation, req: Request) -> ApiResult {
 }
 
 /// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: the last chunk (optional) and the commit.
-pub async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
+pub(super) async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
     let repo = repo(op.repository())?;
     let q = query(req.uri());
     let digest = digest_param(&q)?.ok_or_else(|| {
@@ -157,7 +157,7 @@ pub async fn put(state: AppState, op: Operation, req: Request) -> ApiResult {
 }
 
 /// `DELETE /v2/<name>/blobs/uploads/<id>`: cancels the session (204).
-pub async fn cancel(state: AppState, op: Operation) -> ApiResult {
+pub(super) async fn cancel(state: AppState, op: Operation) -> ApiResult {
     repo(op.repository())?;
     state
         .registry

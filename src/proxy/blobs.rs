@@ -37,14 +37,14 @@ struct Fetch {
 
 /// Fetches in flight, by digest.
 #[derive(Default)]
-pub struct Inflight {
+pub(super) struct Inflight {
     fetches: Arc<Mutex<HashMap<String, Arc<Fetch>>>>,
 }
 
 impl Inflight {
     /// Joins the fetch of `digest`, starting it when none runs: its size (when the upstream
     /// said) and the bytes as they come, or `None` when it turned out to be in the store.
-    pub async fn get(
+    pub(super) async fn get(
         &self,
         store: &Arc<Store>,
         spool_dir: &Path,

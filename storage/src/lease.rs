@@ -9,8 +9,6 @@
 
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, params};
-
 use crate::error::{Error, Result};
 use crate::meta::now;
 use crate::store::Store;
@@ -59,70 +57,46 @@ fn secs(d: Duration) -> i64 {
 }
 
 impl Store {
-    /// Takes lease `name` for `ttl`, or says who holds it.
+    /// Takes lease `name` for `ttl`, or says who holds it ([`Error::Busy`]).
     pub async fn take_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
-        let me = self.instance.clone();
-        self.db
-            .write(move |tx| {
-                let t = now();
-                let current: Option<(String, i64)> = tx
-                    .query_row(
-                        "SELECT holder, expires_at FROM leases WHERE name = ?1",
-                        [name],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                if let Some((holder, until)) = current
-                    && holder != me
-                    && until >= t
-                    && !holder_is_dead(&holder, &me)
-                {
-                    return Err(Error::Busy {
-                        what: name.to_owned(),
-                        holder,
-                        until,
-                    });
-                }
-                tx.execute(
-                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
-                        expires_at = excluded.expires_at",
-                    params![name, me, t.saturating_add(secs(ttl))],
-                )?;
-                Ok(())
-            })
-            .await
+        let t = now();
+        let until = t.saturating_add(secs(ttl));
+        let Some((holder, lapses)) = self
+            .meta
+            .take_lease(name, &self.instance, until, t, None)
+            .await?
+        else {
+            return Ok(());
+        };
+        if holder_is_dead(&holder, &self.instance)
+            && self
+                .meta
+                .take_lease(name, &self.instance, until, t, Some(&holder))
+                .await?
+                .is_none()
+        {
+            tracing::info!(lease = name, previous = %holder, "took over the lease of a dead holder");
+            return Ok(());
+        }
+        Err(Error::Busy {
+            what: name.to_owned(),
+            holder,
+            until: lapses,
+        })
     }
 
     /// Extends lease `name` by `ttl`; an error when this process no longer holds it.
     pub async fn renew_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
-        let me = self.instance.clone();
-        self.db
-            .write(move |tx| {
-                let n = tx.execute(
-                    "UPDATE leases SET expires_at = ?3 WHERE name = ?1 AND holder = ?2",
-                    params![name, me, now().saturating_add(secs(ttl))],
-                )?;
-                if n == 0 {
-                    return Err(Error::Internal(format!("lost the {name} lease")));
-                }
-                Ok(())
-            })
-            .await
+        let until = now().saturating_add(secs(ttl));
+        if !self.meta.renew_lease(name, &self.instance, until).await? {
+            return Err(Error::Internal(format!("lost the {name} lease")));
+        }
+        Ok(())
     }
 
     /// Drops lease `name` if this process holds it.
     pub async fn release_lease(&self, name: &'static str) -> Result<()> {
-        let me = self.instance.clone();
-        self.db
-            .write(move |tx| {
-                tx.execute(
-                    "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
-                    params![name, me],
-                )?;
-                Ok(())
-            })
-            .await
+        self.meta.release_lease(name, &self.instance).await
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use berth::config::{Backend, Config};
+use berth::config::{AzureSection, Config, S3Section, StorageSection};
 use berth_conformance::run;
 use reqwest::{Client, StatusCode};
 
@@ -33,26 +33,29 @@ enum Cloud {
 fn configure(cloud: Cloud, prefix: &str, redirect: bool) -> impl FnOnce(&mut Config) {
     let prefix = prefix.to_owned();
     move |c: &mut Config| {
-        let s = &mut c.storage;
-        s.bucket = Some("registry".into());
-        s.prefix = Some(prefix);
-        s.allow_http = true;
-        s.redirect = Some(redirect);
-        match cloud {
-            Cloud::S3 => {
-                s.backend = Backend::S3;
-                s.endpoint = Some(endpoint("BERTH_TEST_S3_ENDPOINT"));
-                s.region = Some("us-east-1".into());
-                s.access_key_id = Some("test".into());
-                s.secret_access_key = Some("test".into());
-            }
-            Cloud::Azure => {
-                s.backend = Backend::Azure;
-                s.endpoint = Some(endpoint("BERTH_TEST_AZURE_ENDPOINT"));
-                s.access_key_id = Some(AZURITE_ACCOUNT.into());
-                s.secret_access_key = Some(AZURITE_KEY.into());
-            }
-        }
+        c.storage = match cloud {
+            Cloud::S3 => StorageSection::S3(S3Section {
+                bucket: "registry".into(),
+                prefix: Some(prefix),
+                endpoint: Some(endpoint("BERTH_TEST_S3_ENDPOINT")),
+                region: Some("us-east-1".into()),
+                access_key_id: Some("test".into()),
+                secret_access_key: Some("test".into()),
+                allow_http: true,
+                redirect: Some(redirect),
+                ..S3Section::default()
+            }),
+            Cloud::Azure => StorageSection::Azure(AzureSection {
+                bucket: "registry".into(),
+                prefix: Some(prefix),
+                endpoint: Some(endpoint("BERTH_TEST_AZURE_ENDPOINT")),
+                access_key_id: Some(AZURITE_ACCOUNT.into()),
+                secret_access_key: Some(AZURITE_KEY.into()),
+                allow_http: true,
+                redirect: Some(redirect),
+                ..AzureSection::default()
+            }),
+        };
     }
 }
 

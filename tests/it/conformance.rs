@@ -43,7 +43,7 @@ fn assert_all_pass(report: &berth_conformance::Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn berth_passes_on_memory_storage_too() {
-    let s = TestServer::start_with(|c| c.storage.backend = berth::config::Backend::Memory).await;
+    let s = TestServer::start_with(|c| c.storage = berth::config::StorageSection::Memory).await;
     let report = run(Config::new(&s.root(), "conformance/memory"), false)
         .await
         .expect("run");

@@ -222,20 +222,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
         );
     }
     // Make all of it two hours old.
-    s.state
-        .store()
-        .db()
-        .write(|tx| {
-            tx.execute_batch(
-                "UPDATE blobs SET created_at = created_at - 7200, last_access = last_access - 7200;
-                 UPDATE repo_blobs SET created_at = created_at - 7200;
-                 UPDATE blob_review SET queued_at = queued_at - 7200;
-                 UPDATE manifest_review SET queued_at = queued_at - 7200;",
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    s.state.store().meta().age_for_tests(7200).await.unwrap();
 
     // Two collectors take turns, over and over: the server's store, and a second one on the
     // same data, as `berth gc` or another replica would be.
@@ -383,20 +370,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
     assert_eq!(pull_everything(&c, &root).await, images);
 
     // What is left on disk is exactly what manifests reference: every unreferenced blob freed.
-    let referenced: BTreeSet<String> = s
-        .state
-        .store()
-        .db()
-        .read(|c| {
-            let mut st =
-                c.prepare("SELECT DISTINCT child_digest FROM manifest_refs WHERE kind = 'blob'")?;
-            let ds = st
-                .query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<BTreeSet<_>>>()?;
-            Ok(ds)
-        })
-        .await
-        .unwrap();
+    let referenced: BTreeSet<String> = s.state.store().meta().referenced_blobs().await.unwrap();
     let on_disk = blobs_on_disk(s.dir.path());
     let lost: Vec<_> = referenced.difference(&on_disk).collect();
     let kept: Vec<_> = on_disk.difference(&referenced).collect();

@@ -11,12 +11,12 @@ use reqwest::StatusCode;
 
 use crate::support::{client, digest};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// Incompressible bytes from a seed (xorshift).
-pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -30,13 +30,13 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// An OCI image layout on disk.
-pub struct Layout {
+pub(crate) struct Layout {
     pub dir: PathBuf,
     refs: Vec<Value>,
 }
 
 impl Layout {
-    pub fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         let l = Self {
@@ -48,12 +48,12 @@ impl Layout {
     }
 
     /// `oci:<dir>:<tag>` for skopeo.
-    pub fn reference(&self, tag: &str) -> String {
+    pub(crate) fn reference(&self, tag: &str) -> String {
         format!("oci:{}:{tag}", self.dir.display())
     }
 
     /// Stores a blob; returns its descriptor.
-    pub fn blob(&self, media_type: &str, data: &[u8]) -> Value {
+    pub(crate) fn blob(&self, media_type: &str, data: &[u8]) -> Value {
         let d = digest(data);
         std::fs::write(self.dir.join("blobs/sha256").join(&d[7..]), data).unwrap();
         json!({ "mediaType": media_type, "digest": d, "size": data.len() })
@@ -61,7 +61,7 @@ impl Layout {
 
     /// An image for `arch` with one layer per entry of `layer_sizes` (each a tar holding one
     /// file of random bytes); returns the manifest descriptor with its platform.
-    pub fn image(&self, arch: &str, layer_sizes: &[usize], seed: u64) -> Value {
+    pub(crate) fn image(&self, arch: &str, layer_sizes: &[usize], seed: u64) -> Value {
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
         for (i, size) in layer_sizes.iter().enumerate() {
@@ -92,7 +92,7 @@ impl Layout {
 
     /// A single-layer image whose layer holds `size` random bytes, streamed to disk (the
     /// layer is gzip with stored blocks: valid, and quick to make at 1 GiB).
-    pub fn big_image(&self, arch: &str, size: u64, seed: u64) -> Value {
+    pub(crate) fn big_image(&self, arch: &str, size: u64, seed: u64) -> Value {
         use sha2::Digest as _;
         let tmp = self.dir.join("big-layer.tmp");
         let file = HashingWriter::new(std::fs::File::create(&tmp).unwrap());
@@ -134,13 +134,13 @@ impl Layout {
     }
 
     /// An index over `children`.
-    pub fn index(&self, children: &[Value]) -> Value {
+    pub(crate) fn index(&self, children: &[Value]) -> Value {
         let m = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children });
         self.blob(OCI_INDEX, &serde_json::to_vec(&m).unwrap())
     }
 
     /// Names `desc` as `tag` in index.json.
-    pub fn tag(&mut self, tag: &str, desc: &Value) {
+    pub(crate) fn tag(&mut self, tag: &str, desc: &Value) {
         let mut d = desc.clone();
         if d["mediaType"] == OCI_MANIFEST {
             d.as_object_mut().unwrap().remove("platform");
@@ -160,7 +160,7 @@ impl Layout {
     }
 
     /// The digest tagged `tag` in a layout on disk (for layouts written by clients).
-    pub fn tagged_digest(dir: &Path, tag: &str) -> Option<String> {
+    pub(crate) fn tagged_digest(dir: &Path, tag: &str) -> Option<String> {
         let v: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).ok()?).ok()?;
         v["manifests"]
             .as_array()?
@@ -182,7 +182,7 @@ fn tarball(name: &str, data: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-pub fn gzip(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();
     e.finish().unwrap()
@@ -242,7 +242,7 @@ impl std::io::Read for NoiseReader {
 
 /// How a test authenticates a push.
 #[derive(Clone, Copy)]
-pub enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     /// Anonymously.
     None,
     /// Basic credentials.
@@ -252,13 +252,13 @@ pub enum Auth<'a> {
 }
 
 /// An image: its manifest bytes and blobs (config first).
-pub struct Image {
+pub(crate) struct Image {
     pub manifest: String,
     pub blobs: Vec<Vec<u8>>,
 }
 
 impl Image {
-    pub fn new(seed: u64, layers: &[usize]) -> Self {
+    pub(crate) fn new(seed: u64, layers: &[usize]) -> Self {
         let config =
             format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
         let layers: Vec<Vec<u8>> = layers
@@ -280,14 +280,19 @@ impl Image {
         Self { manifest, blobs }
     }
 
-    pub fn digest(&self) -> String {
+    pub(crate) fn digest(&self) -> String {
         digest(self.manifest.as_bytes())
     }
 
     /// Pushes to `root` as `repo:tag` the way docker does: HEAD each blob, upload only what
     /// the registry says it lacks (`POST ?digest=`), then the manifest. The first refusal is
     /// the error.
-    pub async fn push_like_docker(&self, root: &str, repo: &str, tag: &str) -> Result<(), String> {
+    pub(crate) async fn push_like_docker(
+        &self,
+        root: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<(), String> {
         let c = client();
         for b in &self.blobs {
             let d = digest(b);
@@ -332,7 +337,7 @@ impl Image {
 
     /// An image made of this one's config and layers plus one layer of its own: built on it, as
     /// a `FROM` line does.
-    pub fn on_top(&self, seed: u64, layer: usize) -> Self {
+    pub(crate) fn on_top(&self, seed: u64, layer: usize) -> Self {
         let extra = noise(layer, seed.wrapping_mul(7919));
         let config =
             format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
@@ -353,7 +358,7 @@ impl Image {
     }
 
     /// Pushes to `root` as `repo:tag`.
-    pub async fn push(&self, root: &str, repo: &str, tag: &str, creds: Auth<'_>) {
+    pub(crate) async fn push(&self, root: &str, repo: &str, tag: &str, creds: Auth<'_>) {
         let c = client();
         let auth = |r: reqwest::RequestBuilder| match creds {
             Auth::Basic(u, p) => r.basic_auth(u, Some(p)),

@@ -9,21 +9,21 @@ use rcgen::{
 };
 
 /// A test CA.
-pub struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
     /// The CA certificate file.
     pub cert: PathBuf,
 }
 
 /// A certificate and its key, as files.
-pub struct Leaf {
+pub(crate) struct Leaf {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
 impl Ca {
     /// A new CA named `name`, its certificate at `<dir>/<name>.crt`.
-    pub fn new(dir: &Path, name: &str) -> Self {
+    pub(crate) fn new(dir: &Path, name: &str) -> Self {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.distinguished_name.push(DnType::CommonName, name);
@@ -60,7 +60,7 @@ impl Ca {
     }
 
     /// A server certificate for 127.0.0.1 and localhost, written to `cert` and `key`.
-    pub fn server(&self, cert: &Path, key: &Path) -> Leaf {
+    pub(crate) fn server(&self, cert: &Path, key: &Path) -> Leaf {
         self.leaf(
             vec!["127.0.0.1".into(), "localhost".into()],
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -70,7 +70,7 @@ impl Ca {
     }
 
     /// A client certificate for `user`.
-    pub fn client(&self, dir: &Path, user: &str) -> Leaf {
+    pub(crate) fn client(&self, dir: &Path, user: &str) -> Leaf {
         self.leaf(
             vec![user.to_owned()],
             ExtendedKeyUsagePurpose::ClientAuth,

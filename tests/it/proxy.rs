@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::images::{Auth, Image};
 use crate::support::{Proc, TestServer, client, digest, spawn_distribution};
 
-pub fn upstream(
+pub(crate) fn upstream(
     name: &str,
     url: &str,
     tweak: impl FnOnce(&mut UpstreamSection),
@@ -25,7 +25,10 @@ pub fn upstream(
     u
 }
 
-pub async fn cache(upstreams: Vec<UpstreamSection>, tweak: impl FnOnce(&mut Config)) -> TestServer {
+pub(crate) async fn cache(
+    upstreams: Vec<UpstreamSection>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
     TestServer::start_with(|c| {
         c.proxy.upstream = upstreams;
         tweak(c);
@@ -34,7 +37,7 @@ pub async fn cache(upstreams: Vec<UpstreamSection>, tweak: impl FnOnce(&mut Conf
 }
 
 /// Pulls `repo:1` from `s` like a client: manifest by tag, then every blob; checks digests.
-pub async fn pull(
+pub(crate) async fn pull(
     root: String,
     path_repo: String,
     query: &'static str,
@@ -44,7 +47,7 @@ pub async fn pull(
 }
 
 /// Pulls `repo:tag` like a client: manifest by tag, then every blob; checks digests.
-pub async fn pull_tag(
+pub(crate) async fn pull_tag(
     root: &str,
     path_repo: &str,
     tag: &str,

@@ -10,7 +10,7 @@ use berth::config::Config;
 use tokio::sync::oneshot;
 
 /// Berth running inside the test process.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub state: berth::AppState,
@@ -19,11 +19,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
-    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+    pub(crate) async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             data: dir.path().to_owned(),
@@ -47,17 +47,17 @@ impl TestServer {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub fn root(&self) -> String {
+    pub(crate) fn root(&self) -> String {
         format!("http://{}", self.addr)
     }
 }
 
 /// A child process, killed on drop.
-pub struct Proc {
+pub(crate) struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
 }
@@ -70,12 +70,12 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    pub fn root(&self) -> String {
+    pub(crate) fn root(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Peak resident set size (VmHWM) in KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         status
@@ -88,16 +88,16 @@ impl Proc {
 
     /// Stops the process (SIGSTOP): it keeps its sockets, so connections are accepted by the
     /// kernel and then hang, as with a wedged upstream.
-    pub fn pause(&self) {
+    pub(crate) fn pause(&self) {
         signal(self.child.id(), "STOP");
     }
 
     /// Lets a paused process run again (SIGCONT).
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         signal(self.child.id(), "CONT");
     }
 
-    pub fn sigkill(mut self) {
+    pub(crate) fn sigkill(mut self) {
         let _ = self.child.kill(); // SIGKILL on Unix
         let _ = self.child.wait();
     }
@@ -113,7 +113,7 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// Requests Distribution (started by [`spawn_distribution`]) logged in `dir`.
-pub fn requests_logged(dir: &Path) -> usize {
+pub(crate) fn requests_logged(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("access.log"))
         .unwrap_or_default()
         .lines()
@@ -121,7 +121,7 @@ pub fn requests_logged(dir: &Path) -> usize {
         .count()
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -130,7 +130,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until something accepts connections on `addr`.
-pub fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
+pub(crate) fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -145,12 +145,12 @@ pub fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
 }
 
 /// Runs the `berth` binary on a free loopback port with `data` as its data directory.
-pub fn spawn_berth(data: &Path) -> Proc {
+pub(crate) fn spawn_berth(data: &Path) -> Proc {
     spawn_berth_with(data, None)
 }
 
 /// Like [`spawn_berth`], with a configuration file's text.
-pub fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
+pub(crate) fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let log = data.with_extension("log");
@@ -178,12 +178,12 @@ pub fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
 }
 
 /// The reference registry (CNCF Distribution 2.8, Debian's `docker-registry`), deletes on.
-pub fn spawn_distribution(dir: &Path) -> Proc {
+pub(crate) fn spawn_distribution(dir: &Path) -> Proc {
     spawn_distribution_with(dir, None)
 }
 
 /// How a test Distribution authenticates clients.
-pub enum DistributionAuth<'a> {
+pub(crate) enum DistributionAuth<'a> {
     /// Basic auth from an htpasswd file.
     Htpasswd(&'a Path),
     /// Docker token auth: the realm URL, the service, and the certificate tokens are signed with.
@@ -195,7 +195,7 @@ pub enum DistributionAuth<'a> {
 }
 
 /// Distribution with the given client authentication.
-pub fn spawn_distribution_with(dir: &Path, auth: Option<DistributionAuth<'_>>) -> Proc {
+pub(crate) fn spawn_distribution_with(dir: &Path, auth: Option<DistributionAuth<'_>>) -> Proc {
     let bin = which("docker-registry").expect(
         "docker-registry is not installed: `apt-get install docker-registry` (./scripts/test does it)",
     );
@@ -235,7 +235,7 @@ pub fn spawn_distribution_with(dir: &Path, auth: Option<DistributionAuth<'_>>) -
 }
 
 /// Finds a program on PATH (or in /usr/sbin, /usr/bin).
-pub fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')
         .chain(["/usr/sbin", "/usr/bin"])
@@ -244,20 +244,20 @@ pub fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// A program the test needs; a clear failure when absent.
-pub fn require(name: &str) -> PathBuf {
+pub(crate) fn require(name: &str) -> PathBuf {
     which(name).unwrap_or_else(|| {
         panic!("{name} is not installed; ./scripts/test installs the test dependencies")
     })
 }
 
 /// `sha256:<hex>`.
-pub fn digest(data: &[u8]) -> String {
+pub(crate) fn digest(data: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
 
 /// An HTTP client (installs the TLS crypto provider the build uses, once).
-pub fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
 }
@@ -265,7 +265,7 @@ pub fn client() -> reqwest::Client {
 /// Times `n` sequential GETs of `url` over one kept-alive connection of `client`; returns the
 /// median. A server that leaves Nagle's algorithm on answers about half of them ~40 ms late
 /// (its body waits for the client's delayed ACK of the headers).
-pub async fn median_small_get(client: &reqwest::Client, url: &str, n: usize) -> Duration {
+pub(crate) async fn median_small_get(client: &reqwest::Client, url: &str, n: usize) -> Duration {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
         let start = Instant::now();
@@ -282,7 +282,7 @@ pub async fn median_small_get(client: &reqwest::Client, url: &str, n: usize) -> 
 /// tokens with an `x5c` header, issuer `berth-test-issuer`, service `berth-test`, user
 /// `tester`/`s3cret`); the process, its realm URL and its certificate. Each request it
 /// answers is a line in `<dir>/token-requests.log` ([`token_requests`] counts them).
-pub fn start_token_server(dir: &Path) -> (Proc, String, PathBuf) {
+pub(crate) fn start_token_server(dir: &Path) -> (Proc, String, PathBuf) {
     let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
     let out = std::process::Command::new(require("openssl"))
         .args([
@@ -330,7 +330,7 @@ pub fn start_token_server(dir: &Path) -> (Proc, String, PathBuf) {
 }
 
 /// Logins the token server of `dir` saw: (granted, refused).
-pub fn token_requests(dir: &Path) -> (usize, usize) {
+pub(crate) fn token_requests(dir: &Path) -> (usize, usize) {
     let log = std::fs::read_to_string(dir.join("token-requests.log")).unwrap_or_default();
     (
         log.lines().filter(|l| *l == "granted").count(),

@@ -1,215 +1,318 @@
-//! Metadata in SQLite: one writer connection and a small pool of readers, used from
-//! `spawn_blocking` so no async task ever blocks on the database.
+//! The metadata seam: everything the registry knows besides blob bytes, behind one trait per
+//! concern, so that a second database can sit beside SQLite.
 //!
-//! The schema (see `schema.sql`) is the source of truth for what exists: repositories, tags,
-//! manifests and their references, which blobs each repository may serve, upload sessions.
-//! Migrations are numbered by SQLite's `user_version`.
+//! The metadata is the source of truth for what exists: repositories, tags, manifests and
+//! their references, which blobs each repository may serve, upload sessions, garbage
+//! collection's review queues, leases. Each statement lives in exactly one backend method;
+//! the [`Store`](crate::Store) composes them with the object store and keeps the
+//! consistency rules (an object is written before the row that makes it visible, a row is
+//! deleted before its object).
+//!
+//! | trait | concern |
+//! |---|---|
+//! | [`BlobMeta`] | which repository links which blob; read protection |
+//! | [`UploadMeta`] | upload sessions and their committed chunks |
+//! | [`ManifestMeta`] | manifests, tags, listings, referrers, pull times |
+//! | [`GcMeta`] | garbage collection's mark and sweep, its record, cache eviction |
+//! | [`LeaseMeta`] | one holder at a time for cluster-wide work |
+//!
+//! Backends: [`sqlite`] (one file, one writer: the zero-configuration default). Every backend
+//! passes the storage suite ([`crate::suite`]).
+//!
+//! Times are unix seconds passed in by the caller (`now`, `t`), so that a backend never reads
+//! its own clock for a decision; the review queues' triggers stamp with the database's clock.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+pub mod sqlite;
 
-use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use std::collections::{BTreeSet, HashSet};
 
-use crate::error::{Error, Result};
+use futures_util::future::BoxFuture;
 
-const MIGRATIONS: &[&str] = &[
-    include_str!("schema.sql"),
-    include_str!("gc.sql"),
-    include_str!("runs.sql"),
-];
-/// Read connections, and so reads running at once: more only adds memory and contention on a
-/// few cores.
-const READERS: usize = 4;
+use crate::error::Result;
+use crate::evict::{EvictPolicy, EvictReport};
+use crate::gc::{GcPolicy, GcReport, GcRun};
+use crate::manifest::Manifest;
+use crate::names::{Digest, Reference, Tag};
+
+/// A metadata call's future.
+pub type Fut<'a, T> = BoxFuture<'a, Result<T>>;
+
+/// Deletes blob objects during a sweep: the digests in, how many objects were deleted out.
+pub type DeleteObjects = dyn Fn(Vec<Digest>) -> BoxFuture<'static, Result<u64>> + Send + Sync;
 
 /// Seconds since the Unix epoch.
-pub(crate) fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
 
-/// The metadata database.
-#[derive(Clone)]
-pub struct Db {
-    path: PathBuf,
-    writer: Arc<Mutex<Connection>>,
-    readers: Arc<Mutex<Vec<Connection>>>,
-    read_permits: Arc<tokio::sync::Semaphore>,
-    /// Writers queue here, not on blocking threads: a writer that holds the lock (GC's sweep
-    /// deletes objects inside its transaction) must always find a blocking thread free.
-    write_gate: Arc<tokio::sync::Mutex<()>>,
+/// A blob as a repository sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobFacts {
+    /// Its size.
+    pub size: u64,
+    /// Whether it is a collection candidate (queued for review, unreferenced) whose
+    /// protection was not refreshed this second: a read must record itself first.
+    pub candidate: bool,
 }
 
-impl std::fmt::Debug for Db {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("path", &self.path).finish()
-    }
+/// A manifest as stored, with what a read must know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRow {
+    /// Its digest.
+    pub digest: String,
+    /// The media type it was pushed with.
+    pub media_type: String,
+    /// The exact pushed bytes.
+    pub content: Vec<u8>,
+    /// Whether the untagged or orphan-referrer policies could delete it and its protection
+    /// was not refreshed this second (a read by digest must record itself first).
+    pub candidate: bool,
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "foreign_keys", true)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(())
+/// How a manifest's references are checked when it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refs {
+    /// Every required blob and child must be in the repository (a push).
+    Check,
+    /// Likewise, but blobs the named repository links are linked in (a push to a name whose
+    /// cache twin holds them).
+    CheckOrBorrow(String),
+    /// Not checked (a manifest from an upstream, whose content the cache fetches lazily).
+    Trust,
 }
 
-impl Db {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Self> {
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        configure(&conn)?;
-        migrate(&mut conn)?;
-        Ok(Self {
-            path: path.to_owned(),
-            writer: Arc::new(Mutex::new(conn)),
-            readers: Arc::new(Mutex::new(Vec::new())),
-            read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            write_gate: Arc::new(tokio::sync::Mutex::new(())),
-        })
-    }
+/// A page of a sorted listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The entries.
+    pub items: Vec<String>,
+    /// Whether entries remain after the last one.
+    pub more: bool,
+}
 
-    fn reader(&self) -> Result<Connection> {
-        if let Some(c) = self.readers.lock().map_err(poisoned)?.pop() {
-            return Ok(c);
-        }
-        let c = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        configure(&c)?;
-        Ok(c)
-    }
-
-    /// Runs `f` on a read connection.
-    pub async fn read<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        // Waiting here, not on a blocking thread, keeps threads and connections bounded.
-        let _permit = self
-            .read_permits
-            .acquire()
-            .await
-            .map_err(|_| Error::Internal("database closed".into()))?;
-        let db = self.clone();
-        run_blocking(move || {
-            let conn = db.reader()?;
-            let out = f(&conn);
-            db.readers.lock().map_err(poisoned)?.push(conn);
-            out
-        })
-        .await
-    }
-
-    /// Runs `f` in one immediate (write-locked) transaction, committed when `f` succeeds.
-    pub async fn write<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
-    {
-        self.transaction(false, f).await
-    }
-
-    /// Like [`Db::write`], but rolls back instead of committing when `rollback` is set (dry runs).
-    pub async fn transaction<T, F>(&self, rollback: bool, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
-    {
-        let _turn = self.write_gate.lock().await;
-        let writer = self.writer.clone();
-        run_blocking(move || {
-            let mut conn = writer.lock().map_err(poisoned)?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            if rollback {
-                tx.rollback()?;
-            } else {
-                tx.commit()?;
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Checks that the database answers (for readiness probes).
-    pub async fn ping(&self) -> Result<()> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+impl Page {
+    /// The first `n` of `items` (which may hold one more, to tell whether more remain).
+    pub fn of(mut items: Vec<String>, n: usize) -> Self {
+        let more = items.len() > n;
+        items.truncate(n);
+        Self { items, more }
     }
 }
 
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("database task failed: {e}")))?
+/// One entry of a referrers list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referrer {
+    /// The referrer's digest.
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its artifact type (explicit, or the config media type of an image manifest).
+    pub artifact_type: Option<String>,
+    /// Its top-level annotations as a JSON object, if any.
+    pub annotations: Option<String>,
 }
 
-fn poisoned<T>(_: T) -> Error {
-    Error::Internal("database lock poisoned".into())
+/// What one sweep batch freed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Blobs freed (their objects deleted).
+    pub blobs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Of them, those an earlier, interrupted run had marked.
+    pub resumed: u64,
+    /// Objects the object store deleted.
+    pub objects: u64,
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > MIGRATIONS.len() {
-        return Err(Error::Internal(format!(
-            "database schema version {version} is newer than this build knows ({})",
-            MIGRATIONS.len()
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
-    }
-    Ok(())
+/// Which repository links which blob.
+pub trait BlobMeta {
+    /// Blob `digest` as repository `repo` sees it; `None` when `repo` does not link it.
+    /// `now` decides whether it is a candidate whose read must be recorded.
+    fn blob_in_repo(&self, repo: &str, digest: &str, now: i64) -> Fut<'_, Option<BlobFacts>>;
+
+    /// Records at `t` that a client was told `repo` has blob `digest` (a HEAD or GET), so
+    /// collection keeps it for the grace period; `false` when `repo` no longer links it.
+    fn protect_blob_read(&self, repo: &str, digest: &str, t: i64) -> Fut<'_, bool>;
+
+    /// Unlinks `digest` from `repo`; `false` when it was not linked.
+    fn unlink_blob(&self, repo: &str, digest: &str) -> Fut<'_, bool>;
+
+    /// Links `digest` into `repo` (created if new) from `from` (which must link it), or from
+    /// anywhere when `from` is `None`; protects it from `t`. Whether it was linked.
+    fn mount_blob(&self, repo: &str, digest: &str, from: Option<&str>, t: i64) -> Fut<'_, bool>;
+
+    /// Links `digest`, held anywhere, into cache repository `repo` when a manifest of `repo`
+    /// names it. Whether it is linked now.
+    fn link_cached_blob(&self, repo: &str, digest: &str, t: i64) -> Fut<'_, bool>;
 }
 
-/// The id of repository `name`, if it exists.
-pub(crate) fn repo_id(conn: &Connection, name: &str) -> Result<Option<i64>> {
-    Ok(conn
-        .query_row("SELECT id FROM repos WHERE name = ?1", [name], |r| r.get(0))
-        .optional()?)
+/// Upload sessions and their committed chunks.
+pub trait UploadMeta {
+    /// Opens session `id` in `repo` (creating the repository).
+    fn start_upload(&self, repo: &str, id: &str, t: i64) -> Fut<'_, ()>;
+
+    /// The committed size of session `id` of `repo`; `None` when there is no such session.
+    fn upload_size(&self, repo: &str, id: &str) -> Fut<'_, Option<u64>>;
+
+    /// Commits a chunk of `len` bytes at offset `at`, stored at `key`: only when the session
+    /// still ends at `at` (`false` otherwise: another chunk moved it, or it ended).
+    fn commit_chunk(
+        &self,
+        repo: &str,
+        id: &str,
+        at: u64,
+        len: u64,
+        key: &str,
+        t: i64,
+    ) -> Fut<'_, bool>;
+
+    /// The committed size and the chunk keys, in order; `None` when there is no such session.
+    fn upload_parts(&self, repo: &str, id: &str) -> Fut<'_, Option<(u64, Vec<String>)>>;
+
+    /// Ends session `id` with blob `digest` of `size` bytes: the blob row (if new), the link
+    /// into `repo`, its protection from `t`, the session gone, in one transaction.
+    fn commit_blob(&self, repo: &str, id: &str, digest: &str, size: u64, t: i64) -> Fut<'_, ()>;
+
+    /// Ends session `id` without a blob; the keys of its chunks.
+    fn end_upload(&self, id: &str) -> Fut<'_, Vec<String>>;
+
+    /// How many sessions are open.
+    fn count_uploads(&self) -> Fut<'_, u64>;
+
+    /// Sessions untouched since `cutoff`.
+    fn uploads_untouched_since(&self, cutoff: i64) -> Fut<'_, Vec<String>>;
+
+    /// Which of `ids` are open sessions.
+    fn live_uploads(&self, ids: Vec<String>) -> Fut<'_, HashSet<String>>;
 }
 
-/// The id of repository `name`, creating it when absent.
-pub(crate) fn ensure_repo(tx: &Transaction<'_>, name: &str) -> Result<i64> {
-    if let Some(id) = repo_id(tx, name)? {
-        return Ok(id);
-    }
-    tx.execute(
-        "INSERT INTO repos (name, created_at) VALUES (?1, ?2)",
-        params![name, now()],
-    )?;
-    Ok(tx.last_insert_rowid())
+/// Manifests, tags, listings, referrers and pull times.
+pub trait ManifestMeta {
+    /// Stores manifest `m` in `repo` (created if new) and points `tags` at it, checking its
+    /// references as `refs` says: [`crate::Error::ManifestBlobUnknown`] names what is missing.
+    /// A manifest pushed again is protected from the untagged policy from `t`.
+    fn put_manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        m: &'a Manifest,
+        tags: &'a [Tag],
+        refs: &'a Refs,
+        t: i64,
+    ) -> Fut<'a, ()>;
+
+    /// A manifest of `repo` by tag or digest; `now` decides whether a read by digest must be
+    /// recorded (see [`ManifestRow::candidate`]).
+    fn manifest<'a>(
+        &'a self,
+        repo: &'a str,
+        reference: &'a Reference,
+        now: i64,
+    ) -> Fut<'a, Option<ManifestRow>>;
+
+    /// Records at `t` that a client read manifest `digest` of `repo`; `false` when it is gone.
+    fn protect_manifest_read(&self, repo: &str, digest: &str, t: i64) -> Fut<'_, bool>;
+
+    /// Deletes a tag (only the tag) or a manifest by digest (with its tags):
+    /// [`crate::Error::NameUnknown`] or [`crate::Error::ManifestUnknown`] when absent.
+    fn delete_manifest<'a>(&'a self, repo: &'a str, reference: &'a Reference) -> Fut<'a, ()>;
+
+    /// Tags of `repo` in byte order after `last`, at most `n`
+    /// ([`crate::Error::NameUnknown`] for an unknown repository).
+    fn tags<'a>(&'a self, repo: &'a str, last: Option<&'a str>, n: usize) -> Fut<'a, Page>;
+
+    /// Repositories holding a manifest, in byte order after `last`, at most `n`.
+    fn catalog<'a>(&'a self, last: Option<&'a str>, n: usize) -> Fut<'a, Page>;
+
+    /// Manifests of `repo` whose subject is `subject`, optionally of one artifact type.
+    fn referrers<'a>(
+        &'a self,
+        repo: &'a str,
+        subject: &'a str,
+        artifact_type: Option<&'a str>,
+    ) -> Fut<'a, Vec<Referrer>>;
+
+    /// Whether anything was ever put in `repo`, and whether `twin` holds a manifest.
+    fn route_facts(&self, repo: &str, twin: &str) -> Fut<'_, (bool, bool)>;
+
+    /// Writes pull times: (repository, manifest digest, unix time) each; rows touched.
+    fn record_pulls(&self, pulls: Vec<(String, String, i64)>) -> Fut<'_, usize>;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Garbage collection's data, and cache eviction.
+pub trait GcMeta {
+    /// The mark phase as of `t`: removes the rows of what `policy` collects, records the
+    /// blobs in the pending list under `run`; rolled back when `dry_run`.
+    fn mark<'a>(
+        &'a self,
+        policy: &'a GcPolicy,
+        t: i64,
+        run: &'a str,
+        dry_run: bool,
+    ) -> Fut<'a, GcReport>;
 
-    #[test]
-    fn migrations_apply_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("m.db");
-        drop(Db::open(&p).unwrap());
-        let db = Db::open(&p).unwrap();
-        let v: i64 = db
-            .writer
-            .lock()
-            .unwrap()
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(v as usize, MIGRATIONS.len());
-    }
+    /// Blobs marked and not swept that nothing brought back: (count, bytes).
+    fn pending_garbage(&self) -> Fut<'_, (u64, u64)>;
+
+    /// One sweep batch of at most `limit` pending blobs: deletes the objects of those nothing
+    /// brought back (through `delete`), serialised with blob commits so that none commits a
+    /// row for a digest meanwhile, then forgets the batch. `true` when more may remain.
+    fn sweep_batch<'a>(
+        &'a self,
+        run: &'a str,
+        limit: usize,
+        delete: std::sync::Arc<DeleteObjects>,
+    ) -> Fut<'a, (Swept, bool)>;
+
+    /// Records a finished collection (the newest few are kept).
+    fn record_gc_run<'a>(&'a self, run: &'a GcRun) -> Fut<'a, ()>;
+
+    /// The newest finished collection.
+    fn last_gc_run(&self) -> Fut<'_, Option<GcRun>>;
+
+    /// Every blob some manifest references.
+    fn referenced_blobs(&self) -> Fut<'_, BTreeSet<String>>;
+
+    /// Evicts cached images per `policy` as of `now`, least recently pulled first.
+    fn evict<'a>(&'a self, policy: &'a EvictPolicy, now: i64) -> Fut<'a, EvictReport>;
+}
+
+/// Leases: one holder at a time.
+pub trait LeaseMeta {
+    /// Takes lease `name` for `me` until `until` when it is free, lapsed (before `now`), ours,
+    /// or held by `steal_from`; otherwise the current holder and when its lease lapses.
+    fn take_lease<'a>(
+        &'a self,
+        name: &'a str,
+        me: &'a str,
+        until: i64,
+        now: i64,
+        steal_from: Option<&'a str>,
+    ) -> Fut<'a, Option<(String, i64)>>;
+
+    /// Extends `me`'s lease `name` to `until`; `false` when `me` no longer holds it.
+    fn renew_lease(&self, name: &str, me: &str, until: i64) -> Fut<'_, bool>;
+
+    /// Drops `me`'s lease `name`, if held.
+    fn release_lease(&self, name: &str, me: &str) -> Fut<'_, ()>;
+}
+
+/// A metadata backend: every concern, plus health.
+pub trait Metadata:
+    BlobMeta + UploadMeta + ManifestMeta + GcMeta + LeaseMeta + std::fmt::Debug + Send + Sync
+{
+    /// The backend's name, for logs.
+    fn backend(&self) -> &'static str;
+
+    /// Checks that the database answers (readiness probes).
+    fn ping(&self) -> Fut<'_, ()>;
+
+    /// Tests only: moves every timestamp `secs` into the past, as if that much time passed.
+    #[doc(hidden)]
+    fn age_for_tests(&self, secs: i64) -> Fut<'_, ()>;
 }

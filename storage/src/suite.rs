@@ -1,22 +1,52 @@
+//! The storage suite: what every metadata backend must do, checked through the [`Store`] over
+//! an in-memory object store. SQLite runs it in this crate's tests; the server's integration
+//! tests run it on PostgreSQL (feature `suite`). Each check gets a fresh registry
+//! ([`Env`]): the races between garbage collection and pushes driven deterministically,
+//! collection policies, leases across processes, uploads and pull times.
+
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use object_store::ObjectStoreExt;
-use object_store::memory::InMemory;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::json;
 
-use super::*;
-use crate::meta::Db;
-use crate::names::{Reference, RepoName};
-use crate::store::Chunk;
-use crate::store::PutManifest;
+use crate::blob::blob_key;
+use crate::error::{Error, Result};
+use crate::gc::{GcPolicy, GcReport};
+use crate::manifests::PutManifest;
+use crate::meta::{Metadata, now};
+use crate::names::{Digest, Reference, RepoName};
+use crate::store::Store;
+use crate::uploads::Chunk;
 
 const HOUR: i64 = 3600;
 
+/// A fresh, empty registry for one check: an object store and two metadata handles onto the
+/// same fresh database, as two processes sharing it (the server and `berth gc`, or two
+/// replicas) would hold.
+pub struct Env {
+    /// Blob bytes.
+    pub objects: Arc<dyn ObjectStore>,
+    /// The first process's metadata.
+    pub meta: Arc<dyn Metadata>,
+    /// Another process's metadata, onto the same database.
+    pub sibling: Arc<dyn Metadata>,
+    /// Whatever keeps the database alive (a temporary directory, a database to drop).
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// Opens a fresh [`Env`] for each check.
+pub type Open = dyn Fn() -> BoxFuture<'static, Env> + Send + Sync;
+
+type Check = for<'a> fn(&'a Env) -> BoxFuture<'a, ()>;
+
 struct T {
-    _dir: tempfile::TempDir,
     s: Store,
+    objects: Arc<dyn ObjectStore>,
+    sibling: Arc<dyn Metadata>,
 }
 
 fn body(data: Vec<u8>) -> crate::ByteStream {
@@ -24,13 +54,17 @@ fn body(data: Vec<u8>) -> crate::ByteStream {
 }
 
 impl T {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("m.db")).unwrap();
+    fn new(env: &Env) -> Self {
         Self {
-            _dir: dir,
-            s: Store::new(Arc::new(InMemory::new()), db),
+            s: Store::new(env.objects.clone(), env.meta.clone()),
+            objects: env.objects.clone(),
+            sibling: env.sibling.clone(),
         }
+    }
+
+    /// A store of another process over the same data.
+    fn other(&self) -> Store {
+        Store::new(self.objects.clone(), self.sibling.clone())
     }
 
     async fn blob(&self, repo: &str, data: &[u8]) -> Digest {
@@ -79,26 +113,27 @@ impl T {
         self.s.objects.head(&blob_key(d)).await.is_ok()
     }
 
-    async fn counts(&self) -> Vec<i64> {
-        self.s
-            .db
-            .read(|c| {
-                let mut v = Vec::new();
-                for t in [
-                    "blobs",
-                    "repo_blobs",
-                    "manifests",
-                    "manifest_bodies",
-                    "tags",
-                    "gc_pending",
-                    "uploads",
-                ] {
-                    v.push(c.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))?);
-                }
-                Ok(v)
-            })
-            .await
-            .unwrap()
+    /// What a dry run must leave alone: the objects, what the repositories serve, and the
+    /// pending garbage.
+    async fn snapshot(&self, blobs: &[(&str, Digest)]) -> (usize, Vec<bool>, (u64, u64)) {
+        let objects = self.s.objects.list(None).count().await;
+        let mut served = Vec::new();
+        for (repo, d) in blobs {
+            let repo: RepoName = repo.parse().unwrap();
+            served.push(
+                self.s
+                    .meta
+                    .blob_in_repo(repo.as_str(), &d.to_string(), 0)
+                    .await
+                    .unwrap()
+                    .is_some(),
+            );
+        }
+        (
+            objects,
+            served,
+            self.s.meta.pending_garbage().await.unwrap(),
+        )
     }
 }
 
@@ -109,9 +144,8 @@ fn policy() -> GcPolicy {
     }
 }
 
-#[tokio::test]
-async fn unreferenced_blobs_go_after_the_grace_period_and_referenced_ones_stay() {
-    let t = T::new();
+async fn unreferenced_blobs_go_after_the_grace_period_and_referenced_ones_stay(env: &Env) {
+    let t = T::new(env);
     let (_, live) = t.image("app", "v1", "live", None).await;
     let orphan = t.blob("app", b"pushed but never referenced").await;
     let (gone, gone_blobs) = t.image("app", "v2", "gone", None).await;
@@ -148,26 +182,28 @@ async fn unreferenced_blobs_go_after_the_grace_period_and_referenced_ones_stay()
     assert_eq!(r, GcReport::default());
 }
 
-#[tokio::test]
-async fn dry_run_changes_nothing_and_reports_what_a_real_run_does() {
-    let t = T::new();
+async fn dry_run_changes_nothing_and_reports_what_a_real_run_does(env: &Env) {
+    let t = T::new(env);
     t.image("app", "v1", "live", None).await;
     t.blob("app", b"orphan one").await;
     t.blob("other", b"orphan two").await;
-    let before = t.counts().await;
+    let orphans = [
+        ("app", Digest::sha256(b"orphan one")),
+        ("other", Digest::sha256(b"orphan two")),
+    ];
+    let before = t.snapshot(&orphans).await;
     let later = now() + 2 * HOUR;
     let dry = t.s.gc_as_of(&policy(), true, later).await.unwrap();
     assert!(dry.dry_run);
-    assert_eq!(t.counts().await, before);
+    assert_eq!(t.snapshot(&orphans).await, before);
     assert_eq!(t.s.objects.list(None).count().await, 4);
     let real = t.s.gc_as_of(&policy(), false, later).await.unwrap();
     assert_eq!((dry.blobs, dry.blob_bytes), (real.blobs, real.blob_bytes));
     assert_eq!(real.blobs, 2);
 }
 
-#[tokio::test]
-async fn untagged_manifests_and_orphan_referrers_follow_the_policy() {
-    let t = T::new();
+async fn untagged_manifests_and_orphan_referrers_follow_the_policy(env: &Env) {
+    let t = T::new(env);
     let repo: RepoName = "app".parse().unwrap();
     let (subject, _) = t.image("app", "v1", "subject", None).await;
     let (sig, _) = t.image("app", "sigtag", "sig", Some(&subject)).await;
@@ -211,9 +247,8 @@ async fn untagged_manifests_and_orphan_referrers_follow_the_policy() {
     );
 }
 
-#[tokio::test]
-async fn a_blob_swept_during_a_push_of_the_same_content_is_put_back() {
-    let t = T::new();
+async fn a_blob_swept_during_a_push_of_the_same_content_is_put_back(env: &Env) {
+    let t = T::new(env);
     let repo: RepoName = "app".parse().unwrap();
     let data = b"content that is garbage and pushed again".to_vec();
     let d = t.blob("app", &data).await;
@@ -251,32 +286,20 @@ async fn a_blob_swept_during_a_push_of_the_same_content_is_put_back() {
     assert_eq!(got, data);
 }
 
-#[tokio::test]
-async fn recently_read_blobs_are_kept() {
-    let t = T::new();
+async fn recently_read_blobs_are_kept(env: &Env) {
+    let t = T::new(env);
     let repo: RepoName = "app".parse().unwrap();
     let d = t.blob("app", b"unreferenced but in use").await;
     // Age everything, then read the blob "now".
-    t.s.db
-        .write(|tx| {
-            tx.execute_batch(
-                "UPDATE blobs SET created_at = created_at - 7200, last_access = last_access - 7200;
-                 UPDATE repo_blobs SET created_at = created_at - 7200;
-                 UPDATE blob_review SET queued_at = queued_at - 7200;",
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    age(&t.s).await;
     t.s.stat_blob(&repo, &d).await.unwrap(); // a HEAD
     let r = t.s.gc(&policy(), false).await.unwrap();
     assert_eq!(r.blobs, 0, "{r}");
     assert!(t.s.stat_blob(&repo, &d).await.is_ok());
 }
 
-#[tokio::test]
-async fn chunks_left_by_a_crash_are_swept_after_the_grace_period() {
-    let t = T::new();
+async fn chunks_left_by_a_crash_are_swept_after_the_grace_period(env: &Env) {
+    let t = T::new(env);
     let repo: RepoName = "app".parse().unwrap();
     let live = t.s.start_upload(&repo).await.unwrap();
     t.s.append_upload(
@@ -374,17 +397,7 @@ impl T {
 }
 
 async fn age(s: &Store) {
-    s.db.write(|tx| {
-        tx.execute_batch(
-            "UPDATE blobs SET created_at = created_at - 7200, last_access = last_access - 7200;
-             UPDATE repo_blobs SET created_at = created_at - 7200;
-             UPDATE blob_review SET queued_at = queued_at - 7200;
-             UPDATE manifest_review SET queued_at = queued_at - 7200;",
-        )?;
-        Ok(())
-    })
-    .await
-    .unwrap();
+    s.meta.age_for_tests(2 * HOUR).await.unwrap();
 }
 
 /// How a client puts bytes into a repository.
@@ -445,10 +458,9 @@ impl T {
     }
 }
 
-#[tokio::test]
-async fn a_reupload_into_a_repository_that_still_links_the_blob_survives_gc() {
+async fn a_reupload_into_a_repository_that_still_links_the_blob_survives_gc(env: &Env) {
     for how in [Upload::Monolithic, Upload::PostPut, Upload::Chunked] {
-        let t = T::new();
+        let t = T::new(env);
         t.deleted_image("x/app", "s").await;
         // The client pushes the same bytes again (201 each) ...
         t.upload("x/app", b"config s", how).await;
@@ -466,9 +478,8 @@ async fn a_reupload_into_a_repository_that_still_links_the_blob_survives_gc() {
     }
 }
 
-#[tokio::test]
-async fn a_mount_into_a_repository_that_still_links_the_blob_survives_gc() {
-    let t = T::new();
+async fn a_mount_into_a_repository_that_still_links_the_blob_survives_gc(env: &Env) {
+    let t = T::new(env);
     t.deleted_image("q", "m").await; // q still links the blobs
     t.deleted_image("p", "m").await; // p lends them
     for d in [b"config m".as_slice(), b"layer m"].map(Digest::sha256) {
@@ -483,28 +494,25 @@ async fn a_mount_into_a_repository_that_still_links_the_blob_survives_gc() {
     t.push_manifest("q", "v1", "m").await.unwrap();
 }
 
-#[tokio::test]
-async fn a_blob_a_client_was_told_exists_survives_gc_from_another_process() {
-    let t = T::new();
+async fn a_blob_a_client_was_told_exists_survives_gc_from_another_process(env: &Env) {
+    let t = T::new(env);
     t.deleted_image("x/app", "h").await;
     // docker HEADs each layer, hears 200 and skips the upload ...
     for d in [b"config h".as_slice(), b"layer h"].map(Digest::sha256) {
         t.s.stat_blob(&T::repo("x/app"), &d).await.unwrap();
     }
     // ... while `berth gc` (another process, or another replica) collects ...
-    let other = Store::new(
-        t.s.objects.clone(),
-        Db::open(&t._dir.path().join("m.db")).unwrap(),
-    );
+    let other = t.other();
     let r = other.gc(&policy(), false).await.unwrap();
     assert_eq!(r.blobs, 0, "blobs just HEADed were collected: {r}");
     // ... and then the manifest arrives.
     t.push_manifest("x/app", "v2", "h").await.unwrap();
 }
 
-#[tokio::test]
-async fn an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_index_arrives() {
-    let t = T::new();
+async fn an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_index_arrives(
+    env: &Env,
+) {
+    let t = T::new(env);
     let repo = T::repo("multi");
     let (child, _) = t.image("multi", "tmp", "amd64", None).await;
     t.s.delete_manifest(&repo, &"tmp".parse().unwrap())
@@ -519,10 +527,7 @@ async fn an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_ind
     t.s.get_manifest(&repo, &Reference::Digest(child.clone()))
         .await
         .unwrap();
-    let other = Store::new(
-        t.s.objects.clone(),
-        Db::open(&t._dir.path().join("m.db")).unwrap(),
-    );
+    let other = t.other();
     let r = other.gc(&p, false).await.unwrap();
     assert_eq!(r.manifests, 0, "a manifest just read was collected: {r}");
     let index = json!({
@@ -540,9 +545,8 @@ async fn an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_ind
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_repushed_untagged_manifest_survives_gc_until_its_index_arrives() {
-    let t = T::new();
+async fn a_repushed_untagged_manifest_survives_gc_until_its_index_arrives(env: &Env) {
+    let t = T::new(env);
     let repo = T::repo("multi");
     let (child, _) = t.image("multi", "tmp", "arm64", None).await;
     t.s.delete_manifest(&repo, &"tmp".parse().unwrap())
@@ -566,14 +570,10 @@ async fn a_repushed_untagged_manifest_survives_gc_until_its_index_arrives() {
     );
 }
 
-#[tokio::test]
-async fn one_collection_runs_at_a_time_across_processes() {
-    let mut t = T::new();
+async fn one_collection_runs_at_a_time_across_processes(env: &Env) {
+    let mut t = T::new(env);
     t.s.instance = "host-a 1 1 aaaa".into();
-    let mut other = Store::new(
-        t.s.objects.clone(),
-        Db::open(&t._dir.path().join("m.db")).unwrap(),
-    );
+    let mut other = t.other();
     other.instance = "host-b 2 2 bbbb".into();
     t.s.take_lease("gc", Duration::from_secs(60)).await.unwrap();
     match other.gc(&policy(), false).await {
@@ -584,24 +584,19 @@ async fn one_collection_runs_at_a_time_across_processes() {
     other.gc(&policy(), false).await.unwrap();
     // A lapsed lease (its holder died on another host) does not block anyone.
     t.s.take_lease("gc", Duration::ZERO).await.unwrap();
-    t.s.db
-        .write(|tx| Ok(tx.execute("UPDATE leases SET expires_at = expires_at - 5", [])?))
-        .await
-        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     other.gc(&policy(), false).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_run_after_an_interrupted_sweep_reports_what_it_freed() {
-    let t = T::new();
+async fn a_run_after_an_interrupted_sweep_reports_what_it_freed(env: &Env) {
+    let t = T::new(env);
     t.deleted_image("x/app", "k").await;
     let orphan = t.blob("x/app", b"an orphan, 19 bytes").await;
     age(&t.s).await;
     // A run marks, then dies before its sweep (kill -9).
-    let p = policy();
     let marked =
-        t.s.db
-            .transaction(false, move |tx| mark(tx, &p, now(), "dead-run"))
+        t.s.meta
+            .mark(&policy(), now(), "dead-run", false)
             .await
             .unwrap();
     assert_eq!(marked.blobs, 3);
@@ -622,11 +617,171 @@ async fn a_run_after_an_interrupted_sweep_reports_what_it_freed() {
     );
     assert!(!t.exists(&orphan).await);
     // Every process sees the run, whoever ran it.
-    let other = Store::new(
-        t.s.objects.clone(),
-        Db::open(&t._dir.path().join("m.db")).unwrap(),
-    );
+    let other = t.other();
     let last = other.last_gc_run().await.unwrap().expect("a recorded run");
     assert_eq!(last.report, r);
     assert_eq!(last.holder, t.s.instance);
+}
+
+async fn stale_uploads_expire_with_their_chunks(env: &Env) {
+    let s = T::new(env).s;
+    let repo: RepoName = "a".parse().unwrap();
+    let up = s.start_upload(&repo).await.unwrap();
+    s.append_upload(
+        &repo,
+        &up.id,
+        Chunk {
+            body: body(b"hello".to_vec()),
+            start: None,
+            len: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.expire_uploads(Duration::from_secs(3600)).await.unwrap(),
+        0
+    );
+    s.meta.age_for_tests(10).await.unwrap();
+    assert_eq!(s.expire_uploads(Duration::from_secs(5)).await.unwrap(), 1);
+    assert!(s.upload_status(&repo, &up.id).await.is_err());
+    let left: Vec<_> = s.objects.list(None).collect().await;
+    assert!(left.is_empty(), "{left:?}");
+}
+
+async fn pulls_are_written_in_batches(env: &Env) {
+    let s = T::new(env).s;
+    let repo: RepoName = "a".parse().unwrap();
+    let m = bytes::Bytes::from_static(
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+    );
+    let out = s
+        .put_manifest(
+            &repo,
+            &"t".parse().unwrap(),
+            "application/vnd.oci.image.index.v1+json",
+            m,
+            &[],
+        )
+        .await
+        .unwrap();
+    s.record_manifest_pull(&repo, &out.digest);
+    s.record_manifest_pull(&repo, &out.digest);
+    assert_eq!(s.flush_access().await.unwrap(), 1);
+    assert_eq!(s.flush_access().await.unwrap(), 0);
+}
+
+/// Every check of the suite, by name.
+const CHECKS: &[(&str, Check)] = &[
+    (
+        "unreferenced_blobs_go_after_the_grace_period_and_referenced_ones_stay",
+        |e| unreferenced_blobs_go_after_the_grace_period_and_referenced_ones_stay(e).boxed(),
+    ),
+    (
+        "dry_run_changes_nothing_and_reports_what_a_real_run_does",
+        |e| dry_run_changes_nothing_and_reports_what_a_real_run_does(e).boxed(),
+    ),
+    (
+        "untagged_manifests_and_orphan_referrers_follow_the_policy",
+        |e| untagged_manifests_and_orphan_referrers_follow_the_policy(e).boxed(),
+    ),
+    (
+        "a_blob_swept_during_a_push_of_the_same_content_is_put_back",
+        |e| a_blob_swept_during_a_push_of_the_same_content_is_put_back(e).boxed(),
+    ),
+    ("recently_read_blobs_are_kept", |e| {
+        recently_read_blobs_are_kept(e).boxed()
+    }),
+    (
+        "chunks_left_by_a_crash_are_swept_after_the_grace_period",
+        |e| chunks_left_by_a_crash_are_swept_after_the_grace_period(e).boxed(),
+    ),
+    (
+        "a_reupload_into_a_repository_that_still_links_the_blob_survives_gc",
+        |e| a_reupload_into_a_repository_that_still_links_the_blob_survives_gc(e).boxed(),
+    ),
+    (
+        "a_mount_into_a_repository_that_still_links_the_blob_survives_gc",
+        |e| a_mount_into_a_repository_that_still_links_the_blob_survives_gc(e).boxed(),
+    ),
+    (
+        "a_blob_a_client_was_told_exists_survives_gc_from_another_process",
+        |e| a_blob_a_client_was_told_exists_survives_gc_from_another_process(e).boxed(),
+    ),
+    (
+        "an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_index_arrives",
+        |e| {
+            an_untagged_manifest_a_client_was_told_exists_survives_gc_until_its_index_arrives(e)
+                .boxed()
+        },
+    ),
+    (
+        "a_repushed_untagged_manifest_survives_gc_until_its_index_arrives",
+        |e| a_repushed_untagged_manifest_survives_gc_until_its_index_arrives(e).boxed(),
+    ),
+    ("one_collection_runs_at_a_time_across_processes", |e| {
+        one_collection_runs_at_a_time_across_processes(e).boxed()
+    }),
+    (
+        "a_run_after_an_interrupted_sweep_reports_what_it_freed",
+        |e| a_run_after_an_interrupted_sweep_reports_what_it_freed(e).boxed(),
+    ),
+    ("stale_uploads_expire_with_their_chunks", |e| {
+        stale_uploads_expire_with_their_chunks(e).boxed()
+    }),
+    ("pulls_are_written_in_batches", |e| {
+        pulls_are_written_in_batches(e).boxed()
+    }),
+];
+
+/// Runs every check, each on a fresh [`Env`] from `open`, printing a line per check; panics
+/// at the end naming every check that failed.
+pub async fn run(backend: &str, open: &Open) {
+    let mut failed = Vec::new();
+    for (name, check) in CHECKS {
+        let env = open().await;
+        let outcome = std::panic::AssertUnwindSafe(check(&env))
+            .catch_unwind()
+            .await;
+        match outcome {
+            Ok(()) => eprintln!("PASS {backend} {name}"),
+            Err(e) => {
+                let why = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_default();
+                eprintln!("FAIL {backend} {name}: {why}");
+                failed.push(*name);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{backend}: failed checks: {failed:?}");
+}
+
+#[cfg(test)]
+mod sqlite {
+    use super::*;
+    use crate::meta::sqlite::SqliteMeta;
+
+    fn open() -> BoxFuture<'static, Env> {
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.db");
+            let meta = Arc::new(SqliteMeta::open(&path).await.unwrap());
+            let sibling = Arc::new(SqliteMeta::open(&path).await.unwrap());
+            Env {
+                objects: Arc::new(object_store::memory::InMemory::new()),
+                meta,
+                sibling,
+                guard: Box::new(dir),
+            }
+        }
+        .boxed()
+    }
+
+    #[tokio::test]
+    async fn the_storage_suite_passes_on_sqlite() {
+        run("sqlite", &open).await;
+    }
 }

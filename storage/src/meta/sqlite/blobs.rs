@@ -1,0 +1,111 @@
+//! [`BlobMeta`] on SQLite.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteMeta, ensure_repo, link_blob, protect_blob, repo_id};
+use crate::meta::{BlobFacts, BlobMeta, Fut};
+
+impl BlobMeta for SqliteMeta {
+    fn blob_in_repo(&self, repo: &str, digest: &str, now: i64) -> Fut<'_, Option<BlobFacts>> {
+        let (name, d) = (repo.to_owned(), digest.to_owned());
+        Box::pin(self.db.read(move |c| {
+            Ok(c.query_row(
+                "SELECT b.size,
+                        CASE WHEN q.queued_at < ?3 THEN NOT EXISTS (SELECT 1 FROM manifest_refs m
+                             WHERE m.child_digest = rb.digest AND m.kind = 'blob') ELSE 0 END
+                 FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
+                 JOIN blobs b ON b.digest = rb.digest
+                 LEFT JOIN blob_review q ON q.digest = rb.digest
+                 WHERE r.name = ?1 AND rb.digest = ?2",
+                params![name, d, now],
+                |r| {
+                    Ok(BlobFacts {
+                        size: r.get::<_, i64>(0)? as u64,
+                        candidate: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+        }))
+    }
+
+    fn protect_blob_read(&self, repo: &str, digest: &str, t: i64) -> Fut<'_, bool> {
+        let (name, d) = (repo.to_owned(), digest.to_owned());
+        Box::pin(self.db.write(move |tx| {
+            // Serialised with GC's mark: either it removed the link first (the client then
+            // hears 404 and uploads), or it will see this read.
+            let linked = tx
+                .query_row(
+                    "SELECT 1 FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
+                     WHERE r.name = ?1 AND rb.digest = ?2",
+                    params![name, d],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if linked {
+                protect_blob(tx, &d, t)?;
+            }
+            Ok(linked)
+        }))
+    }
+
+    fn unlink_blob(&self, repo: &str, digest: &str) -> Fut<'_, bool> {
+        let (name, d) = (repo.to_owned(), digest.to_owned());
+        Box::pin(self.db.write(move |tx| {
+            let n = tx.execute(
+                "DELETE FROM repo_blobs WHERE digest = ?2
+                 AND repo_id = (SELECT id FROM repos WHERE name = ?1)",
+                params![name, d],
+            )?;
+            Ok(n > 0)
+        }))
+    }
+
+    fn mount_blob(&self, repo: &str, digest: &str, from: Option<&str>, t: i64) -> Fut<'_, bool> {
+        let (name, d, from) = (repo.to_owned(), digest.to_owned(), from.map(str::to_owned));
+        Box::pin(self.db.write(move |tx| {
+            let found = match &from {
+                Some(f) => tx
+                    .query_row(
+                        "SELECT 1 FROM repo_blobs rb JOIN repos r ON r.id = rb.repo_id
+                         WHERE r.name = ?1 AND rb.digest = ?2",
+                        params![f, d],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some(),
+                None => tx
+                    .query_row("SELECT 1 FROM blobs WHERE digest = ?1", [&d], |_| Ok(()))
+                    .optional()?
+                    .is_some(),
+            };
+            if !found {
+                return Ok(false);
+            }
+            let id = ensure_repo(tx, &name)?;
+            link_blob(tx, id, &d, t)?;
+            Ok(true)
+        }))
+    }
+
+    fn link_cached_blob(&self, repo: &str, digest: &str, t: i64) -> Fut<'_, bool> {
+        let (name, d) = (repo.to_owned(), digest.to_owned());
+        Box::pin(self.db.write(move |tx| {
+            let Some(rid) = repo_id(tx, &name)? else {
+                return Ok(false);
+            };
+            let ok: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?2)
+                    AND EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1
+                                AND child_digest = ?2 AND kind = 'blob')",
+                params![rid, d],
+                |r| r.get(0),
+            )?;
+            if ok {
+                link_blob(tx, rid, &d, t)?;
+            }
+            Ok(ok)
+        }))
+    }
+}

@@ -1,0 +1,283 @@
+//! SQLite metadata: one file, one writer connection and a small pool of readers, used from
+//! `spawn_blocking` so no async task ever blocks on the database. The zero-configuration
+//! default, and the single-node backend (its one writer serialises every change, which is what
+//! makes garbage collection's mark and sweep safe against pushes).
+//!
+//! # Layout
+//! - `schema.sql`, `gc.sql`, `runs.sql`: migrations, numbered by SQLite's `user_version`.
+//! - [`blobs`], [`uploads`], [`manifests`], [`gc`], [`leases`]: the statements of each concern
+//!   of the seam (see [`crate::meta`]), each in one place.
+
+mod blobs;
+mod gc;
+mod leases;
+mod manifests;
+mod uploads;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
+
+use crate::error::{Error, Result};
+use crate::meta::now;
+
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("gc.sql"),
+    include_str!("runs.sql"),
+];
+/// Read connections, and so reads running at once: more only adds memory and contention on a
+/// few cores.
+const READERS: usize = 4;
+
+/// The metadata database.
+#[derive(Clone)]
+pub struct Db {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    read_permits: Arc<tokio::sync::Semaphore>,
+    /// Writers queue here, not on blocking threads: a writer that holds the lock (GC's sweep
+    /// deletes objects inside its transaction) must always find a blocking thread free.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("path", &self.path).finish()
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(())
+}
+
+impl Db {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            path: path.to_owned(),
+            writer: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        if let Some(c) = self.readers.lock().map_err(poisoned)?.pop() {
+            return Ok(c);
+        }
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&c)?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a read connection.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        // Waiting here, not on a blocking thread, keeps threads and connections bounded.
+        let _permit = self
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("database closed".into()))?;
+        let db = self.clone();
+        run_blocking(move || {
+            let conn = db.reader()?;
+            let out = f(&conn);
+            db.readers.lock().map_err(poisoned)?.push(conn);
+            out
+        })
+        .await
+    }
+
+    /// Runs `f` in one immediate (write-locked) transaction, committed when `f` succeeds.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.transaction(false, f).await
+    }
+
+    /// Like [`Db::write`], but rolls back instead of committing when `rollback` is set (dry runs).
+    pub async fn transaction<T, F>(&self, rollback: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        let _turn = self.write_gate.lock().await;
+        let writer = self.writer.clone();
+        run_blocking(move || {
+            let mut conn = writer.lock().map_err(poisoned)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            if rollback {
+                tx.rollback()?;
+            } else {
+                tx.commit()?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Checks that the database answers (for readiness probes).
+    pub async fn ping(&self) -> Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("database task failed: {e}")))?
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Internal("database lock poisoned".into())
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(Error::Internal(format!(
+            "database schema version {version} is newer than this build knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The id of repository `name`, if it exists.
+pub(crate) fn repo_id(conn: &Connection, name: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row("SELECT id FROM repos WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?)
+}
+
+/// The id of repository `name`, creating it when absent.
+pub(crate) fn ensure_repo(tx: &Transaction<'_>, name: &str) -> Result<i64> {
+    if let Some(id) = repo_id(tx, name)? {
+        return Ok(id);
+    }
+    tx.execute(
+        "INSERT INTO repos (name, created_at) VALUES (?1, ?2)",
+        params![name, now()],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// The SQLite backend of the metadata seam.
+#[derive(Debug, Clone)]
+pub struct SqliteMeta {
+    pub(crate) db: Db,
+}
+
+impl SqliteMeta {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let path = path.to_owned();
+        let db = tokio::task::spawn_blocking(move || Db::open(&path))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(Self { db })
+    }
+}
+
+impl crate::meta::Metadata for SqliteMeta {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn ping(&self) -> crate::meta::Fut<'_, ()> {
+        Box::pin(self.db.ping())
+    }
+
+    fn age_for_tests(&self, secs: i64) -> crate::meta::Fut<'_, ()> {
+        Box::pin(self.db.write(move |tx| {
+            tx.execute_batch(&format!(
+                "UPDATE blobs SET created_at = created_at - {secs}, last_access = last_access - {secs};
+                 UPDATE repo_blobs SET created_at = created_at - {secs};
+                 UPDATE blob_review SET queued_at = queued_at - {secs};
+                 UPDATE manifest_review SET queued_at = queued_at - {secs};
+                 UPDATE uploads SET created_at = created_at - {secs}, updated_at = updated_at - {secs};
+                 UPDATE manifests SET created_at = created_at - {secs};"
+            ))?;
+            Ok(())
+        }))
+    }
+}
+
+/// Links `digest` into repository `repo_id` and protects it from `t`: an upload's commit or a
+/// mount told the client the blob is there, even when the link already existed.
+pub(crate) fn link_blob(tx: &Transaction<'_>, repo_id: i64, digest: &str, t: i64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO repo_blobs (repo_id, digest, created_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (repo_id, digest) DO UPDATE SET created_at = excluded.created_at",
+        params![repo_id, digest, t],
+    )?;
+    protect_blob(tx, digest, t)?;
+    Ok(())
+}
+
+/// Protects blob `digest` from collection for the grace period from `t`: the review queue's
+/// `queued_at` is the one durable "last acknowledged" time every collector reads.
+pub(crate) fn protect_blob(tx: &Transaction<'_>, digest: &str, t: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO blob_review (digest, queued_at) VALUES (?1, ?2)
+         ON CONFLICT (digest) DO UPDATE SET queued_at = max(queued_at, excluded.queued_at)",
+        params![digest, t],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.db");
+        drop(Db::open(&p).unwrap());
+        let db = Db::open(&p).unwrap();
+        let v: i64 = db
+            .writer
+            .lock()
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+    }
+}

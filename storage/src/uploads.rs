@@ -1,0 +1,321 @@
+//! Upload sessions: start, append chunks, finish (verify, place, make visible), cancel, expire.
+//!
+//! A session's bytes live in an upload area ([`crate::area`]); its committed size and chunk
+//! list live in the metadata, so a session survives restarts (and, with object parts, may
+//! continue on another replica). Bytes are hashed while they stream; a blob becomes visible
+//! only once its digest matched, and its object is in place before its row.
+
+use std::time::Duration;
+
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use tracing::{debug, info, warn};
+
+use crate::area;
+use crate::blob::{self, ByteStream};
+use crate::error::{Error, Result};
+use crate::meta::now;
+use crate::names::{Algorithm, Digest, Hasher, RepoName};
+use crate::store::{Store, new_id};
+
+/// The state of an upload session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadStatus {
+    /// Session id.
+    pub id: String,
+    /// Bytes committed so far.
+    pub size: u64,
+}
+
+/// A chunk of an upload: its bytes, and what the client declared about them.
+pub struct Chunk {
+    /// The bytes.
+    pub body: ByteStream,
+    /// Where the chunk must start (`Content-Range`); `None`: at the current end.
+    pub start: Option<u64>,
+    /// How many bytes it must have (`Content-Length`); `None`: whatever arrives.
+    pub len: Option<u64>,
+}
+
+impl Chunk {
+    /// A chunk appended at the current end, of any length.
+    pub fn new(body: ByteStream) -> Self {
+        Self {
+            body,
+            start: None,
+            len: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens an upload session in `repo` (creating the repository).
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadStatus> {
+        let id = new_id();
+        self.meta.start_upload(repo.as_str(), &id, now()).await?;
+        debug!(repo = %repo, upload = %id, "upload started");
+        Ok(UploadStatus { id, size: 0 })
+    }
+
+    /// The committed size of upload `id` in `repo`.
+    pub async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<UploadStatus> {
+        let size = self
+            .meta
+            .upload_size(repo.as_str(), id)
+            .await?
+            .ok_or_else(|| Error::UploadUnknown(id.to_owned()))?;
+        Ok(UploadStatus {
+            id: id.to_owned(),
+            size,
+        })
+    }
+
+    /// Appends `chunk` to upload `id`. When it names a start, the chunk must begin at the
+    /// current end of the upload; when it names a length, the body must have exactly that
+    /// length.
+    pub async fn append_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        chunk: Chunk,
+    ) -> Result<UploadStatus> {
+        let Chunk { body, start, len } = chunk;
+        // An in-place area takes chunks of one session one at a time (a second writer waits,
+        // then finds the range moved).
+        let session_lock = self.area.in_place().then(|| {
+            let mut m = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(id.to_owned()).or_default().clone()
+        });
+        let _guard = match &session_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
+        let current = self.upload_status(repo, id).await?.size;
+        if let Some(s) = start
+            && s != current
+        {
+            return Err(Error::RangeInvalid {
+                expected: current,
+                got: s,
+            });
+        }
+        let mut hasher = self.take_hasher(id, current);
+        let (key, written) = self
+            .area
+            .write_chunk(&self.objects, id, current, body, hasher.as_mut())
+            .await;
+        let n = written?;
+        if let Some(want) = len
+            && want != n
+        {
+            self.area.discard_chunk(&self.objects, &key, current).await;
+            return Err(Error::SizeInvalid(format!(
+                "body has {n} bytes, {want} were declared"
+            )));
+        }
+        if n == 0 {
+            self.put_hasher(id, current, hasher);
+            return Ok(UploadStatus {
+                id: id.to_owned(),
+                size: current,
+            });
+        }
+        let committed = self
+            .meta
+            .commit_chunk(repo.as_str(), id, current, n, key.as_ref(), now())
+            .await;
+        match committed {
+            Ok(true) => {
+                self.put_hasher(id, current + n, hasher);
+                Ok(UploadStatus {
+                    id: id.to_owned(),
+                    size: current + n,
+                })
+            }
+            Ok(false) => {
+                // Another request moved the session (or it was cancelled) while we wrote.
+                self.area.discard_chunk(&self.objects, &key, current).await;
+                let now_at = self.upload_status(repo, id).await?.size;
+                Err(Error::RangeInvalid {
+                    expected: now_at,
+                    got: current,
+                })
+            }
+            Err(e) => {
+                self.area.discard_chunk(&self.objects, &key, current).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Finishes upload `id`: appends `last` (if any), verifies the whole content against
+    /// `digest`, and makes the blob visible in `repo`. On a digest mismatch the session is
+    /// dropped and nothing becomes visible.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        last: Option<Chunk>,
+    ) -> Result<u64> {
+        if let Some(chunk) = last {
+            self.append_upload(repo, id, chunk).await?;
+        }
+        let (size, parts) = self
+            .meta
+            .upload_parts(repo.as_str(), id)
+            .await?
+            .ok_or_else(|| Error::UploadUnknown(id.to_owned()))?;
+        let source = match self.commit_object(id, digest, size, &parts).await {
+            Ok(source) => source,
+            Err(e) => {
+                info!(repo = %repo, upload = %id, error = %e, "upload rejected");
+                // A failed commit ends the session, as clients restart from a new POST.
+                self.drop_upload(id).await?;
+                return Err(e);
+            }
+        };
+        self.meta
+            .commit_blob(repo.as_str(), id, &digest.to_string(), size, now())
+            .await?;
+        // Garbage collection may have swept an identical, unreferenced blob between placing the
+        // object and the row above; the row now protects it, so put the bytes back if needed.
+        match self.objects.head(&blob::blob_key(digest)).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                warn!(digest = %digest, "blob swept while committing; placing it again");
+                area::place(&self.objects, source.as_ref(), digest).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut leftovers: Vec<Path> = parts.iter().map(|p| Path::from(p.as_str())).collect();
+        leftovers.extend(source.filter(|s| !leftovers.contains(s)));
+        self.forget_upload_objects(id, leftovers).await;
+        info!(repo = %repo, digest = %digest, size, "blob committed");
+        Ok(size)
+    }
+
+    /// Cancels upload `id` in `repo`.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        self.upload_status(repo, id).await?;
+        self.drop_upload(id).await
+    }
+
+    /// How many upload sessions are open.
+    pub async fn uploads_in_progress(&self) -> Result<u64> {
+        self.meta.count_uploads().await
+    }
+
+    /// Drops upload sessions untouched for `max_age`, with their chunk objects; returns how
+    /// many were dropped.
+    pub async fn expire_uploads(&self, max_age: Duration) -> Result<usize> {
+        let cutoff = now() - i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        self.expire_uploads_before(cutoff).await
+    }
+
+    /// Drops upload sessions last touched before `cutoff` (unix seconds).
+    pub(crate) async fn expire_uploads_before(&self, cutoff: i64) -> Result<usize> {
+        let stale = self.meta.uploads_untouched_since(cutoff).await?;
+        for id in &stale {
+            self.drop_upload(id).await?;
+        }
+        if !stale.is_empty() {
+            info!(count = stale.len(), "expired stale upload sessions");
+        }
+        Ok(stale.len())
+    }
+
+    /// Verifies the session's bytes against `digest` and places them at the blob's key;
+    /// returns the object they were placed from (kept until the session ends).
+    async fn commit_object(
+        &self,
+        id: &str,
+        digest: &Digest,
+        size: u64,
+        parts: &[String],
+    ) -> Result<Option<Path>> {
+        let mut computed = match (digest.algorithm(), self.take_hasher(id, size)) {
+            (Algorithm::Sha256, Some(h)) => Some(h.finish()),
+            _ => None,
+        };
+        // Chunks that are concatenated are hashed on the way when no running hash covers them.
+        let mut hasher = computed.is_none().then(|| digest.algorithm().hasher());
+        let (source, hashed) = self
+            .area
+            .assemble(&self.objects, id, size, parts, hasher.as_mut())
+            .await?;
+        if let (Some(h), true) = (hasher, hashed) {
+            computed = Some(h.finish());
+        }
+        let computed = match computed {
+            Some(c) => c,
+            None => {
+                let mut h = digest.algorithm().hasher();
+                if let Some(src) = &source {
+                    blob::hash_object(&self.objects, src, &mut h).await?;
+                }
+                h.finish()
+            }
+        };
+        if &computed != digest {
+            if let (Some(src), [_, _, ..]) = (&source, parts)
+                && !self.area.in_place()
+            {
+                self.delete_quietly(src).await;
+            }
+            return Err(Error::DigestMismatch {
+                expected: digest.to_string(),
+                computed: computed.to_string(),
+            });
+        }
+        area::place(&self.objects, source.as_ref(), digest).await?;
+        debug!(size, digest = %digest, "blob object in place");
+        Ok(source)
+    }
+
+    pub(crate) async fn drop_upload(&self, id: &str) -> Result<()> {
+        let parts = self.meta.end_upload(id).await?;
+        let keys = parts.iter().map(|p| Path::from(p.as_str())).collect();
+        self.forget_upload_objects(id, keys).await;
+        Ok(())
+    }
+
+    /// Removes an ended session's chunk objects (best effort: a leftover is only disk space,
+    /// and garbage collection's sweep of `uploads/` finds it).
+    async fn forget_upload_objects(&self, id: &str, mut keys: Vec<Path>) {
+        if let Ok(mut m) = self.hashers.lock() {
+            m.remove(id);
+        }
+        if let Ok(mut m) = self.writing.lock() {
+            m.remove(id);
+        }
+        keys.dedup();
+        for key in keys {
+            self.delete_quietly(&key).await;
+        }
+    }
+
+    fn take_hasher(&self, id: &str, offset: u64) -> Option<Hasher> {
+        let mut m = self.hashers.lock().ok()?;
+        match m.remove(id) {
+            Some((at, h)) if at == offset => Some(h),
+            _ if offset == 0 => Some(Algorithm::Sha256.hasher()),
+            _ => None,
+        }
+    }
+
+    fn put_hasher(&self, id: &str, offset: u64, hasher: Option<Hasher>) {
+        if let (Some(h), Ok(mut m)) = (hasher, self.hashers.lock()) {
+            m.insert(id.to_owned(), (offset, h));
+        }
+    }
+}
