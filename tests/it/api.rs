@@ -3,7 +3,7 @@
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, digest};
+use crate::support::{DOCKER, Image, TestServer, digest};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -54,28 +54,15 @@ impl T {
 
     /// Pushes a one-layer image; returns (manifest bytes, digest).
     async fn push_image(&self, repo: &str, tag: &str, seed: &str) -> (Vec<u8>, String) {
-        let cfg = format!("{{\"seed\":\"{seed}\"}}");
-        let c = self.push_blob(repo, cfg.as_bytes()).await;
-        let l = self
-            .push_blob(repo, format!("layer-{seed}").as_bytes())
-            .await;
-        let m = serde_json::to_vec(&json!({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": cfg.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": l, "size": format!("layer-{seed}").len()}],
-        }))
-        .unwrap();
-        let r = self
-            .req(
-                Method::PUT,
-                &format!("/v2/{repo}/manifests/{tag}"),
-                Some(m.clone()),
-                &[("content-type", OCI_MANIFEST)],
-            )
-            .await;
-        assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
-        let d = digest(&m);
-        (m, d)
+        let image = Image::oci(vec![
+            format!("{{\"seed\":\"{seed}\"}}").into_bytes(),
+            format!("layer-{seed}").into_bytes(),
+        ]);
+        let d = image
+            .try_push(&self.s.root(), repo, tag, DOCKER)
+            .await
+            .unwrap();
+        (image.manifest.into_bytes(), d)
     }
 }
 

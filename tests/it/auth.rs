@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::images::{Auth, Image};
+use crate::support::{Auth, Image};
 use crate::support::{TestServer, client, digest};
 
 const USERS: &[(&str, &str)] = &[
@@ -31,14 +31,7 @@ fn rule(repos: &[&str], users: &[&str], actions: &[&str]) -> RuleSection {
 /// A server with users and rules; `tweak` adjusts the rest.
 async fn server(mode: AuthMode, tweak: impl FnOnce(&mut Config)) -> TestServer {
     TestServer::start_with(|c| {
-        let lines: String = USERS
-            .iter()
-            .map(|(u, p)| format!("{u}:{}\n", berth_auth::htpasswd::hash(p, 4).unwrap()))
-            .collect();
-        let path = c.data.join("htpasswd");
-        std::fs::write(&path, lines).unwrap();
-        c.auth.mode = mode;
-        c.auth.htpasswd = Some(path);
+        crate::support::with_users(c, mode, USERS);
         c.auth.admins = vec!["alice".into()];
         c.auth.groups.insert("team".into(), vec!["carol".into()]);
         c.auth.rule = vec![

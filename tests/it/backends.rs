@@ -9,7 +9,7 @@ use berth::config::{AzureSection, Config, S3Section, StorageSection};
 use berth_conformance::run;
 use reqwest::{Client, StatusCode};
 
-use crate::images::{Layout, noise};
+use crate::support::{Layout, noise};
 use crate::support::{TestServer, digest, require};
 
 /// Azurite's well-known development account.

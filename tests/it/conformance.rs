@@ -231,14 +231,7 @@ async fn bearer_token_flow_against_distribution_with_token_auth() {
 /// A Berth with users in htpasswd and the given auth mode; `tester` is an admin.
 async fn berth_with_auth(mode: berth::config::AuthMode) -> TestServer {
     TestServer::start_with(|c| {
-        let line = format!(
-            "tester:{}\n",
-            berth_auth::htpasswd::hash("s3cret", 4).expect("hash")
-        );
-        let path = c.data.join("htpasswd");
-        std::fs::write(&path, line).expect("htpasswd");
-        c.auth.mode = mode;
-        c.auth.htpasswd = Some(path);
+        crate::support::with_users(c, mode, &[("tester", "s3cret")]);
         c.auth.admins = vec!["tester".into()];
     })
     .await

@@ -6,23 +6,11 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
-use serde_json::json;
 
-use crate::support::{digest, spawn_berth};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+use crate::support::{DOCKER, Image, digest, noise, spawn_berth};
 
 fn random(n: usize, seed: u8) -> Vec<u8> {
-    // Cheap deterministic noise (xorshift) that does not compress.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(seed);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    noise(n, u64::from(seed))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,79 +113,26 @@ pub(crate) async fn resume_upload(
     assert_eq!(digest(&got), d);
 }
 
-async fn push_image(
-    c: &Client,
-    root: &str,
-    repo: &str,
-    tag: &str,
-    seed: u8,
-) -> (String, Vec<(String, Vec<u8>)>) {
+/// A two-layer OCI image from `seed`.
+fn image(seed: u8) -> Image {
     let config = format!("{{\"seed\":{seed}}}").into_bytes();
-    let layers = [
+    Image::oci(vec![
+        config,
         random(200_000, seed),
         random(50_000, seed.wrapping_add(100)),
-    ];
-    let mut blobs = vec![(digest(&config), config.clone())];
-    blobs.extend(layers.iter().map(|l| (digest(l), l.clone())));
-    for (d, b) in &blobs {
-        let r = c
-            .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .body(b.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-    }
-    let m = serde_json::to_vec(&json!({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0].0, "size": config.len()},
-        "layers": blobs[1..].iter().map(|(d, b)| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": b.len()})).collect::<Vec<_>>(),
-    }))
-    .unwrap();
-    let r = c
-        .put(format!("{root}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", OCI_MANIFEST)
-        .body(m.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    blobs.push((digest(&m), m));
-    (digest(&blobs.last().unwrap().1), blobs)
-}
-
-async fn pull_all(c: &Client, root: &str, repo: &str, tag: &str, want: &[(String, Vec<u8>)]) {
-    let (md, _) = want.last().unwrap();
-    let r = c
-        .get(format!("{root}/v2/{repo}/manifests/{tag}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{repo}:{tag} lost");
-    assert_eq!(digest(&r.bytes().await.unwrap()), *md);
-    for (d, _) in &want[..want.len() - 1] {
-        let b = c
-            .get(format!("{root}/v2/{repo}/blobs/{d}"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(digest(&b), *d, "{repo}: blob {d} lost or corrupt");
-    }
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_keep_every_pushed_image() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let c = crate::support::client();
     let p = spawn_berth(&data_dir);
     let mut images = Vec::new();
     for (i, repo) in ["one", "two/deep", "three"].iter().enumerate() {
-        let (_, blobs) = push_image(&c, &p.root(), repo, "v1", i as u8).await;
-        images.push((repo.to_string(), blobs));
+        let img = image(i as u8);
+        img.try_push(&p.root(), repo, "v1", DOCKER).await.unwrap();
+        images.push((repo.to_string(), img));
     }
     // Graceful stop (SIGTERM) ...
     let pid = p.child.id();
@@ -210,17 +145,22 @@ async fn restarts_keep_every_pushed_image() {
     assert!(status.success(), "berth exited with {status} on SIGTERM");
     drop(p);
     let p = spawn_berth(&data_dir);
-    for (repo, blobs) in &images {
-        pull_all(&c, &p.root(), repo, "v1", blobs).await;
+    for (repo, img) in &images {
+        img.pull(&p.root(), repo, "v1", "").await.unwrap();
     }
     // ... and a crash right after acknowledged pushes.
-    let (_, blobs) = push_image(&c, &p.root(), "four", "latest", 9).await;
-    images.push(("four".into(), blobs));
+    let img = image(9);
+    img.try_push(&p.root(), "four", "latest", DOCKER)
+        .await
+        .unwrap();
+    images.push(("four".into(), img));
     p.sigkill();
     let p = spawn_berth(&data_dir);
-    for (repo, blobs) in &images {
+    for (repo, img) in &images {
         let tag = if repo == "four" { "latest" } else { "v1" };
-        pull_all(&c, &p.root(), repo, tag, blobs).await;
+        img.pull(&p.root(), repo, tag, "")
+            .await
+            .unwrap_or_else(|e| panic!("{repo}:{tag} after the crash: {e}"));
     }
 }
 

@@ -7,85 +7,25 @@ use std::time::{Duration, Instant};
 
 use berth_storage::{GcPolicy, StorageConfig, Store};
 use reqwest::{Client, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::images::noise;
+use crate::support::{DOCKER, Image, Push, noise};
 use crate::support::{TestServer, digest};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-/// How a test client pushes.
-#[derive(Clone, Copy)]
-struct Style {
-    /// HEAD each blob first and skip it when the registry has it (docker, skopeo); otherwise
-    /// upload every blob regardless (crane, oras, scripts with curl).
-    head_first: bool,
-    /// Time between the last blob and the manifest, as while another layer uploads.
-    pause: Duration,
-}
-
-const DOCKER: Style = Style {
-    head_first: true,
-    pause: Duration::ZERO,
-};
-
-/// Pushes an image: blobs as `style` says, then the manifest. A registry that loses a blob it
-/// acknowledged fails the push, and the test with it.
-async fn push_as(
-    c: &Client,
-    root: &str,
-    repo: &str,
-    tag: &str,
-    blobs: &[Vec<u8>],
-    style: Style,
-) -> String {
-    let m = serde_json::to_vec(&json!({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&blobs[0]), "size": blobs[0].len()},
-        "layers": blobs[1..].iter().map(|b| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(b), "size": b.len()})).collect::<Vec<_>>(),
-    }))
-    .unwrap();
-    for b in blobs {
-        let d = digest(b);
-        if style.head_first {
-            let head = c
-                .head(format!("{root}/v2/{repo}/blobs/{d}"))
-                .send()
-                .await
-                .unwrap();
-            if head.status() == StatusCode::OK {
-                continue; // skipped, as docker does: the registry said it has it
-            }
-            assert_eq!(head.status(), StatusCode::NOT_FOUND, "HEAD {repo} {d}");
-        }
-        let r = c
-            .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .body(b.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-    }
-    tokio::time::sleep(style.pause).await;
-    let r = c
-        .put(format!("{root}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", OCI_MANIFEST)
-        .body(m.clone())
-        .send()
+/// Pushes an OCI image of `blobs` (config first) as `how` says. A registry that loses a blob
+/// it acknowledged fails the push, and the test with it.
+async fn push_as(root: &str, repo: &str, tag: &str, blobs: &[Vec<u8>], how: Push<'_>) -> String {
+    Image::oci(blobs.to_vec())
+        .try_push(root, repo, tag, how)
         .await
-        .unwrap();
-    let status = r.status();
-    let body = r.text().await.unwrap_or_default();
-    assert_eq!(
-        status,
-        StatusCode::CREATED,
-        "push of {repo}:{tag} failed after the registry acknowledged its blobs: {body}"
-    );
-    digest(&m)
+        .unwrap_or_else(|e| {
+            panic!("push of {repo}:{tag} failed after the registry acknowledged its blobs: {e}")
+        })
 }
 
-async fn push(c: &Client, root: &str, repo: &str, tag: &str, blobs: &[Vec<u8>]) -> String {
-    push_as(c, root, repo, tag, blobs, DOCKER).await
+/// Pushes as docker does: HEAD, upload what is missing, the manifest.
+async fn push(root: &str, repo: &str, tag: &str, blobs: &[Vec<u8>]) -> String {
+    push_as(root, repo, tag, blobs, DOCKER).await
 }
 
 fn image_blobs(seed: u64) -> Vec<Vec<u8>> {
@@ -196,7 +136,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
 
     // Old content: kept images, and garbage (orphan blobs, deleted images).
     for i in 0..6 {
-        push(&c, &root, &format!("old/{i}"), "v1", &image_blobs(i)).await;
+        push(&root, &format!("old/{i}"), "v1", &image_blobs(i)).await;
     }
     for i in 0..10u64 {
         let b = noise(3_000, 500 + i);
@@ -211,7 +151,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
     }
     for i in 0..4u64 {
         let blobs = image_blobs(100 + i);
-        let md = push(&c, &root, "deleted", &format!("t{i}"), &blobs).await;
+        let md = push(&root, "deleted", &format!("t{i}"), &blobs).await;
         assert_eq!(
             c.delete(format!("{root}/v2/deleted/manifests/{md}"))
                 .send()
@@ -269,7 +209,8 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
             // Deleted images whose bytes come back around the end of their grace period: when
             // each is pushed again (spread across the moment its blobs become collectable), and
             // how.
-            let mut deleted: VecDeque<(Instant, Duration, Style, Vec<Vec<u8>>)> = VecDeque::new();
+            let mut deleted: VecDeque<(Instant, Duration, Push<'static>, Vec<Vec<u8>>)> =
+                VecDeque::new();
             let mut round = 0u64;
             while Instant::now() < deadline || !deleted.is_empty() {
                 // A fresh image, sometimes built on blobs that are old garbage.
@@ -277,9 +218,9 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                 if round % 2 == 0 {
                     blobs.push(reused[((w + round) % reused.len() as u64) as usize].clone());
                 }
-                let md = push(&c, &root, &repo, &format!("r{round}"), &blobs).await;
+                let md = push(&root, &repo, &format!("r{round}"), &blobs).await;
                 // Move a tag.
-                push(&c, &root, &repo, "moving", &blobs).await;
+                push(&root, &repo, "moving", &blobs).await;
                 // Mount an old kept image's layer into a new repository and use it.
                 let old = image_blobs(round % 6);
                 let d = digest(&old[1]);
@@ -292,14 +233,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                     .await
                     .unwrap();
                 assert_eq!(r.status(), StatusCode::CREATED, "mount of {d}");
-                push(
-                    &c,
-                    &root,
-                    &format!("mounted/{w}"),
-                    &format!("r{round}"),
-                    &old,
-                )
-                .await;
+                push(&root, &format!("mounted/{w}"), &format!("r{round}"), &old).await;
                 tally.pushes.fetch_add(3, Ordering::Relaxed);
                 // Delete every other image again.
                 if round % 2 == 1 && Instant::now() < deadline {
@@ -313,9 +247,11 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                     // are in seconds): come back anywhere from just before to just after.
                     let offset = GRACE - Duration::from_millis(400)
                         + Duration::from_millis((round * 7919 + w * 104_729) % 1_800);
-                    let style = Style {
+                    let style = Push {
                         head_first: round % 4 == 1,
+                        monolithic: true,
                         pause: Duration::from_millis(300),
+                        ..Push::default()
                     };
                     deleted.push_back((Instant::now(), offset, style, blobs));
                 }
@@ -325,7 +261,7 @@ async fn gc_races_pushes_mounts_tag_moves_and_deletes_without_breaking_an_image(
                     .position(|(at, off, ..)| at.elapsed() >= *off)
                 {
                     let (_, _, style, blobs) = deleted.remove(i).unwrap();
-                    push_as(&c, &root, &repo, &format!("back{round}"), &blobs, style).await;
+                    push_as(&root, &repo, &format!("back{round}"), &blobs, style).await;
                     tally.late_repushes.fetch_add(1, Ordering::Relaxed);
                 }
                 if Instant::now() >= deadline
@@ -441,7 +377,7 @@ async fn blobs_headed_on_a_live_server_survive_berth_gc_from_the_command_line() 
     let c = crate::support::client();
     let root = server.root();
     let blobs = image_blobs(77);
-    let md = push(&c, &root, "x/app", "v1", &blobs).await;
+    let md = push(&root, "x/app", "v1", &blobs).await;
     let r = c
         .delete(format!("{root}/v2/x/app/manifests/{md}"))
         .send()
@@ -478,7 +414,7 @@ async fn blobs_headed_on_a_live_server_survive_berth_gc_from_the_command_line() 
     );
     assert!(report.starts_with("removed: 0 blobs"), "{report}");
     // The push goes on: the manifest names blobs the registry said it had.
-    push(&c, &root, "x/app", "v2", &blobs).await;
+    push(&root, "x/app", "v2", &blobs).await;
     // The server's metrics show the command line's run.
     let metrics = c
         .get(format!("{root}/metrics"))

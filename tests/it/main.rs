@@ -8,7 +8,7 @@ mod clients;
 mod conformance;
 mod durability;
 mod gc;
-mod images;
+
 mod mirror;
 mod pki;
 mod proxy;

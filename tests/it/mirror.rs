@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::images::{Auth, Image};
-use crate::proxy::{cache, pull, pull_tag, upstream};
+use crate::proxy::{cache, upstream};
+use crate::support::{Auth, Image, Push};
 use crate::support::{
     DistributionAuth, Proc, TestServer, client, digest, requests_logged, spawn_distribution,
     spawn_distribution_with, start_token_server, token_requests,
@@ -99,10 +99,8 @@ async fn local_pushes_beside_a_default_upstream_never_reach_it() {
     )
     .await;
     // The base image and team/held are pulled through the mirror: their layers are cached.
-    pull(s.root(), "library/base".into(), "", &base)
-        .await
-        .unwrap();
-    pull(s.root(), "team/held".into(), "", &held).await.unwrap();
+    base.pull(&s.root(), "library/base", "1", "").await.unwrap();
+    held.pull(&s.root(), "team/held", "1", "").await.unwrap();
     let before = upstream_requests(dir.path());
 
     // (a) An image built on the cached base, pushed to a new name.
@@ -147,7 +145,8 @@ async fn local_pushes_beside_a_default_upstream_never_reach_it() {
         ("team/held", "1", &held),
         ("team/offline", "1", &offline),
     ] {
-        pull_tag(&s.root(), repo, tag, "", image)
+        image
+            .pull(&s.root(), repo, tag, "")
             .await
             .unwrap_or_else(|e| panic!("{repo}:{tag}: {e}"));
     }
@@ -237,13 +236,15 @@ async fn a_hung_upstream_costs_one_timeout_then_cached_tags_are_served_at_once()
         |_| {},
     )
     .await;
-    pull(s.root(), "docker.io/library/app".into(), "", &image)
+    image
+        .pull(&s.root(), "docker.io/library/app", "1", "")
         .await
         .unwrap();
     dist.pause();
     // The first pull finds out, waiting one timeout ...
     let start = Instant::now();
-    pull(s.root(), "docker.io/library/app".into(), "", &image)
+    image
+        .pull(&s.root(), "docker.io/library/app", "1", "")
         .await
         .unwrap();
     let first = start.elapsed();
@@ -251,7 +252,8 @@ async fn a_hung_upstream_costs_one_timeout_then_cached_tags_are_served_at_once()
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let start = Instant::now();
-        pull(s.root(), "docker.io/library/app".into(), "", &image)
+        image
+            .pull(&s.root(), "docker.io/library/app", "1", "")
             .await
             .unwrap();
         slowest = slowest.max(start.elapsed());
@@ -296,7 +298,8 @@ async fn of_two_urls_the_first_hung_pulls_go_through_the_second() {
     let seen = requests_logged(d2.path());
     for i in 0..5 {
         let start = Instant::now();
-        pull(s.root(), "org/app".into(), "?ns=ghcr.io", &image)
+        image
+            .pull(&s.root(), "org/app", "1", "?ns=ghcr.io")
             .await
             .unwrap_or_else(|e| panic!("pull {i}: {e}"));
         if i > 0 {
@@ -360,7 +363,8 @@ async fn prefetched_images_pull_while_the_upstream_is_down() {
     }
     drop(dist);
     for (repo, tag, image) in &images[..3] {
-        pull_tag(&s.root(), &format!("docker.io/{repo}"), tag, "", image)
+        image
+            .pull(&s.root(), &format!("docker.io/{repo}"), tag, "")
             .await
             .unwrap_or_else(|e| panic!("{repo}:{tag}: {e}"));
     }
@@ -411,7 +415,8 @@ async fn berth_prefetch_fills_the_cache_from_the_command_line() {
     drop(dist);
     let mirror = crate::support::spawn_berth_with(&data, Some(&config));
     for (repo, tag, image) in &images[..3] {
-        pull_tag(&mirror.root(), &format!("docker.io/{repo}"), tag, "", image)
+        image
+            .pull(&mirror.root(), &format!("docker.io/{repo}"), tag, "")
             .await
             .unwrap_or_else(|e| panic!("{repo}:{tag}: {e}"));
     }
@@ -435,38 +440,12 @@ fn referrer(subject: &Image, seed: u64) -> (String, Vec<Vec<u8>>) {
 
 async fn push_referrer(root: &str, repo: &str, subject: &Image, seed: u64) -> String {
     let (m, blobs) = referrer(subject, seed);
-    let c = client();
-    for b in &blobs {
-        let r = c
-            .post(format!("{root}/v2/{repo}/blobs/uploads/"))
-            .send()
-            .await
-            .unwrap();
-        let loc = r.headers()["location"].to_str().unwrap().to_owned();
-        let loc = if loc.starts_with("http") {
-            loc
-        } else {
-            format!("{root}{loc}")
-        };
-        let sep = if loc.contains('?') { '&' } else { '?' };
-        let r = c
-            .put(format!("{loc}{sep}digest={}", digest(b)))
-            .body(b.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-    }
-    let d = digest(m.as_bytes());
-    let r = c
-        .put(format!("{root}/v2/{repo}/manifests/{d}"))
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(m)
-        .send()
+    let image = Image::with_manifest(m, "application/vnd.oci.image.manifest.v1+json", blobs);
+    let d = image.digest();
+    image
+        .try_push(root, repo, &d, Push::default())
         .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    d
+        .unwrap()
 }
 
 async fn referrers_via(s: &TestServer, path: &str) -> Vec<String> {
@@ -537,7 +516,8 @@ async fn referrers_of_cached_content_are_cached_from_the_upstream() {
     .await;
     let subject = image.digest();
     for (prefix, want) in [("ghcr.io", &sig), ("quay.io", &sig2)] {
-        pull(s.root(), format!("{prefix}/org/signed"), "", &image)
+        image
+            .pull(&s.root(), &format!("{prefix}/org/signed"), "1", "")
             .await
             .unwrap();
         let got = referrers_via(&s, &format!("/v2/{prefix}/org/signed/referrers/{subject}")).await;

@@ -8,7 +8,7 @@ use berth::config::{AuthMode, Config, UpstreamSection};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::images::{Auth, Image};
+use crate::support::{Auth, Image};
 use crate::support::{Proc, TestServer, client, digest, spawn_distribution};
 
 pub(crate) fn upstream(
@@ -34,67 +34,6 @@ pub(crate) async fn cache(
         tweak(c);
     })
     .await
-}
-
-/// Pulls `repo:1` from `s` like a client: manifest by tag, then every blob; checks digests.
-pub(crate) async fn pull(
-    root: String,
-    path_repo: String,
-    query: &'static str,
-    image: &Image,
-) -> Result<(), String> {
-    pull_tag(&root, &path_repo, "1", query, image).await
-}
-
-/// Pulls `repo:tag` like a client: manifest by tag, then every blob; checks digests.
-pub(crate) async fn pull_tag(
-    root: &str,
-    path_repo: &str,
-    tag: &str,
-    query: &str,
-    image: &Image,
-) -> Result<(), String> {
-    let c = client();
-    let r = c
-        .get(format!("{root}/v2/{path_repo}/manifests/{tag}{query}"))
-        .header(
-            "accept",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() != StatusCode::OK {
-        return Err(format!(
-            "manifest: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        ));
-    }
-    let body = r.bytes().await.map_err(|e| e.to_string())?;
-    if digest(&body) != image.digest() {
-        return Err("manifest bytes differ from the upstream's".into());
-    }
-    for b in &image.blobs {
-        let d = digest(b);
-        let r = c
-            .get(format!("{root}/v2/{path_repo}/blobs/{d}{query}"))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status() != StatusCode::OK {
-            return Err(format!("blob {d}: {}", r.status()));
-        }
-        let got = r.bytes().await.map_err(|e| e.to_string())?;
-        if digest(&got) != d {
-            return Err(format!(
-                "blob {d}: got {} bytes hashing to {}",
-                got.len(),
-                digest(&got)
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Requests Distribution logged as `"METHOD <path-prefix>...`.
@@ -123,7 +62,8 @@ async fn twenty_cold_pulls_fetch_each_blob_once_and_outages_serve_the_cache() {
     let before_blobs = logged(dir.path(), "GET", "/v2/library/app/blobs/");
     let before_manifests = logged(dir.path(), "GET", "/v2/library/app/manifests/");
 
-    let pulls = (0..20).map(|_| pull(s.root(), "library/app".into(), "?ns=docker.io", &image));
+    let root = s.root();
+    let pulls = (0..20).map(|_| image.pull(&root, "library/app", "1", "?ns=docker.io"));
     for r in futures_util::future::join_all(pulls).await {
         r.unwrap();
     }
@@ -185,10 +125,12 @@ async fn twenty_cold_pulls_fetch_each_blob_once_and_outages_serve_the_cache() {
         .push(&dist.root(), "library/other", "1", Auth::None)
         .await;
     drop(dist);
-    pull(s.root(), "library/app".into(), "?ns=docker.io", &image)
+    image
+        .pull(&s.root(), "library/app", "1", "?ns=docker.io")
         .await
         .unwrap();
-    pull(s.root(), "docker.io/library/app".into(), "", &image)
+    image
+        .pull(&s.root(), "docker.io/library/app", "1", "")
         .await
         .unwrap();
     // ... and what never was gives a clear error.
@@ -234,13 +176,16 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
     .await;
     // Docker's registry-mirrors form (plain Hub names), the path-prefix form with Hub's
     // `library/` added, and ns: all reach the same upstream repository.
-    pull(s.root(), "library/alpine".into(), "", &image)
+    image
+        .pull(&s.root(), "library/alpine", "1", "")
         .await
         .unwrap();
-    pull(s.root(), "docker.io/alpine".into(), "", &image)
+    image
+        .pull(&s.root(), "docker.io/alpine", "1", "")
         .await
         .unwrap();
-    pull(s.root(), "org/tool".into(), "?ns=index.docker.io", &image)
+    image
+        .pull(&s.root(), "org/tool", "1", "?ns=index.docker.io")
         .await
         .unwrap();
     // An unknown ns is not dialled.
@@ -288,8 +233,8 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
     mine.push(&s.root(), "library/alpine-local", "1", Auth::None)
         .await;
     mine.push(&s.root(), "team/app", "1", Auth::None).await;
-    pull(s.root(), "team/app".into(), "", &mine).await.unwrap();
-    pull(s.root(), "library/alpine-local".into(), "", &mine)
+    mine.pull(&s.root(), "team/app", "1", "").await.unwrap();
+    mine.pull(&s.root(), "library/alpine-local", "1", "")
         .await
         .unwrap();
     // The cache shows up in the catalog under its prefix.
@@ -321,14 +266,7 @@ async fn routing_read_only_cache_and_local_pushes_side_by_side() {
 async fn conformance_pull_workflow_through_a_cache_of_a_token_auth_registry() {
     // The upstream: a Berth with token auth; the cache authenticates with its own account.
     let up = TestServer::start_with(|c| {
-        let path = c.data.join("htpasswd");
-        let line = format!(
-            "mirror:{}\n",
-            berth_auth::htpasswd::hash("mirror-pw", 4).unwrap()
-        );
-        std::fs::write(&path, line).unwrap();
-        c.auth.mode = AuthMode::Token;
-        c.auth.htpasswd = Some(path);
+        crate::support::with_users(c, AuthMode::Token, &[("mirror", "mirror-pw")]);
     })
     .await;
     let s = cache(
@@ -376,7 +314,7 @@ async fn lying_upstream(blob_digest: String) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_that_does_not_match_its_digest_is_never_stored() {
-    let want = crate::images::noise(300_000, 1);
+    let want = crate::support::noise(300_000, 1);
     let d = digest(&want);
     let addr = lying_upstream(d.clone()).await;
     let s = cache(
@@ -467,7 +405,7 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
     let dir = tempfile::tempdir().unwrap();
     let dist = spawn_distribution(dir.path());
     // Six images sharing a base layer, each with its own 1 MiB layer.
-    let base = crate::images::noise(512 << 10, 999);
+    let base = crate::support::noise(512 << 10, 999);
     let images: Vec<Image> = (0..6)
         .map(|i| {
             let mut img = Image::new(100 + i, &[1 << 20]);
@@ -498,14 +436,10 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
     let mut evicted = 0;
     // Churn: every image in turn, img0 pulled again in between so it stays recent.
     for i in [0usize, 1, 2, 0, 3, 4, 0, 5] {
-        pull(
-            s.root(),
-            format!("docker.io/library/img{i}"),
-            "",
-            &images[i],
-        )
-        .await
-        .unwrap();
+        images[i]
+            .pull(&s.root(), &format!("docker.io/library/img{i}"), "1", "")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await; // distinct pull times (seconds)
         let r = s
             .state
@@ -540,7 +474,9 @@ async fn the_cache_cap_holds_under_churn_and_kept_images_stay_whole() {
             .get_manifest(&local, &berth_storage::Reference::Tag("1".parse().unwrap()))
             .await
             .is_ok();
-        let pulled = pull(s.root(), format!("docker.io/library/img{i}"), "", img).await;
+        let pulled = img
+            .pull(&s.root(), &format!("docker.io/library/img{i}"), "1", "")
+            .await;
         assert_eq!(
             has,
             pulled.is_ok(),
@@ -639,13 +575,15 @@ async fn rate_limited_upstreams_serve_the_cache_within_max_stale() {
     let lenient = cache(vec![up(Duration::from_secs(3600))], |_| {}).await;
     let strict = cache(vec![up(Duration::ZERO)], |_| {}).await;
     for s in [&lenient, &strict] {
-        pull(s.root(), "rl/app".into(), "?ns=rl.example", &image)
+        image
+            .pull(&s.root(), "rl/app", "1", "?ns=rl.example")
             .await
             .unwrap();
     }
     limited.store(true, Ordering::SeqCst);
     // Within max_stale the cached tag is served while the upstream says 429...
-    pull(lenient.root(), "rl/app".into(), "?ns=rl.example", &image)
+    image
+        .pull(&lenient.root(), "rl/app", "1", "?ns=rl.example")
         .await
         .unwrap();
     // ... past it, and for what was never cached, the 429 comes through with its Retry-After.

@@ -140,16 +140,7 @@ async fn the_token_realm_follows_the_scheme_or_the_public_url() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "ca");
     let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
-    let users = dir.path().join("htpasswd");
-    std::fs::write(
-        &users,
-        format!("u:{}\n", berth_auth::htpasswd::hash("p", 4).unwrap()),
-    )
-    .unwrap();
-    let auth = |c: &mut Config| {
-        c.auth.mode = AuthMode::Token;
-        c.auth.htpasswd = Some(users.clone());
-    };
+    let auth = |c: &mut Config| crate::support::with_users(c, AuthMode::Token, &[("u", "p")]);
     let s = tls_server(&leaf, auth).await;
     let r = https_client(&ca.cert, None)
         .get(https(&s, "/v2/"))

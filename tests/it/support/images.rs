@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use reqwest::StatusCode;
-
-use crate::support::{client, digest};
+use super::servers::digest;
 
 pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -240,20 +238,13 @@ impl std::io::Read for NoiseReader {
     }
 }
 
-/// How a test authenticates a push.
-#[derive(Clone, Copy)]
-pub(crate) enum Auth<'a> {
-    /// Anonymously.
-    None,
-    /// Basic credentials.
-    Basic(&'a str, &'a str),
-    /// A bearer token.
-    Bearer(&'a str),
-}
+/// Docker schema 2 manifest media type.
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// An image: its manifest bytes and blobs (config first).
+/// An image: its manifest bytes, their media type, and its blobs (config first).
 pub(crate) struct Image {
     pub manifest: String,
+    pub media_type: &'static str,
     pub blobs: Vec<Vec<u8>>,
 }
 
@@ -277,62 +268,43 @@ impl Image {
         .to_string();
         let mut blobs = vec![config];
         blobs.extend(layers);
-        Self { manifest, blobs }
+        Self {
+            manifest,
+            media_type: DOCKER_MANIFEST,
+            blobs,
+        }
+    }
+
+    /// An OCI image manifest over `blobs`: the first is the config, the rest are layers.
+    pub(crate) fn oci(blobs: Vec<Vec<u8>>) -> Self {
+        let manifest = json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&blobs[0]), "size": blobs[0].len()},
+            "layers": blobs[1..].iter().map(|b| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(b), "size": b.len()})).collect::<Vec<_>>(),
+        })
+        .to_string();
+        Self {
+            manifest,
+            media_type: OCI_MANIFEST,
+            blobs,
+        }
+    }
+
+    /// An image of any manifest (`media_type`) over `blobs`: artifacts, referrers.
+    pub(crate) fn with_manifest(
+        manifest: String,
+        media_type: &'static str,
+        blobs: Vec<Vec<u8>>,
+    ) -> Self {
+        Self {
+            manifest,
+            media_type,
+            blobs,
+        }
     }
 
     pub(crate) fn digest(&self) -> String {
         digest(self.manifest.as_bytes())
-    }
-
-    /// Pushes to `root` as `repo:tag` the way docker does: HEAD each blob, upload only what
-    /// the registry says it lacks (`POST ?digest=`), then the manifest. The first refusal is
-    /// the error.
-    pub(crate) async fn push_like_docker(
-        &self,
-        root: &str,
-        repo: &str,
-        tag: &str,
-    ) -> Result<(), String> {
-        let c = client();
-        for b in &self.blobs {
-            let d = digest(b);
-            let head = c
-                .head(format!("{root}/v2/{repo}/blobs/{d}"))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            match head.status() {
-                StatusCode::OK => continue,
-                StatusCode::NOT_FOUND => {}
-                s => return Err(format!("HEAD {repo} blob {d}: {s}")),
-            }
-            let r = c
-                .post(format!("{root}/v2/{repo}/blobs/uploads/?digest={d}"))
-                .body(b.clone())
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status() != StatusCode::CREATED {
-                return Err(format!("upload of {d} to {repo}: {}", r.status()));
-            }
-        }
-        let r = c
-            .put(format!("{root}/v2/{repo}/manifests/{tag}"))
-            .header(
-                "content-type",
-                "application/vnd.docker.distribution.manifest.v2+json",
-            )
-            .body(self.manifest.clone())
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        match r.status() {
-            StatusCode::CREATED => Ok(()),
-            s => Err(format!(
-                "manifest {repo}:{tag}: {s} {}",
-                r.text().await.unwrap_or_default()
-            )),
-        }
     }
 
     /// An image made of this one's config and layers plus one layer of its own: built on it, as
@@ -354,57 +326,10 @@ impl Image {
         .to_string();
         let mut blobs = vec![config];
         blobs.extend(layers);
-        Self { manifest, blobs }
-    }
-
-    /// Pushes to `root` as `repo:tag`.
-    pub(crate) async fn push(&self, root: &str, repo: &str, tag: &str, creds: Auth<'_>) {
-        let c = client();
-        let auth = |r: reqwest::RequestBuilder| match creds {
-            Auth::Basic(u, p) => r.basic_auth(u, Some(p)),
-            Auth::Bearer(t) => r.bearer_auth(t),
-            Auth::None => r,
-        };
-        for b in &self.blobs {
-            // POST then PUT: Distribution 2.8 has no single-POST upload.
-            let r = auth(c.post(format!("{root}/v2/{repo}/blobs/uploads/")))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::ACCEPTED);
-            let loc = r.headers()["location"].to_str().unwrap().to_owned();
-            let loc = if loc.starts_with("http") {
-                loc
-            } else {
-                format!("{root}{loc}")
-            };
-            let sep = if loc.contains('?') { '&' } else { '?' };
-            let r = auth(c.put(format!("{loc}{sep}digest={}", digest(b))))
-                .body(b.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                r.status(),
-                StatusCode::CREATED,
-                "{}",
-                r.text().await.unwrap()
-            );
+        Self {
+            manifest,
+            media_type: DOCKER_MANIFEST,
+            blobs,
         }
-        let r = auth(c.put(format!("{root}/v2/{repo}/manifests/{tag}")))
-            .header(
-                "content-type",
-                "application/vnd.docker.distribution.manifest.v2+json",
-            )
-            .body(self.manifest.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::CREATED,
-            "{}",
-            r.text().await.unwrap()
-        );
     }
 }

@@ -1,5 +1,6 @@
-//! Test servers: Berth in-process or as a child process, and Distribution (Debian's
-//! `docker-registry`) as a reference. Everything listens on 127.0.0.1 only.
+//! Test servers: Berth in-process or as a child process, Distribution (Debian's
+//! `docker-registry`) as a reference or an upstream, and a token server. Everything listens on
+//! 127.0.0.1 only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -336,4 +337,17 @@ pub(crate) fn token_requests(dir: &Path) -> (usize, usize) {
         log.lines().filter(|l| *l == "granted").count(),
         log.lines().filter(|l| *l == "refused").count(),
     )
+}
+
+/// Turns authentication on in `c` (`mode`) with `users` (name, password) in an htpasswd file
+/// under its data directory.
+pub(crate) fn with_users(c: &mut Config, mode: berth::config::AuthMode, users: &[(&str, &str)]) {
+    let lines: String = users
+        .iter()
+        .map(|(u, p)| format!("{u}:{}\n", berth_auth::htpasswd::hash(p, 4).expect("hash")))
+        .collect();
+    let path = c.data.join("htpasswd");
+    std::fs::write(&path, lines).expect("htpasswd");
+    c.auth.mode = mode;
+    c.auth.htpasswd = Some(path);
 }
