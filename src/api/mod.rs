@@ -9,6 +9,7 @@
 
 pub mod access;
 mod blobs;
+mod describe;
 pub mod error;
 mod headers;
 mod listing;

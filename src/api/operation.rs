@@ -12,6 +12,7 @@
 //! /v2/<name>/blobs/uploads/<id>          Upload
 //! /v2/<name>/blobs/<digest>              Blob
 //! /v2/<name>/referrers/<digest>          Referrers
+//! /v2/<name>/_describe/<reference>       Describe (Berth's own; `_` never starts a name part)
 //! ```
 //!
 //! Then [`ROUTES`], the one table of what the API does: each row is a path shape and a method,
@@ -31,7 +32,7 @@ use berth_auth::{Actions, Scope};
 use futures_util::future::BoxFuture;
 
 use super::error::ApiResult;
-use super::{blobs, listing, manifests, uploads};
+use super::{blobs, describe, listing, manifests, uploads};
 use crate::state::AppState;
 
 /// The shape of a distribution API path.
@@ -53,6 +54,8 @@ pub enum Shape {
     Blob,
     /// `/v2/<name>/referrers/<digest>`.
     Referrers,
+    /// `/v2/<name>/_describe/<reference>`.
+    Describe,
 }
 
 /// A path split by the grammar: its shape, the repository name and the last segment
@@ -106,6 +109,7 @@ impl Path {
             "manifests" => Shape::Manifest,
             "blobs" => Shape::Blob,
             "referrers" => Shape::Referrers,
+            "_describe" => Shape::Describe,
             _ => return None,
         };
         p(shape, Some(name), Some(last))
@@ -178,6 +182,13 @@ pub static ROUTES: &[Route] = &[
         name: "list_referrers",
         access: Access::Pull,
         handler: |s, o, r| Box::pin(listing::referrers(s, o, r)),
+    },
+    Route {
+        shape: Shape::Describe,
+        method: Method::GET,
+        name: "describe_manifest",
+        access: Access::Pull,
+        handler: |s, o, r| Box::pin(describe::describe(s, o, r)),
     },
     Route {
         shape: Shape::Manifest,
@@ -379,6 +390,7 @@ impl Shape {
             Self::Upload => "upload",
             Self::Blob => "blob",
             Self::Referrers => "referrers",
+            Self::Describe => "describe",
         }
     }
 }
@@ -452,6 +464,10 @@ mod tests {
             (
                 "/v2/a/referrers/sha256:00",
                 Some((Referrers, Some("a"), Some("sha256:00"))),
+            ),
+            (
+                "/v2/a/b/_describe/latest",
+                Some((Describe, Some("a/b"), Some("latest"))),
             ),
             ("/v2/manifests/x", None),
             ("/v2/a/manifests/", None),

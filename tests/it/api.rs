@@ -692,3 +692,53 @@ async fn small_blobs_on_one_connection_do_not_stall() {
         "median small GET took {median:?}: delayed-ACK stall"
     );
 }
+
+/// `GET /v2/<name>/_describe/<reference>`: what an image is made of, and an index's platforms
+/// (the endpoint issue 16 added with one table row and one handler).
+#[tokio::test]
+async fn describe_sums_an_image_and_lists_an_index_s_platforms() {
+    let t = T::new().await;
+    let (m, d) = t.push_image("desc/app", "1", "describe").await;
+    let r = t
+        .req(Method::GET, "/v2/desc/app/_describe/1", None, &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    let config = "{\"seed\":\"describe\"}".len() as u64;
+    let layer = "layer-describe".len() as u64;
+    assert_eq!(v["digest"], d);
+    assert_eq!(v["size"], m.len());
+    assert_eq!(v["totalSize"], m.len() as u64 + config + layer);
+    assert_eq!(v["config"]["size"], config);
+    assert_eq!(v["layers"].as_array().map(Vec::len), Some(1));
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": d, "size": m.len(),
+                       "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}],
+    }))
+    .unwrap();
+    let r = t
+        .req(
+            Method::PUT,
+            "/v2/desc/app/manifests/multi",
+            Some(index),
+            &[("content-type", OCI_INDEX)],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = t
+        .req(Method::GET, "/v2/desc/app/_describe/multi", None, &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["platforms"][0]["architecture"], "arm64");
+    assert_eq!(v["platforms"][0]["variant"], "v8");
+    let r = t
+        .req(Method::GET, "/v2/desc/app/_describe/absent", None, &[])
+        .await;
+    assert_eq!(
+        code(r).await,
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
+}
