@@ -1,22 +1,25 @@
 //! Berth: a container registry and pull-through image cache.
 //!
 //! # Layout
-//! - [`api`]: the HTTP API (axum): one route table, a path parser, handlers per resource.
-//! - [`auth`]: who is calling and what they may do (rules in the `berth-auth` crate).
-//! - [`config`]: the configuration file and its defaults.
-//! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection).
-//! - [`metrics`]: Prometheus metrics at `/metrics`.
+//! - [`api`]: the HTTP API (axum). [`api::operation`] classifies each request once (the
+//!   operation table); handlers render what the registry façade answers; [`api::error`] is the
+//!   one error table.
 //! - [`registry`]: the façade handlers call: local storage, and the cache where configured;
 //!   decides once per request whether it is local or goes to an upstream.
-//! - [`proxy`]: the pull-through cache of upstream registries.
+//! - [`proxy`]: the pull-through cache of upstream registries (health, credentials, prefetch).
+//! - [`auth`]: who is calling and what they may do (typed decisions; rules in `berth-auth`).
+//! - [`config`]: the configuration file and its defaults.
+//! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection,
+//!   eviction, prefetch).
+//! - [`metrics`]: the Prometheus recorder and `/metrics`.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
 //! - [`telemetry`]: logging set-up.
 //! - [`tls`]: HTTPS configuration and certificate reloading.
 //!
 //! Persistence and the registry's invariants live in the `berth-storage` crate; this crate
-//! only speaks HTTP. [`serve`] takes its listener and shutdown signal from the caller, so
-//! tests run the real server on a random port.
+//! only speaks HTTP and to upstreams. [`serve`] takes its listener and shutdown signal from the
+//! caller, so tests run the real server on a random port.
 
 pub mod api;
 pub mod auth;

@@ -1,6 +1,7 @@
-//! Prometheus metrics, served at `/metrics`. A leaf: it reads what others decided (the
-//! request's [`Classified`] operation) and what storage recorded; the recorder is installed
-//! once, at start-up ([`install`]).
+//! Prometheus metrics, served at `/metrics`: the recorder, installed once at start-up
+//! ([`install`]), and the rendering, which adds what storage recorded (uploads in progress,
+//! the latest garbage collection of any process). Requests are counted by the API's own
+//! middleware (`api::track`), which reads the operation it classified.
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -13,15 +14,12 @@
 //! | `berth_gc_last_run_timestamp_seconds`, `berth_gc_last_duration_seconds`, `berth_gc_last_removed_blobs`, `berth_gc_last_removed_bytes`, `berth_gc_last_removed_manifests` | gauge | (the latest run of any process sharing the database) |
 
 use std::sync::OnceLock;
-use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::api::operation::Classified;
 use crate::state::AppState;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -48,31 +46,6 @@ pub fn handle() -> &'static PrometheusHandle {
         let _ = metrics::set_global_recorder(recorder);
         h
     })
-}
-
-/// Middleware: counts and times every request, by endpoint.
-pub async fn track(req: Request, next: Next) -> Response {
-    let label = req
-        .extensions()
-        .get::<Classified>()
-        .map_or("other", Classified::label);
-    let method = req.method().as_str().to_owned();
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::histogram!("berth_request_duration_seconds", "endpoint" => label, "method" => method.clone())
-        .record(start.elapsed().as_secs_f64());
-    metrics::counter!("berth_requests_total", "endpoint" => label, "method" => method, "status" => status)
-        .increment(1);
-    if let Some(n) = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        metrics::counter!("berth_bytes_sent_total").increment(n);
-    }
-    resp
 }
 
 /// `GET /metrics`.

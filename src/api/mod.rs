@@ -22,8 +22,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use std::time::Instant;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
@@ -45,7 +47,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(add_api_version))
         .layer(axum::middleware::from_fn(error::log_failures))
-        .layer(axum::middleware::from_fn(crate::metrics::track))
+        .layer(axum::middleware::from_fn(track))
         .layer(axum::middleware::from_fn(operation::classify_request))
         .layer(TraceLayer::new_for_http())
         .layer(SetSensitiveRequestHeadersLayer::new([
@@ -53,6 +55,31 @@ pub fn router(state: AppState) -> Router {
             header::COOKIE,
         ]))
         .with_state(state)
+}
+
+/// Middleware: counts and times every request, by endpoint.
+async fn track(req: Request, next: Next) -> Response {
+    let label = req
+        .extensions()
+        .get::<Classified>()
+        .map_or("other", Classified::label);
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!("berth_request_duration_seconds", "endpoint" => label, "method" => method.clone())
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!("berth_requests_total", "endpoint" => label, "method" => method, "status" => status)
+        .increment(1);
+    if let Some(n) = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        metrics::counter!("berth_bytes_sent_total").increment(n);
+    }
+    resp
 }
 
 async fn add_api_version(mut resp: Response) -> Response {

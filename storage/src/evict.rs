@@ -6,35 +6,13 @@
 //! lists or tags them) and the referrers of what goes. Blobs are never deleted here, so a
 //! blob that a kept manifest references stays, whichever image brought it in.
 
-use std::time::Duration;
-
 use tracing::info;
 
 use crate::error::Result;
 use crate::meta::now;
 use crate::store::Store;
 
-/// What to keep.
-#[derive(Debug, Clone, Default)]
-pub struct EvictPolicy {
-    /// Repository prefixes of cached content (`docker.io` for `docker.io/library/alpine`).
-    pub prefixes: Vec<String>,
-    /// Cap on the bytes of blobs cached manifests reference.
-    pub max_bytes: Option<u64>,
-    /// Images not pulled for this long go.
-    pub max_age: Option<Duration>,
-}
-
-/// What a run did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EvictReport {
-    /// Manifests removed.
-    pub manifests: u64,
-    /// Bytes the cache referenced before.
-    pub bytes_before: u64,
-    /// Bytes it references now (freed on disk by the next garbage collection).
-    pub bytes_after: u64,
-}
+pub use crate::meta::policy::{EvictPolicy, EvictReport};
 
 impl Store {
     /// Evicts cached images per `p`, least recently pulled first.

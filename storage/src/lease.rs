@@ -13,31 +13,6 @@ use crate::error::{Error, Result};
 use crate::meta::now;
 use crate::store::Store;
 
-/// Who holds leases for this process: `<host> <pid> <start> <nonce>`, where `start` is when the
-/// process started (clock ticks since boot, from `/proc`), so that a restarted process that got
-/// the same pid (pid 1 in a container) is not taken for its earlier life.
-pub(crate) fn instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty() && !h.contains(' '))
-        .unwrap_or_else(|| "unknown-host".to_owned());
-    let pid = std::process::id();
-    let start = process_start(&pid.to_string()).unwrap_or_else(|| "0".to_owned());
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host} {pid} {start} {}", &nonce[..8])
-}
-
-/// When process `pid` started (field 22 of `/proc/<pid>/stat`); `None` when it does not run or
-/// this is not Linux.
-fn process_start(pid: &str) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; fields after it are plain.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19).map(str::to_owned)
-}
-
 /// Whether `holder` (another instance's id) is certainly dead: a process on this host that no
 /// longer runs, or whose pid now belongs to a process started at another time.
 fn holder_is_dead(holder: &str, me: &str) -> bool {
@@ -49,7 +24,7 @@ fn holder_is_dead(holder: &str, me: &str) -> bool {
     if h_host != m_host || !cfg!(target_os = "linux") {
         return false;
     }
-    process_start(h_pid).is_none_or(|started| started != *h_start)
+    crate::instance::process_start(h_pid).is_none_or(|started| started != *h_start)
 }
 
 fn secs(d: Duration) -> i64 {
@@ -156,10 +131,10 @@ mod tests {
 
     #[test]
     fn dead_holders_are_recognised_only_on_this_host() {
-        let me = instance_id();
+        let me = crate::instance::instance_id();
         let host = me.split(' ').next().unwrap().to_owned();
         let pid = std::process::id();
-        let start = process_start(&pid.to_string()).unwrap();
+        let start = crate::instance::process_start(&pid.to_string()).unwrap();
         // Another store in this very process is alive.
         assert!(!holder_is_dead(&format!("{host} {pid} {start} other"), &me));
         // The same pid started at another time: an earlier life (a restarted container).

@@ -33,6 +33,7 @@ pub mod blobs;
 pub mod error;
 pub mod evict;
 pub mod gc;
+mod instance;
 pub mod lease;
 pub mod manifest;
 pub mod manifests;

@@ -6,18 +6,10 @@
 //! candidates are written through (see [`crate::gc`]), as every collector, in any process,
 //! must see them.
 
-use std::collections::HashMap;
-
 use crate::error::Result;
 use crate::meta::now;
 use crate::names::{Digest, RepoName};
 use crate::store::Store;
-
-/// Pulls recorded since the last flush: (repository, digest) → unix time of the latest.
-#[derive(Debug, Default)]
-pub struct PendingPulls {
-    manifests: HashMap<(String, String), i64>,
-}
 
 impl Store {
     /// Notes that `repo` served manifest `digest` (in memory only).

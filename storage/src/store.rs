@@ -28,11 +28,11 @@ pub struct Store {
     pub(crate) writing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pull times not yet written: reads never wait on a database write (see
     /// [`Store::flush_access`]).
-    pub(crate) pulls: Mutex<crate::pulls::PendingPulls>,
+    pub(crate) pulls: Mutex<PendingPulls>,
     /// Presigns direct download URLs on object stores that can.
     pub(crate) signer: Option<Arc<dyn object_store::signer::Signer>>,
     pub(crate) signer_prefix: Option<Path>,
-    /// This process as a lease holder (see [`crate::lease`]).
+    /// This process as a lease holder (see `lease`).
     pub(crate) instance: String,
     /// Collections in this process run one at a time (the lease keeps other processes out).
     pub(crate) gc_turn: tokio::sync::Mutex<()>,
@@ -46,6 +46,12 @@ impl std::fmt::Debug for Store {
             .field("area", &self.area)
             .finish()
     }
+}
+
+/// Pulls recorded since the last flush: (repository, digest) → unix time of the latest.
+#[derive(Debug, Default)]
+pub struct PendingPulls {
+    pub(crate) manifests: HashMap<(String, String), i64>,
 }
 
 pub(crate) fn new_id() -> String {
@@ -85,7 +91,7 @@ impl Store {
             pulls: Mutex::new(Default::default()),
             signer: None,
             signer_prefix: None,
-            instance: crate::lease::instance_id(),
+            instance: crate::instance::instance_id(),
             gc_turn: tokio::sync::Mutex::new(()),
         }
     }

@@ -1,6 +1,6 @@
 //! Upload sessions: start, append chunks, finish (verify, place, make visible), cancel, expire.
 //!
-//! A session's bytes live in an upload area ([`crate::area`]); its committed size and chunk
+//! A session's bytes live in an upload area (`area.rs`); its committed size and chunk
 //! list live in the metadata, so a session survives restarts (and, with object parts, may
 //! continue on another replica). Bytes are hashed while they stream; a blob becomes visible
 //! only once its digest matched, and its object is in place before its row.

@@ -12,5 +12,6 @@ mod gc;
 mod mirror;
 mod pki;
 mod proxy;
+mod structure;
 mod support;
 mod tls;

@@ -17,11 +17,12 @@
 //! | [`LeaseMeta`] | one holder at a time for cluster-wide work |
 //!
 //! Backends: [`sqlite`] (one file, one writer: the zero-configuration default). Every backend
-//! passes the storage suite ([`crate::suite`]).
+//! passes the storage suite (`suite.rs`, feature `suite`).
 //!
 //! Times are unix seconds passed in by the caller (`now`, `t`), so that a backend never reads
 //! its own clock for a decision; the review queues' triggers stamp with the database's clock.
 
+pub mod policy;
 pub mod sqlite;
 
 use std::collections::{BTreeSet, HashSet};
@@ -29,10 +30,9 @@ use std::collections::{BTreeSet, HashSet};
 use futures_util::future::BoxFuture;
 
 use crate::error::Result;
-use crate::evict::{EvictPolicy, EvictReport};
-use crate::gc::{GcPolicy, GcReport, GcRun};
 use crate::manifest::Manifest;
 use crate::names::{Digest, Reference, Tag};
+use policy::{EvictPolicy, EvictReport, GcPolicy, GcReport, GcRun};
 
 /// A metadata call's future.
 pub type Fut<'a, T> = BoxFuture<'a, Result<T>>;

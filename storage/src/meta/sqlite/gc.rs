@@ -8,8 +8,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::SqliteMeta;
 use crate::error::{Error, Result};
-use crate::evict::{EvictPolicy, EvictReport};
-use crate::gc::{GcPolicy, GcReport, GcRun, RUNS_KEPT};
+use crate::meta::policy::{EvictPolicy, EvictReport, GcPolicy, GcReport, GcRun, RUNS_KEPT};
 use crate::meta::{DeleteObjects, Fut, GcMeta, Swept};
 use crate::names::Digest;
 

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - `schema.sql`, `gc.sql`, `runs.sql`: migrations, numbered by SQLite's `user_version`.
-//! - [`blobs`], [`uploads`], [`manifests`], [`gc`], [`leases`]: the statements of each concern
+//! - `blobs`, `uploads`, `manifests`, `gc`, `leases`: the statements of each concern
 //!   of the seam (see [`crate::meta`]), each in one place.
 
 mod blobs;
