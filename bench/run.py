@@ -5,7 +5,8 @@ Both run side by side on loopback with equivalent settings (filesystem storage i
 auth, info logging). Every figure is measured for both, RUNS times, and reported as the median
 and the ratio Berth/Distribution. Benchmarks are not tests: nothing here asserts a speed.
 
-Usage: bench/run [--runs N] [--quick] [--out FILE]   (bench/run installs what it needs)
+Usage: bench/run [--runs N] [--quick] [--only push,small,listing,startup] [--out FILE]
+(bench/run installs what it needs)
 """
 
 import argparse
@@ -365,7 +366,16 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="shorter loads and smaller listings")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--berth", default=None, help="the berth binary to measure (default: this build)")
+    ap.add_argument("--no-distribution", action="store_true",
+                    help="measure Berth only (to compare two Berth builds run by run)")
+    ap.add_argument("--only", default="push,small,listing,startup",
+                    help="comma-separated groups to run: push, small, listing, startup")
     a = ap.parse_args()
+    only = set(a.only.split(","))
+    global BERTH
+    if a.berth:
+        BERTH = os.path.abspath(a.berth)
     load_s = 3 if a.quick else 10
     listing_n = 1000 if a.quick else 10_000
     startup_n = 10_000 if a.quick else 100_000
@@ -379,7 +389,9 @@ def main():
     big = os.path.join(work, "layer.bin")
     digest, SIZE = make_layer(big)
 
-    regs = [Registry("berth", work), Registry("distribution", work)]
+    regs = [Registry("berth", work)]
+    if not a.no_distribution:
+        regs.append(Registry("distribution", work))
     results = {r.name: {} for r in regs}
 
     def record(reg, key, value):
@@ -391,7 +403,7 @@ def main():
             reg.start()
             time.sleep(0.5)
             record(reg, "RSS idle (MiB)", reg.status("VmRSS"))
-            for n in range(a.runs):
+            for n in range(a.runs if "push" in only else 0):
                 reg.reset_peak()
                 record(reg, "push 1 GiB monolithic (MB/s)", push_monolithic(reg, big, digest))
                 record(reg, "peak RSS during 1 GiB push (MiB)", reg.status("VmHWM"))
@@ -405,7 +417,7 @@ def main():
             cfg = b'{"architecture":"amd64","os":"linux","bench":true}'
             cd = push_small(reg, "bench/small", cfg)
             put_manifest(c, "bench/small", "latest", manifest_for(cd, len(cfg)))
-            for n in range(a.runs):
+            for n in range(a.runs if "small" in only else 0):
                 reg.reset_peak()
                 rps, p50, p99 = wrk(reg.url("/v2/bench/small/manifests/latest"), load_s)
                 record(reg, "manifest GET by tag, 32 conns (req/s)", rps)
@@ -416,15 +428,17 @@ def main():
                 record(reg, "blob HEAD, 32 conns (req/s)", rps)
                 record(reg, "blob HEAD p50 (ms)", p50)
                 record(reg, "blob HEAD p99 (ms)", p99)
-            populate_listing(reg, listing_n, listing_n)
-            for n in range(a.runs):
+            if "listing" in only:
+                populate_listing(reg, listing_n, listing_n)
+            for n in range(a.runs if "listing" in only else 0):
                 # Distribution refuses n > 1000 on the catalog: walk it in pages of 1000.
                 record(reg, f"catalog of {listing_n} repos, pages of 1000, p99 (ms)", latency_p99(reg, "/v2/_catalog?n=1000"))
                 record(reg, "catalog page of 1000, p99 (ms)", latency_p99_single(reg, "/v2/_catalog?n=1000"))
                 record(reg, f"tags list of {listing_n} tags, p99 (ms)", latency_p99(reg, "/v2/tagged/repo/tags/list"))
-            populate_blobs(reg, startup_n)
+            if "startup" in only:
+                populate_blobs(reg, startup_n)
             reg.stop()
-            for n in range(a.runs):
+            for n in range(a.runs if "startup" in only else 0):
                 record(reg, f"start-up with {startup_n} blobs stored (ms)", reg.start() * 1000)
                 reg.stop()
     finally:
@@ -432,6 +446,12 @@ def main():
             r.stop()
         shutil.rmtree(work, ignore_errors=True)
 
+    if a.no_distribution:
+        for k, runs in results["berth"].items():
+            print(f"{k:<52} {statistics.median(runs):>12.2f}   runs: {', '.join(f'{v:.2f}' for v in runs)}")
+        if a.out:
+            json.dump(results["berth"], open(a.out, "w"), indent=1)
+        return
     keys = [k for k in results["berth"] if k in results["distribution"]]
     print(f"\n{'measure':<48} {'berth':>12} {'distribution':>14} {'ratio':>8}")
     table = []

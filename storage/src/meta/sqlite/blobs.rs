@@ -9,7 +9,7 @@ impl BlobMeta for SqliteMeta {
     fn blob_in_repo(&self, repo: &str, digest: &str, now: i64) -> Fut<'_, Option<BlobFacts>> {
         let (name, d) = (repo.to_owned(), digest.to_owned());
         Box::pin(self.db.read(move |c| {
-            Ok(c.query_row(
+            Ok(c.prepare_cached(
                 "SELECT b.size,
                         CASE WHEN q.queued_at < ?3 THEN NOT EXISTS (SELECT 1 FROM manifest_refs m
                              WHERE m.child_digest = rb.digest AND m.kind = 'blob') ELSE 0 END
@@ -17,14 +17,13 @@ impl BlobMeta for SqliteMeta {
                  JOIN blobs b ON b.digest = rb.digest
                  LEFT JOIN blob_review q ON q.digest = rb.digest
                  WHERE r.name = ?1 AND rb.digest = ?2",
-                params![name, d, now],
-                |r| {
-                    Ok(BlobFacts {
-                        size: r.get::<_, i64>(0)? as u64,
-                        candidate: r.get(1)?,
-                    })
-                },
-            )
+            )?
+            .query_row(params![name, d, now], |r| {
+                Ok(BlobFacts {
+                    size: r.get::<_, i64>(0)? as u64,
+                    candidate: r.get(1)?,
+                })
+            })
             .optional()?)
         }))
     }

@@ -286,13 +286,12 @@ impl ManifestMeta for SqliteMeta {
     fn route_facts(&self, repo: &str, twin: &str) -> Fut<'_, (bool, bool)> {
         let (name, twin) = (repo.to_owned(), twin.to_owned());
         Box::pin(self.db.read(move |c| {
-            Ok(c.query_row(
+            Ok(c.prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM repos WHERE name = ?1),
                         EXISTS (SELECT 1 FROM manifests m JOIN repos r ON r.id = m.repo_id
                                 WHERE r.name = ?2)",
-                params![name, twin],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?)
+            )?
+            .query_row(params![name, twin], |r| Ok((r.get(0)?, r.get(1)?)))?)
         }))
     }
 
