@@ -40,7 +40,9 @@ async fn main() {
     }
     // Metadata (SQLite, written directly for speed): 10,000 manifests reference the first
     // 90,000 blobs; 10,000 are linked only.
-    let db_path = cfg.database.clone();
+    let berth_storage::backend::MetadataBackend::Sqlite(db_path) = cfg.metadata.clone() else {
+        unreachable!("a local configuration keeps its metadata in SQLite")
+    };
     tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let mut conn = rusqlite::Connection::open(db_path)?;
             let tx = conn.transaction()?;

@@ -71,13 +71,40 @@ impl BlobBackend {
     }
 }
 
+/// Where the metadata lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataBackend {
+    /// A SQLite file: one process (the server, or a command beside it on the same disk).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database: any number of replicas.
+    Postgres(crate::meta::postgres::PgConfig),
+}
+
+impl MetadataBackend {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Opens the backend (connecting, migrating the schema).
+    pub async fn open(&self) -> Result<Arc<dyn crate::meta::Metadata>> {
+        Ok(match self {
+            Self::Sqlite(path) => Arc::new(crate::meta::sqlite::SqliteMeta::open(path).await?),
+            Self::Postgres(c) => Arc::new(crate::meta::postgres::PgMeta::connect(c).await?),
+        })
+    }
+}
+
 /// Everything [`crate::Store::open`] needs.
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     /// Blob storage.
     pub blobs: BlobBackend,
-    /// Path of the SQLite metadata database.
-    pub database: PathBuf,
+    /// Metadata.
+    pub metadata: MetadataBackend,
 }
 
 /// An object store, and a URL signer when the backend can presign reads.
@@ -104,7 +131,7 @@ impl StorageConfig {
         let data = data.into();
         Self {
             blobs: BlobBackend::Filesystem(data.join("objects")),
-            database: data.join("berth.db"),
+            metadata: MetadataBackend::Sqlite(data.join("berth.db")),
         }
     }
 

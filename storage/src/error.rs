@@ -67,6 +67,17 @@ pub enum Error {
     /// The metadata database failed.
     #[error("metadata database: {0}")]
     Database(#[from] rusqlite::Error),
+    /// The PostgreSQL metadata database failed.
+    #[error("metadata database: {0}")]
+    Postgres(String),
+    /// A PostgreSQL transaction hit a deadlock or a serialisation failure: retried from the
+    /// start (never seen outside the backend unless every attempt failed).
+    #[error("metadata database (conflict, retried): {0}")]
+    PostgresRetry(String),
+    /// The metadata database cannot be reached (no connection within the pool's wait):
+    /// the request may succeed later, or on another replica.
+    #[error("metadata database unavailable: {0}")]
+    MetadataUnavailable(String),
     /// Local I/O failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

@@ -18,7 +18,8 @@ use crate::store::Store;
 fn holder_is_dead(holder: &str, me: &str) -> bool {
     let theirs: Vec<&str> = holder.split(' ').collect();
     let mine: Vec<&str> = me.split(' ').collect();
-    let ([h_host, h_pid, h_start, _], [m_host, ..]) = (theirs.as_slice(), mine.as_slice()) else {
+    let ([h_host, h_pid, h_start, _, ..], [m_host, ..]) = (theirs.as_slice(), mine.as_slice())
+    else {
         return false;
     };
     if h_host != m_host || !cfg!(target_os = "linux") {
@@ -33,7 +34,7 @@ fn secs(d: Duration) -> i64 {
 
 impl Store {
     /// Takes lease `name` for `ttl`, or says who holds it ([`Error::Busy`]).
-    pub async fn take_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
+    pub async fn take_lease(&self, name: &str, ttl: Duration) -> Result<()> {
         let t = now();
         let until = t.saturating_add(secs(ttl));
         let Some((holder, lapses)) = self
@@ -61,7 +62,7 @@ impl Store {
     }
 
     /// Extends lease `name` by `ttl`; an error when this process no longer holds it.
-    pub async fn renew_lease(&self, name: &'static str, ttl: Duration) -> Result<()> {
+    pub async fn renew_lease(&self, name: &str, ttl: Duration) -> Result<()> {
         let until = now().saturating_add(secs(ttl));
         if !self.meta.renew_lease(name, &self.instance, until).await? {
             return Err(Error::Internal(format!("lost the {name} lease")));
@@ -70,7 +71,7 @@ impl Store {
     }
 
     /// Drops lease `name` if this process holds it.
-    pub async fn release_lease(&self, name: &'static str) -> Result<()> {
+    pub async fn release_lease(&self, name: &str) -> Result<()> {
         self.meta.release_lease(name, &self.instance).await
     }
 }
@@ -80,7 +81,7 @@ impl Store {
 #[derive(Debug)]
 pub struct Held {
     store: std::sync::Arc<Store>,
-    name: &'static str,
+    name: String,
     keeper: tokio::task::JoinHandle<()>,
 }
 
@@ -89,23 +90,23 @@ impl Store {
     /// it lapses by itself within `ttl`).
     pub async fn hold_lease(
         self: &std::sync::Arc<Self>,
-        name: &'static str,
+        name: &str,
         ttl: Duration,
     ) -> Result<Held> {
         self.take_lease(name, ttl).await?;
-        let store = self.clone();
+        let (store, lease) = (self.clone(), name.to_owned());
         let keeper = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ttl / 3).await;
-                if let Err(e) = store.renew_lease(name, ttl).await {
-                    tracing::warn!(lease = name, error = %e, "renewing a lease failed");
+                if let Err(e) = store.renew_lease(&lease, ttl).await {
+                    tracing::warn!(lease, error = %e, "renewing a lease failed");
                     return;
                 }
             }
         });
         Ok(Held {
             store: self.clone(),
-            name,
+            name: name.to_owned(),
             keeper,
         })
     }
@@ -115,7 +116,7 @@ impl Held {
     /// Stops renewing and gives the lease back.
     pub async fn release(self) -> Result<()> {
         self.keeper.abort();
-        self.store.release_lease(self.name).await
+        self.store.release_lease(&self.name).await
     }
 }
 
@@ -141,6 +142,11 @@ mod tests {
         assert!(holder_is_dead(&format!("{host} {pid} 1 other"), &me));
         // No such process.
         assert!(holder_is_dead(&format!("{host} 4000001 5 other"), &me));
+        // A holder that says where peers reach it is judged the same way.
+        assert!(holder_is_dead(
+            &format!("{host} 4000001 5 other http://10.0.0.1:5000"),
+            &me
+        ));
         // Another host's holder is never judged from here.
         assert!(!holder_is_dead("elsewhere 4000001 5 other", &me));
         assert!(!holder_is_dead("garbage", &me));

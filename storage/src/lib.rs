@@ -3,7 +3,7 @@
 //! [`Store`] is the only way to change what the registry holds. It keeps blob bytes in an
 //! `object_store` (local disk, memory, S3, Azure, GCS) and everything else — repositories,
 //! tags, manifests, references, upload sessions — behind the metadata seam ([`meta`]), SQLite
-//! by default. No HTTP types appear here.
+//! by default, PostgreSQL for replicas. No HTTP types appear here.
 //!
 //! # Layout
 //! - [`names`]: the spec's grammar for repository names, tags, digests and references.
@@ -14,7 +14,8 @@
 //!   [`blobs`] (reads, mounts), [`uploads`] (sessions), [`manifests`] (pushes, tags, listings,
 //!   referrers), [`pulls`] (batched pull times), [`gc`] (online garbage collection),
 //!   [`evict`] (cache eviction), [`lease`] (one holder at a time, across processes).
-//! - [`meta`]: the metadata seam, one trait per concern, and its backends ([`meta::sqlite`]).
+//! - [`meta`]: the metadata seam, one trait per concern, and its backends ([`meta::sqlite`],
+//!   [`meta::postgres`]).
 //! - [`backend`]: storage configuration → object store.
 //!
 //! # Consistency rules

@@ -9,7 +9,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::area::UploadArea;
-use crate::backend::StorageConfig;
+use crate::backend::{MetadataBackend, StorageConfig};
 use crate::error::{Error, Result};
 use crate::meta::Metadata;
 use crate::names::Hasher;
@@ -54,6 +54,12 @@ pub struct PendingPulls {
     pub(crate) manifests: HashMap<(String, String), i64>,
 }
 
+/// Where the process holding a lease as `holder` can be reached, when it said
+/// ([`Store::set_peer_url`]).
+pub fn holder_peer(holder: &str) -> Option<&str> {
+    holder.split(' ').nth(4)
+}
+
 pub(crate) fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -70,11 +76,14 @@ impl Store {
                 ))
             })?;
         }
-        let meta = crate::meta::sqlite::SqliteMeta::open(&config.database).await?;
-        let mut store = Self::new(backend.objects, Arc::new(meta));
+        let meta = config.metadata.open().await?;
+        let mut store = Self::new(backend.objects, meta);
         store.signer = backend.signer;
         store.signer_prefix = backend.signer_prefix;
-        if let Some(root) = backend.local_root {
+        // Appending to a file in place needs every chunk of a session on this machine: only
+        // with SQLite, which is single-node. With PostgreSQL a session's chunks may reach any
+        // replica, so they are kept as parts in the object store even on a shared disk.
+        if let (Some(root), MetadataBackend::Sqlite(_)) = (backend.local_root, &config.metadata) {
             store.area = UploadArea::File(root);
         }
         Ok(store)
@@ -94,6 +103,21 @@ impl Store {
             instance: crate::instance::instance_id(),
             gc_turn: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Says where other replicas reach this process (`http://10.0.0.7:5000`): it becomes
+    /// part of this process's lease holder name, so a replica waiting on a lease this process
+    /// holds can ask it directly (see [`holder_peer`]).
+    pub fn set_peer_url(&mut self, url: &str) {
+        let url: String = url.chars().filter(|c| !c.is_whitespace()).collect();
+        if !url.is_empty() {
+            self.instance = format!("{} {url}", self.instance);
+        }
+    }
+
+    /// This process as a lease holder.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The metadata backend (for tools and tests that need it directly).

@@ -671,6 +671,85 @@ async fn pulls_are_written_in_batches(env: &Env) {
     assert_eq!(s.flush_access().await.unwrap(), 0);
 }
 
+async fn an_upload_s_chunks_may_reach_different_processes(env: &Env) {
+    let t = T::new(env);
+    let other = t.other();
+    let repo: RepoName = "spread".parse().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let d = Digest::sha256(&data);
+    let up = t.s.start_upload(&repo).await.unwrap();
+    let parts = [&data[..100_000], &data[100_000..200_000], &data[200_000..]];
+    // The first chunk here, the second in the other process, the last here again.
+    for (i, part) in parts.iter().enumerate() {
+        let s = if i == 1 { &other } else { &t.s };
+        let at = (i * 100_000) as u64;
+        s.append_upload(
+            &repo,
+            &up.id,
+            Chunk {
+                body: body(part.to_vec()),
+                start: Some(at),
+                len: Some(part.len() as u64),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // A chunk that does not start where the session ends is refused in either process.
+    let stale = other
+        .append_upload(
+            &repo,
+            &up.id,
+            Chunk {
+                body: body(b"late".to_vec()),
+                start: Some(100_000),
+                len: Some(4),
+            },
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(Error::RangeInvalid { .. })),
+        "{stale:?}"
+    );
+    other.finish_upload(&repo, &up.id, &d, None).await.unwrap();
+    let read = t.s.stat_blob(&repo, &d).await.unwrap();
+    assert_eq!(read, data.len() as u64);
+}
+
+async fn listings_are_in_byte_order(env: &Env) {
+    let t = T::new(env);
+    // Byte order, not a locale's: '-' < '.' < '/' < '_', upper case before lower.
+    for repo in ["b/z", "a_z", "a/z", "a.z", "a-z"] {
+        t.image(repo, "t", repo, None).await;
+    }
+    for tag in ["z", "_x", "Z9", "B"] {
+        t.image("a/z", tag, tag, None).await;
+    }
+    let repo: RepoName = "a/z".parse().unwrap();
+    let tags = t.s.list_tags(&repo, None, 10).await.unwrap().items;
+    assert_eq!(tags, ["B", "Z9", "_x", "t", "z"]);
+    let all = t.s.catalog(None, 10).await.unwrap().items;
+    assert_eq!(all, ["a-z", "a.z", "a/z", "a_z", "b/z"]);
+    let page = t.s.catalog(Some("a.z"), 1).await.unwrap();
+    assert_eq!(
+        (page.items.as_slice(), page.more),
+        (&["a/z".to_owned()][..], true)
+    );
+}
+
+async fn confirmations_and_the_relay_secret_are_shared(env: &Env) {
+    let t = T::new(env);
+    assert_eq!(t.s.meta.confirmed_at("k").await.unwrap(), None);
+    t.s.meta.confirm("k", 100).await.unwrap();
+    assert_eq!(t.sibling.confirmed_at("k").await.unwrap(), Some(100));
+    // A late writer with an older time does not move it back.
+    t.sibling.confirm("k", 90).await.unwrap();
+    assert_eq!(t.s.meta.confirmed_at("k").await.unwrap(), Some(100));
+    let first = t.s.meta.shared_secret("one").await.unwrap();
+    assert_eq!(first, "one");
+    assert_eq!(t.sibling.shared_secret("two").await.unwrap(), "one");
+}
+
 /// Every check of the suite, by name.
 const CHECKS: &[(&str, Check)] = &[
     (
@@ -731,6 +810,15 @@ const CHECKS: &[(&str, Check)] = &[
     }),
     ("pulls_are_written_in_batches", |e| {
         pulls_are_written_in_batches(e).boxed()
+    }),
+    ("an_upload_s_chunks_may_reach_different_processes", |e| {
+        an_upload_s_chunks_may_reach_different_processes(e).boxed()
+    }),
+    ("listings_are_in_byte_order", |e| {
+        listings_are_in_byte_order(e).boxed()
+    }),
+    ("confirmations_and_the_relay_secret_are_shared", |e| {
+        confirmations_and_the_relay_secret_are_shared(e).boxed()
     }),
 ];
 

@@ -15,14 +15,17 @@
 //! | [`ManifestMeta`] | manifests, tags, listings, referrers, pull times |
 //! | [`GcMeta`] | garbage collection's mark and sweep, its record, cache eviction |
 //! | [`LeaseMeta`] | one holder at a time for cluster-wide work |
+//! | [`ClusterMeta`] | what else the processes sharing the metadata agree on |
 //!
-//! Backends: [`sqlite`] (one file, one writer: the zero-configuration default). Every backend
-//! passes the storage suite (`suite.rs`, feature `suite`).
+//! Backends: [`sqlite`] (one file, one writer: the zero-configuration default) and
+//! [`postgres`] (one database under any number of replicas). Every backend passes the storage
+//! suite (`suite.rs`, feature `suite`).
 //!
 //! Times are unix seconds passed in by the caller (`now`, `t`), so that a backend never reads
 //! its own clock for a decision; the review queues' triggers stamp with the database's clock.
 
 pub mod policy;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::{BTreeSet, HashSet};
@@ -302,9 +305,33 @@ pub trait LeaseMeta {
     fn release_lease(&self, name: &str, me: &str) -> Fut<'_, ()>;
 }
 
+/// What else the processes sharing the metadata (the server, command-line runs, replicas)
+/// agree on.
+pub trait ClusterMeta {
+    /// When `key` (a cached tag, a subject's referrers) was last confirmed upstream, by any
+    /// process, in unix milliseconds.
+    fn confirmed_at(&self, key: &str) -> Fut<'_, Option<i64>>;
+
+    /// Records that `key` was confirmed upstream at `t` (unix milliseconds; a later time never
+    /// goes back).
+    fn confirm(&self, key: &str, t: i64) -> Fut<'_, ()>;
+
+    /// The secret replicas authenticate each other's relays with: the stored one, or
+    /// `candidate` when none was stored yet.
+    fn shared_secret(&self, candidate: &str) -> Fut<'_, String>;
+}
+
 /// A metadata backend: every concern, plus health.
 pub trait Metadata:
-    BlobMeta + UploadMeta + ManifestMeta + GcMeta + LeaseMeta + std::fmt::Debug + Send + Sync
+    BlobMeta
+    + UploadMeta
+    + ManifestMeta
+    + GcMeta
+    + LeaseMeta
+    + ClusterMeta
+    + std::fmt::Debug
+    + Send
+    + Sync
 {
     /// The backend's name, for logs.
     fn backend(&self) -> &'static str;

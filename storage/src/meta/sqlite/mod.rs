@@ -4,11 +4,12 @@
 //! makes garbage collection's mark and sweep safe against pushes).
 //!
 //! # Layout
-//! - `schema.sql`, `gc.sql`, `runs.sql`: migrations, numbered by SQLite's `user_version`.
-//! - `blobs`, `uploads`, `manifests`, `gc`, `leases`: the statements of each concern
+//! - `schema.sql`, `gc.sql`, `runs.sql`, `cluster.sql`: migrations, numbered by SQLite's `user_version`.
+//! - `blobs`, `uploads`, `manifests`, `gc`, `leases`, `cluster`: the statements of each concern
 //!   of the seam (see [`crate::meta`]), each in one place.
 
 mod blobs;
+mod cluster;
 mod gc;
 mod leases;
 mod manifests;
@@ -28,6 +29,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     include_str!("gc.sql"),
     include_str!("runs.sql"),
+    include_str!("cluster.sql"),
 ];
 /// Read connections, and so reads running at once: more only adds memory and contention on a
 /// few cores.
