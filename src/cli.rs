@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// Configuration file (TOML).
     #[arg(long, env = "BERTH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// How other replicas reach this one (`peer_url`), e.g. `http://$(POD_IP):5000`.
+    #[arg(long, env = "BERTH_PEER_URL")]
+    pub peer_url: Option<String>,
 }
 
 /// `berth gc` options.

@@ -23,6 +23,12 @@
 //! # redirect = true             # blob GETs answer 307 to a presigned URL
 //! # Credentials absent here come from each cloud's usual environment variables or metadata.
 //!
+//! [metadata]
+//! backend = "sqlite"            # "sqlite" (one process) or "postgres" (replicas)
+//! # path = "<data>/berth.db"    # sqlite
+//! # url = "postgres://berth@db:5432/berth"   # postgres; or url_file = "/run/secrets/db-url"
+//! # pool_size = 16              # postgres connections per process
+//!
 //! [registry]
 //! delete_enabled = true         # allow DELETE of manifests, tags and blobs
 //! anonymous_mount = true        # cross-repository mount without `from`
@@ -40,6 +46,8 @@
 //! level = "info"                # a tracing filter, e.g. "info,berth=debug"
 //!
 //! # public_url = "https://registry.example.com"  # how clients reach Berth (behind a proxy)
+//! # peer_url = "http://10.0.3.7:5000"  # how other replicas reach this one (BERTH_PEER_URL):
+//!                               # a cache miss then streams from the replica fetching it
 //!
 //! [tls]                         # serve HTTPS; files are re-read when they change
 //! # cert = "/etc/berth/tls/tls.crt"     # certificate chain, PEM
@@ -95,7 +103,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_storage::StorageConfig;
-use berth_storage::backend::{BlobBackend, CloudConfig};
+use berth_storage::backend::{BlobBackend, CloudConfig, MetadataBackend};
+use berth_storage::meta::postgres::PgConfig;
 use serde::Deserialize;
 
 /// Errors loading the configuration.
@@ -132,6 +141,8 @@ pub struct Config {
     pub data: PathBuf,
     /// Blob storage.
     pub storage: StorageSection,
+    /// Metadata.
+    pub metadata: MetadataSection,
     /// Registry behaviour.
     pub registry: RegistrySection,
     /// Garbage collection.
@@ -140,6 +151,9 @@ pub struct Config {
     pub log: LogSection,
     /// The URL clients use to reach Berth, when a proxy or ingress sits in front of it.
     pub public_url: Option<String>,
+    /// How other replicas reach this process directly (not through the balancer): a replica
+    /// that misses a blob another is fetching streams it from there instead of waiting.
+    pub peer_url: Option<String>,
     /// HTTPS.
     pub tls: TlsSection,
     /// Authentication and access control.
@@ -154,10 +168,12 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
             data: PathBuf::from("./berth-data"),
             storage: StorageSection::default(),
+            metadata: MetadataSection::default(),
             registry: RegistrySection::default(),
             gc: GcSection::default(),
             log: LogSection::default(),
             public_url: None,
+            peer_url: None,
             tls: TlsSection::default(),
             auth: AuthSection::default(),
             proxy: ProxySection::default(),
@@ -215,6 +231,84 @@ impl<'de> Deserialize<'de> for StorageSection {
             TaggedStorage::Azure(c) => Self::Azure(c),
             TaggedStorage::Gcs(c) => Self::Gcs(c),
         })
+    }
+}
+
+/// `[metadata]`: where repositories, tags, manifests and upload sessions are recorded.
+/// `backend` (default `sqlite`) decides which keys apply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetadataSection {
+    /// A SQLite file: one Berth process.
+    Sqlite(SqliteSection),
+    /// A PostgreSQL database: any number of Berth replicas.
+    Postgres(PostgresSection),
+}
+
+impl Default for MetadataSection {
+    fn default() -> Self {
+        Self::Sqlite(SqliteSection::default())
+    }
+}
+
+impl MetadataSection {
+    /// Whether several processes may share this metadata (and so must share everything else
+    /// that decides correctness).
+    pub fn replicated(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+enum TaggedMetadata {
+    Sqlite(SqliteSection),
+    Postgres(PostgresSection),
+}
+
+impl<'de> Deserialize<'de> for MetadataSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut v = toml::Value::deserialize(d)?;
+        if let Some(t) = v.as_table_mut() {
+            t.entry("backend")
+                .or_insert_with(|| toml::Value::String("sqlite".into()));
+        }
+        let tagged = TaggedMetadata::deserialize(v)
+            .map_err(|e| D::Error::custom(format!("metadata: {}", e.message())))?;
+        Ok(match tagged {
+            TaggedMetadata::Sqlite(s) => Self::Sqlite(s),
+            TaggedMetadata::Postgres(p) => Self::Postgres(p),
+        })
+    }
+}
+
+/// `[metadata]` with `backend = "sqlite"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqliteSection {
+    /// The database file (default `<data>/berth.db`).
+    pub path: Option<PathBuf>,
+}
+
+/// `[metadata]` with `backend = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSection {
+    /// `postgres://user:password@host:port/database` (or libpq's key=value form).
+    pub url: Option<String>,
+    /// A file holding `url` (a mounted Secret), so the password stays out of the config.
+    pub url_file: Option<PathBuf>,
+    /// Connections per process.
+    pub pool_size: usize,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            url_file: None,
+            pool_size: 16,
+        }
     }
 }
 
@@ -733,6 +827,7 @@ impl Config {
                 humantime::format_duration(st.redirect_ttl())
             ));
         }
+        self.validate_metadata(&mut problems);
         if self.registry.upload_expiry < Duration::from_secs(60) {
             problems.push("registry.upload_expiry: must be at least 1m".to_owned());
         }
@@ -751,12 +846,15 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
-        if let Some(u) = &self.public_url
-            && !(u.starts_with("http://") || u.starts_with("https://"))
-        {
-            problems.push(format!(
-                "public_url: {u:?} must start with http:// or https://"
-            ));
+        for (key, url) in [
+            ("public_url", &self.public_url),
+            ("peer_url", &self.peer_url),
+        ] {
+            if let Some(u) = url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                problems.push(format!("{key}: {u:?} must start with http:// or https://"));
+            }
         }
         let tls = &self.tls;
         if tls.cert.is_some() != tls.key.is_some() {
@@ -771,6 +869,36 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate_metadata(&self, problems: &mut Vec<String>) {
+        let MetadataSection::Postgres(p) = &self.metadata else {
+            return;
+        };
+        if p.url.is_some() == p.url_file.is_some() {
+            problems.push("metadata: give url or url_file (one of them) for postgres".to_owned());
+        }
+        if p.pool_size == 0 {
+            problems.push("metadata.pool_size: must be at least 1".to_owned());
+        }
+        // Replicas share the metadata; whatever else decides correctness must be shared too.
+        if matches!(self.storage, StorageSection::Memory) {
+            problems.push(
+                "storage.backend: \"memory\" holds blobs in one process, which other replicas \
+                 of a postgres registry cannot see; use an object store"
+                    .to_owned(),
+            );
+        }
+        if self.auth.mode == AuthMode::Token
+            && self.auth.htpasswd.is_some()
+            && self.auth.token.key.is_none()
+        {
+            problems.push(
+                "auth.token.key: replicas must all sign tokens with one key; with postgres \
+                 metadata give a key file (a mounted Secret) instead of a generated one"
+                    .to_owned(),
+            );
         }
     }
 
@@ -908,6 +1036,25 @@ impl Config {
     /// What the storage layer needs (reads `secret_access_key_file`).
     pub fn storage_config(&self) -> Result<StorageConfig, ConfigError> {
         let mut s = StorageConfig::local(&self.data);
+        s.metadata = match &self.metadata {
+            MetadataSection::Sqlite(SqliteSection { path: Some(p) }) => {
+                MetadataBackend::Sqlite(p.clone())
+            }
+            MetadataSection::Sqlite(_) => s.metadata,
+            MetadataSection::Postgres(p) => MetadataBackend::Postgres(PgConfig {
+                url: match (&p.url, &p.url_file) {
+                    (_, Some(f)) => std::fs::read_to_string(f)
+                        .map(|t| t.trim().to_owned())
+                        .map_err(|source| ConfigError::Read {
+                            path: f.clone(),
+                            source,
+                        })?,
+                    (Some(u), None) => u.clone(),
+                    (None, None) => String::new(),
+                },
+                pool_size: p.pool_size,
+            }),
+        };
         let secret = |inline: &Option<String>, file: &Option<PathBuf>| match file {
             Some(f) => std::fs::read_to_string(f)
                 .map(|t| Some(t.trim().to_owned()))
@@ -1075,5 +1222,7 @@ mod tests {
             .to_string();
         assert!(e.contains("give key or jwks"), "{e}");
         assert!(Config::parse("public_url = \"registry.example\"\n").is_err());
+        assert!(Config::parse("peer_url = \"10.0.0.1:5000\"\n").is_err());
+        assert!(Config::parse("peer_url = \"http://10.0.0.1:5000\"\n").is_ok());
     }
 }

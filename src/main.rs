@@ -172,6 +172,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data {
         config.data = d;
     }
+    if let Some(p) = args.peer_url {
+        config.peer_url = Some(p);
+    }
+    config.validate()?;
     berth::telemetry::init(&config.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

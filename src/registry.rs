@@ -225,6 +225,18 @@ impl Registry {
         }
     }
 
+    /// The bytes of this replica's upstream fetch of `digest`, for the replica that asked
+    /// (see [`crate::proxy`]'s cluster module); `None` when no fetch of it runs here or the
+    /// proof is wrong.
+    pub async fn relay(&self, digest: &Digest, proof: &str) -> Result<Option<Blob>> {
+        let Some(p) = &self.proxy else {
+            return Ok(None);
+        };
+        Ok(p.relay(digest, proof)
+            .await?
+            .map(|(size, body)| Blob::Streaming { size, body }))
+    }
+
     /// Reads a stored blob of `size` bytes (whole, or the inclusive `range`).
     pub async fn read_blob(
         &self,

@@ -42,7 +42,18 @@ impl AppState {
     pub async fn open(config: Config) -> Result<Self, StartError> {
         let auth = AuthService::from_config(&config)?.map(Arc::new);
         let storage = config.storage_config()?;
-        let store = Arc::new(Store::open(&storage).await?);
+        let mut store = Store::open(&storage).await?;
+        match &config.peer_url {
+            Some(url) => store.set_peer_url(url),
+            None if config.metadata.replicated() && !config.proxy.upstream.is_empty() => {
+                tracing::warn!(
+                    "peer_url is not set: a replica missing a blob another replica is \
+                     fetching waits for that fetch to finish instead of streaming it"
+                );
+            }
+            None => {}
+        }
+        let store = Arc::new(store);
         let proxy = Proxy::from_config(&config, store.clone(), Spool::Server)
             .map_err(StartError::Proxy)?
             .map(Arc::new);

@@ -35,6 +35,30 @@ pub(super) async fn get(state: AppState, op: Operation, req: Request) -> ApiResu
     }
 }
 
+/// `GET /_berth/relay/<digest>`: another replica streams this one's upstream fetch of the blob
+/// instead of fetching it again (see [`crate::proxy`]). Answered only to a request proving it
+/// comes from a replica; 404 when no fetch of it runs here.
+pub(super) async fn relay(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::Path(d): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let digest = digest(&d)?;
+    let proof = headers
+        .get(crate::proxy::RELAY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match state.registry.relay(&digest, proof).await? {
+        Some(Blob::Streaming { size, body }) => {
+            Ok(from_upstream(&digest, size, Body::from_stream(body)))
+        }
+        _ => Err(
+            ApiError::new(Code::BlobUnknown, "no fetch of this blob runs here")
+                .with_status(StatusCode::NOT_FOUND),
+        ),
+    }
+}
+
 /// The answer for a stored blob of `size` bytes.
 async fn serve(
     state: &AppState,

@@ -213,6 +213,15 @@ impl From<StoreError> for ApiError {
                 Self::new(Code::ManifestInvalid, msg).with_status(StatusCode::PAYLOAD_TOO_LARGE)
             }
             StoreError::Body(_) => Self::new(Code::BlobUploadInvalid, msg),
+            StoreError::MetadataUnavailable(_) => {
+                let mut e = Self::new(
+                    Code::Unavailable,
+                    "the metadata database is unreachable; retry",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                e.internal = Some(msg);
+                e
+            }
             other => Self::internal(other),
         }
     }
@@ -374,6 +383,11 @@ mod tests {
             ),
             (StoreError::NameUnknown("r".into()), "NAME_UNKNOWN", 404),
             (StoreError::Internal("x".into()), "UNKNOWN", 500),
+            (
+                StoreError::MetadataUnavailable("x".into()),
+                "UNAVAILABLE",
+                503,
+            ),
         ];
         for (e, code, status) in cases {
             let a = ApiError::from(e);

@@ -43,6 +43,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::render))
         .route("/auth/token", get(token::get).post(token::post))
+        .route(
+            &format!("{}{{digest}}", crate::proxy::RELAY_PATH),
+            get(blobs::relay),
+        )
         .fallback(dispatch)
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(add_api_version))

@@ -1,5 +1,7 @@
 //! Blob misses: one upstream fetch per digest, spooled to a file that every waiting client
-//! reads as it grows, while the store takes the same bytes in and verifies them.
+//! reads as it grows, while the store takes the same bytes in and verifies them. Across
+//! processes, the fetch takes the digest's lease first; when another replica holds it, this
+//! process's spool is filled from that replica's stream instead (see [`super::cluster`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use reqwest::Method;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::{mpsc, watch};
 
+use super::cluster::{self, Attempt, Relay};
 use super::{CacheError, Target, UpstreamError};
 
 /// Bytes read from the spool per chunk sent to a client.
@@ -47,6 +50,7 @@ impl Inflight {
     pub(super) async fn get(
         &self,
         store: &Arc<Store>,
+        relay: &Arc<Relay>,
         spool_dir: &Path,
         t: &Target,
         digest: &Digest,
@@ -76,6 +80,7 @@ impl Inflight {
                     tokio::spawn(run(
                         self.remover(&key),
                         store.clone(),
+                        relay.clone(),
                         t.clone(),
                         digest.clone(),
                         f.clone(),
@@ -88,20 +93,22 @@ impl Inflight {
         let kind = if leader { "miss" } else { "coalesced" };
         metrics::counter!(format!("berth_proxy_blob_{kind}_total"), "upstream" => t.upstream.name.clone())
             .increment(1);
-        let mut rx = fetch.progress.subscribe();
-        let p = rx
-            .wait_for(|p| p.started || p.done.is_some())
-            .await
-            .map_err(|_| CacheError::Storage("fetch vanished".into()))?
-            .clone();
-        if !p.started {
-            return match p.done {
-                Some(Err(e)) => Err(e),
-                // Finished without bytes: it was in the store already.
-                _ => Ok(None),
-            };
-        }
-        Ok(Some((p.size, follow(tokio::fs::File::from_std(file), rx))))
+        follow_fetch(&fetch, file).await
+    }
+
+    /// Joins the fetch of `digest` if this process runs one (a relay to another replica):
+    /// its size when known and the bytes as they come; never starts one.
+    pub(super) fn join(&self, digest: &Digest) -> Option<(Option<u64>, ByteStream)> {
+        let (fetch, file) = {
+            let m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+            let f = m.get(&digest.to_string())?.clone();
+            let file = std::fs::File::open(&f.spool).ok()?;
+            (f, file)
+        };
+        // The relay answers at once; its body waits for the first bytes like any follower's.
+        let p = fetch.progress.borrow().clone();
+        let rx = fetch.progress.subscribe();
+        Some((p.size, follow(tokio::fs::File::from_std(file), rx)))
     }
 
     fn remover(&self, key: &str) -> impl FnOnce() + Send + 'static {
@@ -112,6 +119,28 @@ impl Inflight {
             }
         }
     }
+}
+
+/// Waits until `fetch` starts sending (or ends), then follows it.
+async fn follow_fetch(
+    fetch: &Fetch,
+    file: std::fs::File,
+) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
+    let mut rx = fetch.progress.subscribe();
+    let p = rx
+        .wait_for(|p| p.started || p.done.is_some())
+        .await
+        .map_err(|_| CacheError::Storage("fetch vanished".into()))?
+        .clone();
+    if !p.started {
+        return match p.done {
+            Some(Err(e)) => Err(e),
+            // Finished without bytes: it is in the store (fetched here earlier, or by
+            // another replica meanwhile).
+            _ => Ok(None),
+        };
+    }
+    Ok(Some((p.size, follow(tokio::fs::File::from_std(file), rx))))
 }
 
 /// Streams the spool file to one client as it grows, ending when the fetch ends.
@@ -150,12 +179,13 @@ fn follow(file: tokio::fs::File, rx: watch::Receiver<Progress>) -> ByteStream {
 async fn run(
     remove: impl FnOnce(),
     store: Arc<Store>,
+    relay: Arc<Relay>,
     t: Target,
     digest: Digest,
     fetch: Arc<Fetch>,
     spool: tokio::fs::File,
 ) {
-    let result = fill(&store, &t, &digest, &fetch, spool).await;
+    let result = cluster_fill(&store, &relay, &t, &digest, &fetch, spool).await;
     match &result {
         Ok(()) => {
             tracing::info!(upstream = %t.upstream.name, repo = %t.local, digest = %digest, "blob cached")
@@ -171,6 +201,86 @@ async fn run(
     let _ = tokio::fs::remove_file(&fetch.spool).await;
 }
 
+/// The fetch across processes: with the digest's lease, from the upstream; while another
+/// replica holds it, relayed from that replica (or, when it cannot be reached, waited for
+/// until the blob is stored or the lease comes free).
+async fn cluster_fill(
+    store: &Arc<Store>,
+    relay: &Relay,
+    t: &Target,
+    digest: &Digest,
+    fetch: &Fetch,
+    mut spool: tokio::fs::File,
+) -> Result<(), CacheError> {
+    let lease = format!("blob:{digest}");
+    let deadline = std::time::Instant::now() + cluster::MAX_WAIT;
+    let mut pause = std::time::Duration::from_millis(50);
+    let mut relayed = false;
+    loop {
+        // It may have arrived between the caller's look and now (here or elsewhere).
+        if store.link_cached_blob(&t.local, digest).await? {
+            return Ok(());
+        }
+        match cluster::attempt(store, &lease).await? {
+            Attempt::Mine(held) => {
+                let r = if store.link_cached_blob(&t.local, digest).await? {
+                    Ok(())
+                } else {
+                    fill(store, t, digest, fetch, spool).await
+                };
+                cluster::release(held).await;
+                return r;
+            }
+            Attempt::Theirs(holder) => {
+                if !relayed && let Some(peer) = berth_storage::store::holder_peer(&holder) {
+                    relayed = true;
+                    if let Some((size, body)) = relay.open(peer, digest).await? {
+                        tracing::info!(%peer, digest = %digest, "relaying another replica's fetch");
+                        fetch.progress.send_modify(|p| {
+                            p.started = true;
+                            p.size = size;
+                        });
+                        return spool_only(body, fetch, &mut spool).await;
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(UpstreamError::Unavailable(format!(
+                        "{holder} has been fetching {digest} for over {}s",
+                        cluster::MAX_WAIT.as_secs()
+                    ))
+                    .into());
+                }
+                tokio::time::sleep(pause).await;
+                pause = cluster::backoff(pause);
+            }
+        }
+    }
+}
+
+/// Copies a relayed stream into the spool for this process's clients; the replica it comes
+/// from stores and verifies it.
+async fn spool_only(
+    mut body: ByteStream,
+    fetch: &Fetch,
+    spool: &mut tokio::fs::File,
+) -> Result<(), CacheError> {
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| UpstreamError::Unavailable(format!("relayed blob body: {e}")))?;
+        spool
+            .write_all(&chunk)
+            .await
+            .map_err(|e| CacheError::Storage(format!("spool: {e}")))?;
+        spool
+            .flush()
+            .await
+            .map_err(|e| CacheError::Storage(format!("spool: {e}")))?;
+        let n = chunk.len() as u64;
+        fetch.progress.send_modify(|p| p.written += n);
+    }
+    Ok(())
+}
+
 async fn fill(
     store: &Arc<Store>,
     t: &Target,
@@ -178,10 +288,6 @@ async fn fill(
     fetch: &Fetch,
     mut spool: tokio::fs::File,
 ) -> Result<(), CacheError> {
-    // It may have arrived between the caller's look and this fetch.
-    if store.link_cached_blob(&t.local, digest).await? {
-        return Ok(());
-    }
     let resp = t
         .upstream
         .send(Method::GET, &t.remote, &format!("blobs/{digest}"), None)

@@ -23,6 +23,7 @@
 //!   and breaks every client's stream.
 
 mod blobs;
+mod cluster;
 pub mod health;
 pub mod prefetch;
 pub mod upstream;
@@ -31,7 +32,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use berth_storage::{Digest, Page, Reference, RepoName, Store, StoredManifest, Tag};
 use bytes::Bytes;
@@ -39,6 +39,7 @@ use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Shared};
 use reqwest::Method;
 
+pub use cluster::{RELAY_HEADER, RELAY_PATH};
 pub use health::Availability;
 pub use upstream::{Upstream, UpstreamError};
 
@@ -114,12 +115,15 @@ struct Inner {
     evict: berth_storage::EvictPolicy,
     store: Arc<Store>,
     spool: PathBuf,
-    /// When each cached tag (and each subject's referrers) was last confirmed upstream.
-    confirmed: Mutex<HashMap<String, Instant>>,
+    /// When each cached tag (and each subject's referrers) was last confirmed upstream, in
+    /// unix milliseconds, as far as this process knows; the metadata has the cluster's word.
+    confirmed: Mutex<HashMap<String, i64>>,
     /// Manifest and referrer fetches in flight, one per key.
     flights: Mutex<HashMap<String, Flight>>,
     /// Blob fetches in flight, one per digest.
     blobs: blobs::Inflight,
+    /// Streams from the replica fetching a blob.
+    relay: Arc<cluster::Relay>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -178,11 +182,12 @@ impl Proxy {
             inner: Arc::new(Inner {
                 evict,
                 upstreams,
-                store,
                 spool,
                 confirmed: Mutex::new(HashMap::new()),
                 flights: Mutex::new(HashMap::new()),
                 blobs: blobs::Inflight::default(),
+                relay: Arc::new(cluster::Relay::new(store.clone())?),
+                store,
             }),
         }))
     }
@@ -251,9 +256,10 @@ impl Proxy {
     /// A manifest by tag or digest, from the cache or the upstream.
     ///
     /// By digest, a cached manifest never touches the upstream. By tag, a cached answer is
-    /// trusted for `tag_ttl`, then revalidated; while the upstream is down it is served at
-    /// once (up to `max_stale` past its TTL), and when a probe is due the revalidation runs in
-    /// the background while the client gets the cached answer.
+    /// trusted for `tag_ttl` after any process confirmed it, then revalidated (by one process
+    /// at a time, see [`cluster`]); while the upstream is down it is served at once (up to
+    /// `max_stale` past its TTL), and when a probe is due the revalidation runs in the
+    /// background while the client gets the cached answer.
     pub async fn manifest(
         &self,
         t: &Target,
@@ -271,24 +277,39 @@ impl Proxy {
                 Self::miss(t, "manifest");
                 let (s2, t2, d2) = (store.clone(), t.clone(), d.clone());
                 self.inner
-                    .once(
-                        key,
-                        async move { fetch_manifest(&s2, &t2, &d2, None).await },
-                    )
+                    .once(key.clone(), async move {
+                        let have = || async {
+                            let r = Reference::Digest(d2.clone());
+                            Ok(s2.get_manifest(&t2.local, &r).await.is_ok())
+                        };
+                        match cluster::turn(&s2, &format!("manifest:{key}"), have).await? {
+                            cluster::Turn::Done => Ok(()),
+                            cluster::Turn::Mine(held) => {
+                                let r = fetch_manifest(&s2, &t2, &d2, None).await;
+                                cluster::release(held).await;
+                                r
+                            }
+                        }
+                    })
                     .await?;
                 return Ok(store.get_manifest(&t.local, reference).await?);
             }
             Reference::Tag(tag) => tag,
         };
-        let confirmed = self.inner.confirmed_at(&key);
-        // Never confirmed in this process (a restart): served, as the cache is all there is.
+        let ttl = millis(t.upstream.tag_ttl);
+        let mut confirmed = self.inner.confirmed_at(&key);
+        if cached.is_some() && !fresh(confirmed, ttl) {
+            // Another process may have confirmed it since.
+            confirmed = self.inner.cluster_confirmed_at(&key).await.max(confirmed);
+        }
+        // Never confirmed anywhere: served, as the cache is all there is.
         let within_max_stale = confirmed.is_none_or(|at| {
             t.upstream
                 .max_stale
-                .is_none_or(|max| at.elapsed() < t.upstream.tag_ttl + max)
+                .is_none_or(|max| now_ms() - at < ttl.saturating_add(millis(max)))
         });
         if let Some(m) = &cached {
-            if confirmed.is_some_and(|at| at.elapsed() < t.upstream.tag_ttl) {
+            if fresh(confirmed, ttl) {
                 Self::hit(t, "manifest");
                 return Ok(m.clone());
             }
@@ -311,14 +332,24 @@ impl Proxy {
         }
     }
 
-    /// The coalesced revalidation of a tag; it records the confirmation itself, so that it
-    /// counts even when nobody waits for it.
+    /// The coalesced revalidation of a tag, once per TTL across processes; it records the
+    /// confirmation itself, so that it counts even when nobody waits for it.
     fn revalidation(&self, t: &Target, tag: &Tag, key: String, have: Option<Digest>) -> Flight {
         let (inner, t2, tag2, k) = (self.inner.clone(), t.clone(), tag.clone(), key.clone());
         self.inner.once(key, async move {
-            revalidate(&inner.store, &t2, &tag2, have.as_ref()).await?;
-            inner.confirm(k);
-            Ok(())
+            let ttl = millis(t2.upstream.tag_ttl);
+            let done = || async { Ok(fresh(inner.cluster_confirmed_at(&k).await, ttl)) };
+            match cluster::turn(&inner.store, &format!("tag:{k}"), done).await? {
+                cluster::Turn::Done => Ok(()),
+                cluster::Turn::Mine(held) => {
+                    let r = revalidate(&inner.store, &t2, &tag2, have.as_ref()).await;
+                    if r.is_ok() {
+                        inner.confirm(&k).await;
+                    }
+                    cluster::release(held).await;
+                    r
+                }
+            }
         })
     }
 
@@ -358,7 +389,7 @@ impl Proxy {
         match self
             .inner
             .blobs
-            .get(store, &self.inner.spool, t, digest)
+            .get(store, &self.inner.relay, &self.inner.spool, t, digest)
             .await?
         {
             Some((size, body)) => Ok(BlobAnswer::Stream { size, body }),
@@ -400,14 +431,12 @@ impl Proxy {
     }
 
     /// Brings the upstream's referrers of `subject` into the cache (signatures, SBOMs,
-    /// attestations), at most once per `tag_ttl`; best effort: what is cached answers when
-    /// the upstream cannot.
+    /// attestations), at most once per `tag_ttl` across processes; best effort: what is cached
+    /// answers when the upstream cannot.
     pub async fn cache_referrers(&self, t: &Target, subject: &Digest) {
         let key = format!("{}@referrers:{subject}", t.local);
-        if self
-            .inner
-            .confirmed_at(&key)
-            .is_some_and(|at| at.elapsed() < t.upstream.tag_ttl)
+        let ttl = millis(t.upstream.tag_ttl);
+        if fresh(self.inner.confirmed_at(&key), ttl)
             || t.upstream.availability() == Availability::Down
         {
             return;
@@ -416,25 +445,89 @@ impl Proxy {
         let r = self
             .inner
             .once(key, async move {
-                fetch_referrers(&inner.store, &t2, &s2).await?;
-                inner.confirm(k);
-                Ok(())
+                let done = || async { Ok(fresh(inner.cluster_confirmed_at(&k).await, ttl)) };
+                match cluster::turn(&inner.store, &format!("referrers:{k}"), done).await? {
+                    cluster::Turn::Done => Ok(()),
+                    cluster::Turn::Mine(held) => {
+                        let r = fetch_referrers(&inner.store, &t2, &s2).await;
+                        if r.is_ok() {
+                            inner.confirm(&k).await;
+                        }
+                        cluster::release(held).await;
+                        r
+                    }
+                }
             })
             .await;
         if let Err(e) = r {
             tracing::debug!(repo = %t.local, subject = %subject, error = %e, "upstream referrers not cached");
         }
     }
+
+    /// A blob another replica asked for (see [`cluster`]): its size when known and the bytes
+    /// of this process's fetch of it, as they come; `None` when no fetch of it runs here (it
+    /// ended: the asker finds it in the store), or when `proof` does not show the request comes
+    /// from a replica.
+    pub async fn relay(
+        &self,
+        digest: &Digest,
+        proof: &str,
+    ) -> Result<Option<(Option<u64>, berth_storage::ByteStream)>, CacheError> {
+        if !self.inner.relay.verify(digest, proof).await? {
+            tracing::warn!(digest = %digest, "a relay request without a valid proof");
+            return Ok(None);
+        }
+        Ok(self.inner.blobs.join(digest))
+    }
+}
+
+/// Now, in unix milliseconds.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Whether a confirmation at `at` (unix ms) is younger than `ttl` ms.
+fn fresh(at: Option<i64>, ttl: i64) -> bool {
+    at.is_some_and(|at| now_ms().saturating_sub(at) < ttl)
 }
 
 impl Inner {
-    fn confirmed_at(&self, key: &str) -> Option<Instant> {
+    /// When this process last saw `key` confirmed.
+    fn confirmed_at(&self, key: &str) -> Option<i64> {
         self.confirmed.lock().ok().and_then(|c| c.get(key).copied())
     }
 
-    fn confirm(&self, key: String) {
+    /// When any process last confirmed `key` (remembered here too); a metadata failure counts
+    /// as never, so the upstream is asked.
+    async fn cluster_confirmed_at(&self, key: &str) -> Option<i64> {
+        let at = match self.store.meta().confirmed_at(key).await {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "reading a cache confirmation failed");
+                None
+            }
+        };
+        if let (Some(at), Ok(mut c)) = (at, self.confirmed.lock()) {
+            let e = c.entry(key.to_owned()).or_insert(at);
+            *e = (*e).max(at);
+        }
+        at
+    }
+
+    /// Records that `key` was confirmed upstream now, here and for every process.
+    async fn confirm(&self, key: &str) {
+        let at = now_ms();
         if let Ok(mut c) = self.confirmed.lock() {
-            c.insert(key, Instant::now());
+            c.insert(key.to_owned(), at);
+        }
+        if let Err(e) = self.store.meta().confirm(key, at).await {
+            tracing::warn!(key, error = %e, "recording a cache confirmation failed");
         }
     }
 
