@@ -17,20 +17,20 @@ const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-fn endpoint(var: &str) -> String {
+pub(crate) fn endpoint(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: ./scripts/test starts the S3 and Azure test servers and sets it")
     })
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Cloud {
+pub(crate) enum Cloud {
     S3,
     Azure,
 }
 
 /// Points `c` at the test server for `cloud`, under a fresh prefix.
-fn configure(cloud: Cloud, prefix: &str, redirect: bool) -> impl FnOnce(&mut Config) {
+pub(crate) fn configure(cloud: Cloud, prefix: &str, redirect: bool) -> impl FnOnce(&mut Config) {
     let prefix = prefix.to_owned();
     move |c: &mut Config| {
         c.storage = match cloud {
@@ -59,7 +59,7 @@ fn configure(cloud: Cloud, prefix: &str, redirect: bool) -> impl FnOnce(&mut Con
     }
 }
 
-fn unique(what: &str) -> String {
+pub(crate) fn unique(what: &str) -> String {
     format!(
         "{what}-{}",
         &digest(format!("{:?}", std::time::SystemTime::now()).as_bytes())[7..19]

@@ -12,6 +12,7 @@ mod gc;
 mod mirror;
 mod pki;
 mod proxy;
+mod replicas;
 mod structure;
 mod support;
 mod tls;

@@ -37,7 +37,7 @@ pub(crate) async fn cache(
 }
 
 /// Requests Distribution logged as `"METHOD <path-prefix>...`.
-fn logged(dir: &std::path::Path, method: &str, path_prefix: &str) -> usize {
+pub(crate) fn logged(dir: &std::path::Path, method: &str, path_prefix: &str) -> usize {
     let log = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
     log.lines()
         .filter(|l| l.contains(&format!("\"{method} {path_prefix}")))

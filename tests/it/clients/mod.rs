@@ -4,14 +4,16 @@
 //!
 //! One test per client and scenario, so that one failing client hides none of the others:
 //! [`plain`] (a registry on loopback), [`tls_auth`] (HTTPS with token auth), [`cache`] (pulls
-//! through Berth as a mirror), [`mirror_push`] (pushes beside a default upstream). The tests of
-//! a scenario share its servers ([`Shared`]) when they run at the same time. Each prints
+//! through Berth as a mirror), [`mirror_push`] (pushes beside a default upstream),
+//! [`replicated`] (three replicas behind haproxy). The tests of a scenario share its servers
+//! ([`Shared`]) when they run at the same time. Each prints
 //! `PASS`/`FAIL` per client operation and a closing `N passed, N failed` (`./scripts/test`
 //! runs them with `--nocapture`).
 
 mod cache;
 mod mirror_push;
 mod plain;
+mod replicated;
 mod tls_auth;
 
 use std::path::{Path, PathBuf};

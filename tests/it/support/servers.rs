@@ -152,8 +152,18 @@ pub(crate) fn spawn_berth(data: &Path) -> Proc {
 
 /// Like [`spawn_berth`], with a configuration file's text.
 pub(crate) fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    spawn_berth_at(addr, data, config, &[])
+}
+
+/// Runs the `berth` binary on `addr`, with a configuration file's text and further `serve`
+/// arguments.
+pub(crate) fn spawn_berth_at(
+    addr: SocketAddr,
+    data: &Path,
+    config: Option<&str>,
+    args: &[String],
+) -> Proc {
     let log = data.with_extension("log");
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -168,6 +178,7 @@ pub(crate) fn spawn_berth_with(data: &Path, config: Option<&str>) -> Proc {
         std::fs::write(&file, text).expect("write config");
         cmd.arg("--config").arg(file);
     }
+    cmd.args(args);
     let child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

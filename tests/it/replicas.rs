@@ -1,0 +1,478 @@
+//! PostgreSQL metadata and replicas: the storage suite and the conformance runner on
+//! PostgreSQL exactly as on SQLite, then several Berth processes over one database and one
+//! object store behind a load balancer. PostgreSQL and the S3 server are started by
+//! `./scripts/test` (see `support::postgres`); the balancer by the tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_storage::meta::postgres::{PgConfig, PgMeta};
+use berth_storage::suite::{Env, run};
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+
+use crate::backends::{Cloud, configure, unique};
+use reqwest::StatusCode;
+
+use crate::proxy::logged;
+use crate::support::cluster::Cluster;
+use crate::support::postgres::{fresh_database, use_postgres};
+use crate::support::{Auth, DOCKER, Image, TestServer, client, digest, noise, spawn_distribution};
+
+fn open_suite_env() -> BoxFuture<'static, Env> {
+    async {
+        let url = fresh_database("suite").await;
+        let config = PgConfig { url, pool_size: 8 };
+        let meta = Arc::new(PgMeta::connect(&config).await.expect("connect"));
+        let sibling = Arc::new(PgMeta::connect(&config).await.expect("connect"));
+        Env {
+            objects: Arc::new(object_store::memory::InMemory::new()),
+            meta,
+            sibling,
+            guard: Box::new(()),
+        }
+    }
+    .boxed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_storage_suite_passes_on_postgres() {
+    run("postgres", &open_suite_env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_passes_on_s3_and_postgres() {
+    let url = fresh_database("conformance").await;
+    let s = TestServer::start_with(|c| {
+        configure(Cloud::S3, &unique("pg-conformance"), false)(c);
+        use_postgres(c, &url);
+    })
+    .await;
+    let report = berth_conformance::run(
+        berth_conformance::Config::new(&s.root(), "conformance/postgres"),
+        false,
+    )
+    .await
+    .expect("run");
+    let failures: Vec<_> = report
+        .failures()
+        .iter()
+        .map(|o| format!("{}: {:?}", o.name, o.result))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        report.summary(),
+        failures.join("\n")
+    );
+}
+
+/// Connects to the cluster's database, for what the tests count there.
+async fn db(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// The upload URL in a `Location` header, made absolute against `root`.
+fn location(root: &str, r: &reqwest::Response) -> String {
+    let loc = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if loc.starts_with("http") {
+        loc.to_owned()
+    } else {
+        format!("{root}{loc}")
+    }
+}
+
+/// Re-points an upload URL at another replica.
+fn at(root: &str, url: &str) -> String {
+    let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+    format!("{root}/{path}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_s_chunks_sent_to_different_replicas_complete() {
+    let cluster = Cluster::start("chunks", 3, "");
+    let c = client();
+    let data = noise(3 * (1 << 20) + 4321, 11);
+    let d = digest(&data);
+    let r = c
+        .post(format!(
+            "{}/v2/spread/app/blobs/uploads/",
+            cluster.replica(0)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let mut url = location(&cluster.replica(0), &r);
+    let chunks: Vec<&[u8]> = data.chunks(1 << 20).collect();
+    let mut offset = 0usize;
+    for (i, chunk) in chunks[..chunks.len() - 1].iter().enumerate() {
+        let target = at(&cluster.replica((i + 1) % 3), &url);
+        let r = c
+            .patch(&target)
+            .header("content-type", "application/octet-stream")
+            .header(
+                "content-range",
+                format!("{offset}-{}", offset + chunk.len() - 1),
+            )
+            .body(chunk.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::ACCEPTED,
+            "chunk {i} on replica {}",
+            (i + 1) % 3
+        );
+        offset += chunk.len();
+        url = location(&cluster.replica((i + 1) % 3), &r);
+    }
+    // The last chunk with the PUT, on the replica that began the upload.
+    let last = at(&cluster.replica(0), &url);
+    let sep = if last.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{last}{sep}digest={d}"))
+        .body(chunks[chunks.len() - 1].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    for i in 0..3 {
+        let got = c
+            .get(format!("{}/v2/spread/app/blobs/{d}", cluster.replica(i)))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(digest(&got), d, "replica {i} serves the blob");
+    }
+
+    // Through the balancer, request by request: images pushed in chunks and pulled back, and
+    // every replica took part.
+    let root = cluster.root();
+    for i in 0..6u64 {
+        let image = Image::new(40 + i, &[300_000, 20_000]);
+        image
+            .push(&root, &format!("spread/img{i}"), "1", Auth::None)
+            .await;
+        image
+            .pull(&root, &format!("spread/img{i}"), "1", "")
+            .await
+            .unwrap();
+    }
+    let per = cluster.requests_per_replica().await;
+    assert!(per.iter().all(|n| *n > 5), "requests per replica: {per:?}");
+}
+
+/// Pushes `image` as `repo:tag` through `root`, retrying a failed push from the start as
+/// clients do (up to 8 times, a second apart); how many tries it took.
+async fn push_with_retries(
+    image: &Image,
+    root: &str,
+    repo: &str,
+    tag: &str,
+) -> Result<u32, String> {
+    let mut last = String::new();
+    for attempt in 1..=8 {
+        match image.try_push(root, repo, tag, DOCKER).await {
+            Ok(_) => return Ok(attempt),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(format!("{repo}:{tag}: {last}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_replica_during_twenty_pushes_loses_no_acknowledged_image() {
+    let mut cluster = Cluster::start("kill9", 3, "");
+    let root = cluster.root();
+    let acknowledged = Arc::new(Mutex::new(Vec::<(String, Image)>::new()));
+    let retried = Arc::new(AtomicU64::new(0));
+    let pushers: Vec<_> = (0..20u64)
+        .map(|p| {
+            let (root, acknowledged, retried) =
+                (root.clone(), acknowledged.clone(), retried.clone());
+            tokio::spawn(async move {
+                for k in 0..4u64 {
+                    let image = Image::new(1000 + p * 10 + k, &[1 << 20, 400_000, 3_000]);
+                    let repo = format!("kill/p{p}");
+                    let tag = format!("t{k}");
+                    let tries = push_with_retries(&image, &root, &repo, &tag).await?;
+                    if tries > 1 {
+                        retried.fetch_add(1, Ordering::Relaxed);
+                    }
+                    acknowledged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((format!("{repo}:{tag}"), image));
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.kill(1);
+    let mut failures = Vec::new();
+    for p in pushers {
+        if let Err(e) = p.await.unwrap() {
+            failures.push(e);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "pushes that never succeeded: {failures:?}"
+    );
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    assert_eq!(acknowledged.len(), 80);
+    eprintln!(
+        "{} pushes acknowledged, {} needed a retry after the kill",
+        acknowledged.len(),
+        retried.load(Ordering::Relaxed)
+    );
+    for (name, image) in &acknowledged {
+        let (repo, tag) = name.split_once(':').unwrap();
+        image
+            .pull(&root, repo, tag, "")
+            .await
+            .unwrap_or_else(|e| panic!("{name} was acknowledged but does not pull: {e}"));
+    }
+}
+
+/// How long writers push in the replicas' GC soak: `BERTH_REPLICA_SOAK_SECS`, 20 s by default
+/// (CI); 120 s or more before a release.
+fn soak_time() -> Duration {
+    let secs = std::env::var("BERTH_REPLICA_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_on_every_replica_and_from_outside_while_three_writers_push_loses_nothing() {
+    let cluster = Cluster::start("gcsoak", 3, "[gc]\ninterval = \"1s\"\ngrace = \"1m\"\n");
+    let root = cluster.root();
+    let c = client();
+
+    // Garbage, two hours old: images pushed and deleted, blobs nothing references.
+    let deleted: Vec<Image> = (0..4u64)
+        .map(|i| Image::new(2000 + i, &[200_000, 5_000]))
+        .collect();
+    for (i, image) in deleted.iter().enumerate() {
+        image
+            .push(&root, "gone/app", &format!("t{i}"), Auth::None)
+            .await;
+        let r = c
+            .delete(format!("{root}/v2/gone/app/manifests/{}", image.digest()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let orphans: Vec<Vec<u8>> = (0..10u64).map(|i| noise(4_000, 2100 + i)).collect();
+    for b in &orphans {
+        let r = c
+            .post(format!(
+                "{root}/v2/junk/blobs/uploads/?digest={}",
+                digest(b)
+            ))
+            .body(b.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let meta = PgMeta::connect(&PgConfig {
+        url: cluster.db.clone(),
+        pool_size: 2,
+    })
+    .await
+    .unwrap();
+    berth_storage::meta::Metadata::age_for_tests(&meta, 7200)
+        .await
+        .unwrap();
+
+    // Three writers through the balancer: new images on the deleted ones' layers, into the
+    // repository that held them (the race of issue 14) and into their own, the way docker
+    // pushes (HEAD, skip what exists, manifest).
+    let until = Instant::now() + soak_time();
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let root = root.clone();
+            let deleted: Vec<Image> = deleted
+                .iter()
+                .map(|i| Image::with_manifest(i.manifest.clone(), i.media_type, i.blobs.clone()))
+                .collect();
+            tokio::spawn(async move {
+                let mut pushed = Vec::new();
+                let mut k = 0u64;
+                while Instant::now() < until {
+                    let base = &deleted[(k % 4) as usize];
+                    let image = base.on_top(3000 + w * 100_000 + k, 20_000);
+                    let repo = if k % 2 == 0 {
+                        "gone/app".to_owned()
+                    } else {
+                        format!("w{w}/app")
+                    };
+                    let tag = format!("w{w}-{k}");
+                    match image.try_push(&root, &repo, &tag, DOCKER).await {
+                        Ok(_) => pushed.push((repo, tag, image)),
+                        Err(e) => panic!("push {repo}:{tag}: {e}"),
+                    }
+                    k += 1;
+                }
+                pushed
+            })
+        })
+        .collect();
+    // `berth gc` from outside, over and over, beside the replicas' own schedule.
+    let cli_runs = {
+        let mut n = 0u32;
+        while Instant::now() < until {
+            let out = tokio::task::block_in_place(|| cluster.gc_from_outside());
+            match out {
+                Ok(_) => n += 1,
+                Err(text) if text.contains("already running") => {}
+                Err(text) => panic!("berth gc failed: {text}"),
+            }
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        n
+    };
+    let mut pushed = Vec::new();
+    for w in writers {
+        pushed.extend(w.await.unwrap());
+    }
+    // One more collection after the writers stop, then every acknowledged image pulls.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (repo, tag, image) in &pushed {
+        image
+            .pull(&root, repo, tag, "")
+            .await
+            .unwrap_or_else(|e| panic!("{repo}:{tag} was acknowledged but does not pull: {e}"));
+    }
+    // The garbage went.
+    for b in &orphans {
+        let r = c
+            .head(format!("{root}/v2/junk/blobs/{}", digest(b)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::NOT_FOUND,
+            "orphan {} survived",
+            digest(b)
+        );
+    }
+    let pg = db(&cluster.db).await;
+    let orphan_digests: Vec<String> = orphans.iter().map(|b| digest(b)).collect();
+    let left: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM blobs WHERE digest = ANY($1)",
+            &[&orphan_digests],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "orphan blobs still recorded");
+    let pending: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM gc_pending WHERE digest = ANY($1)",
+            &[&orphan_digests],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0, "orphans' objects not deleted yet");
+    // The most recent runs (older ones are pruned): who collected.
+    let row = pg
+        .query_one("SELECT count(*), count(DISTINCT holder) FROM gc_runs", &[])
+        .await
+        .unwrap();
+    let (runs, holders): (i64, i64) = (row.get(0), row.get(1));
+    eprintln!(
+        "{} images pushed; the last {runs} collections came from {holders} collectors; \
+         the CLI completed {cli_runs} runs",
+        pushed.len(),
+    );
+    assert!(
+        pushed.len() >= 15,
+        "the writers pushed only {} images",
+        pushed.len()
+    );
+    assert!(cli_runs >= 1, "berth gc never ran from outside");
+    let replicas_collecting: i64 = pg
+        .query_one(
+            "SELECT count(DISTINCT holder) FROM gc_runs WHERE holder LIKE '%http://%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        replicas_collecting >= 2,
+        "scheduled collections came from {replicas_collecting} replicas only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_cold_pulls_over_three_replicas_fetch_each_blob_once_upstream() {
+    let up = tempfile::tempdir().unwrap();
+    let dist = spawn_distribution(up.path());
+    let image = Image::new(77, &[4 << 20, 3 << 20, 2 << 20, 1 << 20, 512 << 10]);
+    image
+        .push(&dist.root(), "library/five", "1", Auth::None)
+        .await;
+    let cluster = Cluster::start(
+        "coldpull",
+        3,
+        &format!(
+            "[[proxy.upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ntag_ttl = \"0s\"\n",
+            dist.root()
+        ),
+    );
+    let root = cluster.root();
+    let pulls = (0..20).map(|_| image.pull(&root, "library/five", "1", "?ns=docker.io"));
+    for r in futures_util::future::join_all(pulls).await {
+        r.unwrap();
+    }
+    for b in &image.blobs {
+        let n = logged(
+            up.path(),
+            "GET",
+            &format!("/v2/library/five/blobs/{}", digest(b)),
+        );
+        assert_eq!(
+            n,
+            1,
+            "upstream GETs of blob {} ({} bytes)",
+            digest(b),
+            b.len()
+        );
+    }
+    let relays: usize = (0..3)
+        .map(|i| cluster.log(i).matches("relaying another replica").count())
+        .sum();
+    let per = cluster.requests_per_replica().await;
+    eprintln!("requests per replica {per:?}; relayed fetches logged: {relays}");
+    assert!(per.iter().all(|n| *n > 0), "requests per replica: {per:?}");
+}
