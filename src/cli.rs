@@ -40,6 +40,10 @@ pub enum Command {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=16))]
         cost: u32,
     },
+    /// Copy a single-node install's metadata (SQLite) into an empty PostgreSQL database, for
+    /// replicas; checks the copy by counts and digests. Blobs stay where they are: replicas
+    /// need them on an object store (copy `<data>/blobs/` to the bucket under the same keys).
+    MigrateMetadata(MigrateArgs),
     /// Check a configuration file and exit (0 when valid).
     CheckConfig {
         /// The file to check.
@@ -62,6 +66,24 @@ pub struct ServeArgs {
     /// How other replicas reach this one (`peer_url`), e.g. `http://$(POD_IP):5000`.
     #[arg(long, env = "BERTH_PEER_URL")]
     pub peer_url: Option<String>,
+}
+
+/// `berth migrate-metadata` options.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The SQLite file (the server's is `<data>/berth.db`). Stop pushes while it is copied:
+    /// what is written after the copy's snapshot stays behind.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The PostgreSQL URL of an empty database.
+    #[arg(long, env = "BERTH_MIGRATE_TO", conflicts_with = "to_file")]
+    pub to: Option<String>,
+    /// A file holding the PostgreSQL URL (when it carries a password).
+    #[arg(long)]
+    pub to_file: Option<PathBuf>,
+    /// Count what would move and check the target is reachable and empty; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `berth gc` options.

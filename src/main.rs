@@ -1,7 +1,7 @@
 //! The `berth` binary: parse the command line, load the configuration, run.
 
 use anyhow::Context;
-use berth::cli::{Cli, Command, GcArgs, PrefetchArgs, ServeArgs};
+use berth::cli::{Cli, Command, GcArgs, MigrateArgs, PrefetchArgs, ServeArgs};
 use berth::config::Config;
 use clap::Parser;
 
@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args),
         Command::Gc(args) => gc(args),
+        Command::MigrateMetadata(args) => migrate_metadata(args),
         Command::Prefetch(args) => prefetch(args),
         Command::Healthcheck { listen } => healthcheck(listen),
         Command::Passwd { user, cost } => passwd(&user, cost),
@@ -65,6 +66,39 @@ fn load(config: Option<&std::path::Path>) -> anyhow::Result<Config> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     })
+}
+
+fn migrate_metadata(args: MigrateArgs) -> anyhow::Result<()> {
+    use berth_storage::meta::migrate;
+    berth::telemetry::init(&berth::config::LogSection::default());
+    let url = match (args.to, args.to_file) {
+        (Some(u), _) => u,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("give --to <postgres url> or --to-file <file>"),
+    };
+    let to = berth_storage::meta::postgres::PgConfig { url, pool_size: 2 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let progress = |table: &str, done: u64, total: u64| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if done == total || last.elapsed() >= std::time::Duration::from_secs(1) {
+            *last = std::time::Instant::now();
+            eprintln!("{table}: {done}/{total}");
+        }
+    };
+    let report = rt.block_on(migrate::sqlite_to_postgres(
+        &args.from,
+        &to,
+        args.dry_run,
+        &progress,
+    ))?;
+    println!("{report}");
+    Ok(())
 }
 
 fn gc(args: GcArgs) -> anyhow::Result<()> {

@@ -94,6 +94,10 @@ pub enum Error {
         /// When its lease lapses.
         until: i64,
     },
+    /// `migrate-metadata` refused, or found the copy wrong.
+    #[error("migration: {0}")]
+    Migration(String),
+
     /// A background task failed to complete.
     #[error("internal: {0}")]
     Internal(String),

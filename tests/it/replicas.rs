@@ -9,16 +9,20 @@ use std::time::{Duration, Instant};
 
 use berth_storage::meta::postgres::{PgConfig, PgMeta};
 use berth_storage::suite::{Env, run};
-use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
+use futures_util::{FutureExt as _, StreamExt as _};
+
+use reqwest::StatusCode;
+use serde_json::json;
 
 use crate::backends::{Cloud, configure, unique};
-use reqwest::StatusCode;
-
 use crate::proxy::logged;
-use crate::support::cluster::Cluster;
+use crate::support::cluster::{Cluster, s3_storage};
 use crate::support::postgres::{fresh_database, use_postgres};
-use crate::support::{Auth, DOCKER, Image, TestServer, client, digest, noise, spawn_distribution};
+use crate::support::{
+    Auth, DOCKER, Image, OCI_MANIFEST, TestServer, client, digest, noise, spawn_berth_with,
+    spawn_distribution,
+};
 
 fn open_suite_env() -> BoxFuture<'static, Env> {
     async {
@@ -475,4 +479,192 @@ async fn twenty_cold_pulls_over_three_replicas_fetch_each_blob_once_upstream() {
     let per = cluster.requests_per_replica().await;
     eprintln!("requests per replica {per:?}; relayed fetches logged: {relays}");
     assert!(per.iter().all(|n| *n > 0), "requests per replica: {per:?}");
+}
+
+/// Runs `berth migrate-metadata` with `args`; its output, or why it failed.
+fn migrate(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("migrate-metadata")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_metadata_moves_a_single_node_install_of_1000_images_to_replicas() {
+    // A single node: SQLite on its disk, blobs on S3.
+    let started = Instant::now();
+    let prefix = unique("migrate");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("single");
+    let single = spawn_berth_with(&data, Some(&s3_storage(&prefix)));
+    let root = single.root();
+    // 1,000 images in 40 repositories over a few shared blobs (distinct by an annotation), so
+    // that the test S3 server, which answers one request at a time, is not what takes long.
+    let blobs: Vec<Vec<u8>> = (0..12u64)
+        .map(|i| noise(2_000 + i as usize, 9000 + i))
+        .collect();
+    let images: Vec<(String, Image)> = (0..1000u64)
+        .map(|i| {
+            let picked = vec![
+                blobs[(i % 4) as usize].clone(),
+                blobs[4 + (i % 8) as usize].clone(),
+            ];
+            let desc =
+                |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": digest(b), "size": b.len()});
+            let manifest = json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": desc("application/vnd.oci.image.config.v1+json", &picked[0]),
+                "layers": [desc("application/vnd.oci.image.layer.v1.tar", &picked[1])],
+                "annotations": {"n": i.to_string()},
+            });
+            (
+                format!("team{}/app{}", i % 10, i % 4),
+                Image::with_manifest(manifest.to_string(), OCI_MANIFEST, picked),
+            )
+        })
+        .collect();
+    let pushes = futures_util::stream::iter(images.iter().enumerate().map(|(i, (repo, image))| {
+        let root = root.clone();
+        async move {
+            image
+                .try_push(
+                    &root,
+                    repo,
+                    &format!("v{i}"),
+                    // As docker does: layers already there are not sent again.
+                    DOCKER,
+                )
+                .await
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    assert!(
+        pushes.iter().all(Result::is_ok),
+        "{:?}",
+        pushes.iter().find(|r| r.is_err())
+    );
+    eprintln!("pushed 1000 images in {:?}", started.elapsed());
+
+    let db = fresh_database("migrate").await;
+    let sqlite = data.join("berth.db");
+    let from = sqlite.to_str().unwrap();
+    // A dry run counts and writes nothing.
+    let dry = tokio::task::block_in_place(|| migrate(&["--from", from, "--to", &db, "--dry-run"]))
+        .unwrap();
+    assert!(dry.contains("manifests: 1000 rows"), "{dry}");
+    assert!(dry.contains("tags: 1000 rows"), "{dry}");
+    let pg = self::db(&db).await;
+    let has_schema: bool = pg
+        .query_one("SELECT to_regclass('public.repos') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!has_schema, "the dry run wrote to the target");
+
+    let out = tokio::task::block_in_place(|| migrate(&["--from", from, "--to", &db])).unwrap();
+    eprintln!("migrated at {:?}", started.elapsed());
+    assert!(out.contains("manifests: 1000 of 1000 rows copied"), "{out}");
+    assert!(
+        out.contains("1000 manifest bodies against their digests"),
+        "{out}"
+    );
+    // Twice into the same database is refused.
+    let again =
+        tokio::task::block_in_place(|| migrate(&["--from", from, "--to", &db])).unwrap_err();
+    assert!(again.contains("already holds registry content"), "{again}");
+    drop(single);
+
+    // Three replicas over the copy and the same bucket: every image pulls, tags list.
+    let cluster = Cluster::start_on(3, &prefix, &db, "");
+    let root = cluster.root();
+    // Every image: its manifest by tag, byte for byte, and each of its blobs there (HEAD);
+    // each repository's blobs read whole once and checked against their digests.
+    let c = client();
+    let checks = futures_util::stream::iter(images.iter().enumerate().map(|(i, (repo, image))| {
+        let (root, c) = (root.clone(), c.clone());
+        async move {
+            let r = c
+                .get(format!("{root}/v2/{repo}/manifests/v{i}"))
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let body = r.bytes().await.map_err(|e| e.to_string())?;
+            if digest(&body) != image.digest() {
+                return Err(format!("{repo}:v{i}: the manifest differs"));
+            }
+            for b in &image.blobs {
+                let s = c
+                    .head(format!("{root}/v2/{repo}/blobs/{}", digest(b)))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status();
+                if s != StatusCode::OK {
+                    return Err(format!("{repo}:v{i}: blob {}: {s}", digest(b)));
+                }
+            }
+            Ok(())
+        }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<Result<(), String>>>()
+    .await;
+    let mut failed: Vec<String> = checks.into_iter().filter_map(Result::err).collect();
+    let mut read = std::collections::BTreeSet::new();
+    for (repo, image) in &images {
+        for b in &image.blobs {
+            if read.insert((repo.clone(), digest(b))) {
+                let got = c
+                    .get(format!("{root}/v2/{repo}/blobs/{}", digest(b)))
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                if digest(&got) != digest(b) {
+                    failed.push(format!("{repo}: blob {} reads wrong", digest(b)));
+                }
+            }
+        }
+    }
+    eprintln!("checked 1000 images at {:?}", started.elapsed());
+    assert!(
+        failed.is_empty(),
+        "{} images do not pull: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // New pushes get fresh repository ids (the sequence moved past the copied ones).
+    Image::new(5, &[1_000])
+        .push(&root, "after/migration", "1", Auth::None)
+        .await;
+    let tags: serde_json::Value = client()
+        .get(format!("{root}/v2/team3/app3/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let want = images
+        .iter()
+        .enumerate()
+        .filter(|(_, (r, _))| r == "team3/app3")
+        .count();
+    assert_eq!(tags["tags"].as_array().map(Vec::len), Some(want), "{tags}");
 }

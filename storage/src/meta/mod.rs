@@ -24,6 +24,7 @@
 //! Times are unix seconds passed in by the caller (`now`, `t`), so that a backend never reads
 //! its own clock for a decision; the review queues' triggers stamp with the database's clock.
 
+pub mod migrate;
 pub mod policy;
 pub mod postgres;
 pub mod sqlite;

@@ -27,15 +27,16 @@ impl Cluster {
     /// `n` replicas for a test named `what`, their configuration `extra` added after the
     /// storage and metadata sections (TOML: top-level keys are not allowed there).
     pub(crate) fn start(what: &str, n: usize, extra: &str) -> Self {
+        Self::start_on(n, &unique(what), &blocking_fresh_database(what), extra)
+    }
+
+    /// `n` replicas over the S3 `prefix` and the database at `db`.
+    pub(crate) fn start_on(n: usize, prefix: &str, db: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = blocking_fresh_database(what);
+        let db = db.to_owned();
         let text = format!(
-            "[storage]\nbackend = \"s3\"\nbucket = \"registry\"\nprefix = \"{prefix}\"\n\
-             endpoint = \"{s3}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\n\
-             secret_access_key = \"test\"\nallow_http = true\n\n\
-             [metadata]\nbackend = \"postgres\"\nurl = \"{db}\"\npool_size = 8\n\n{extra}\n",
-            prefix = unique(what),
-            s3 = endpoint("BERTH_TEST_S3_ENDPOINT"),
+            "{}\n[metadata]\nbackend = \"postgres\"\nurl = \"{db}\"\npool_size = 8\n\n{extra}\n",
+            s3_storage(prefix)
         );
         let config = dir.path().join("berth.toml");
         std::fs::write(&config, &text).expect("write config");
@@ -161,6 +162,16 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The `[storage]` section for the test S3 server under `prefix`.
+pub(crate) fn s3_storage(prefix: &str) -> String {
+    format!(
+        "[storage]\nbackend = \"s3\"\nbucket = \"registry\"\nprefix = \"{prefix}\"\n\
+         endpoint = \"{s3}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\n\
+         secret_access_key = \"test\"\nallow_http = true\n",
+        s3 = endpoint("BERTH_TEST_S3_ENDPOINT"),
+    )
 }
 
 /// A fresh database, from synchronous code (client tests) or inside a runtime alike.
