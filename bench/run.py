@@ -56,11 +56,16 @@ def wait_up(port, proc, what):
 
 
 class Registry:
-    def __init__(self, name, work):
+    """A registry process: "berth" (with `config`, TOML text, and further `args` when given)
+    or "distribution"."""
+
+    def __init__(self, name, work, config=None, args=()):
         self.name = name
         self.dir = tempfile.mkdtemp(prefix=f"bench-{name}-", dir=work)
         self.port = free_port()
         self.proc = None
+        self.config = config
+        self.args = list(args)
 
     def url(self, path=""):
         if path.startswith("http"):
@@ -70,10 +75,15 @@ class Registry:
     def start(self):
         log = open(os.path.join(self.dir, "log"), "ab")
         t = time.monotonic()
-        if self.name == "berth":
-            self.proc = subprocess.Popen(
-                [BERTH, "serve", "--listen", f"127.0.0.1:{self.port}", "--data", os.path.join(self.dir, "data")],
-                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "RUST_LOG": "info"})
+        if self.name != "distribution":
+            cmd = [BERTH, "serve", "--listen", f"127.0.0.1:{self.port}", "--data", os.path.join(self.dir, "data")]
+            if self.config is not None:
+                cfg = os.path.join(self.dir, "berth.toml")
+                with open(cfg, "w") as f:
+                    f.write(self.config)
+                cmd += ["--config", cfg]
+            self.proc = subprocess.Popen(cmd + self.args, stdout=subprocess.DEVNULL, stderr=log,
+                                         env={**os.environ, "RUST_LOG": "info"})
         else:
             cfg = os.path.join(self.dir, "config.yml")
             with open(cfg, "w") as f:

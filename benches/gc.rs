@@ -1,11 +1,18 @@
-//! GC benchmark: a registry of 100,000 blobs of which 10,000 are garbage, on local disk.
-//! Reports the time of one collection and the process's peak RSS. Not a test: run with
-//! `cargo bench --bench gc`.
+//! GC benchmark: a registry of 100,000 blobs of which 10,000 are garbage, blobs on local disk,
+//! metadata in SQLite and, when `BERTH_BENCH_POSTGRES_URL` names a PostgreSQL server (an admin
+//! URL: a database is created there), in PostgreSQL too. Reports the time of one collection
+//! and the process's peak RSS. Not a test: run with `cargo bench --bench gc` (`bench/replicas`
+//! starts a PostgreSQL and sets the variable).
 
 use std::time::Instant;
 
+use berth_storage::backend::{BlobBackend, MetadataBackend};
+use berth_storage::meta::postgres::PgConfig;
 use berth_storage::{GcPolicy, StorageConfig, Store};
+use futures_util::pin_mut;
 use rusqlite::params;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 
 const BLOBS: usize = 100_000;
 const GARBAGE: usize = 10_000;
@@ -31,18 +38,44 @@ async fn main() {
     let cfg = StorageConfig::local(dir.path());
     let store = Store::open(&cfg).await.expect("open");
     let t0 = Instant::now();
-    // Objects: one small file per blob, laid out as the store does.
+    write_objects(dir.path());
+    let MetadataBackend::Sqlite(db_path) = cfg.metadata.clone() else {
+        unreachable!("a local configuration keeps its metadata in SQLite")
+    };
+    populate_sqlite(db_path).await;
+    measure(&store, "SQLite", t0.elapsed()).await;
+
+    if let Ok(admin) = std::env::var("BERTH_BENCH_POSTGRES_URL") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = fresh_database(&admin).await;
+        let cfg = StorageConfig {
+            blobs: BlobBackend::Filesystem(dir.path().join("objects")),
+            metadata: MetadataBackend::Postgres(PgConfig {
+                url: url.clone(),
+                pool_size: 8,
+            }),
+        };
+        let store = Store::open(&cfg).await.expect("open");
+        let t0 = Instant::now();
+        write_objects(dir.path());
+        populate_postgres(&url).await;
+        measure(&store, "PostgreSQL", t0.elapsed()).await;
+    }
+}
+
+/// Objects: one small file per blob, laid out as the store does.
+fn write_objects(dir: &std::path::Path) {
     for i in 0..BLOBS {
         let h = hex(i);
-        let p = dir.path().join("objects/blobs/sha256").join(&h[..2]);
+        let p = dir.join("objects/blobs/sha256").join(&h[..2]);
         std::fs::create_dir_all(&p).expect("mkdir");
         std::fs::write(p.join(&h), b"x").expect("write");
     }
-    // Metadata (SQLite, written directly for speed): 10,000 manifests reference the first
-    // 90,000 blobs; 10,000 are linked only.
-    let berth_storage::backend::MetadataBackend::Sqlite(db_path) = cfg.metadata.clone() else {
-        unreachable!("a local configuration keeps its metadata in SQLite")
-    };
+}
+
+/// Metadata (written directly for speed): 10,000 manifests reference the first 90,000 blobs;
+/// 10,000 are linked only.
+async fn populate_sqlite(db_path: std::path::PathBuf) {
     tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
             let mut conn = rusqlite::Connection::open(db_path)?;
             let tx = conn.transaction()?;
@@ -77,7 +110,156 @@ async fn main() {
         .await
         .expect("populate task")
         .expect("populate");
-    let populated = t0.elapsed();
+}
+
+/// A database of its own on the server at `admin`.
+async fn fresh_database(admin: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let name = format!("bench_gc_{}", std::process::id());
+    client
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
+        .await
+        .expect("create database");
+    let (base, _) = admin.rsplit_once('/').expect("url ends in /<database>");
+    format!("{base}/{name}")
+}
+
+/// A value of a row to `COPY`.
+type Value = Box<dyn ToSql + Sync + Send>;
+/// Row `i` of a table, or `None` past its end.
+type RowFn = Box<dyn Fn(usize) -> Option<Vec<Value>>>;
+
+/// The same content as [`populate_sqlite`], with `COPY`.
+async fn populate_postgres(url: &str) {
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let tx = client.transaction().await.expect("begin");
+    tx.execute(
+        "INSERT INTO repos (id, name, created_at) VALUES (1, 'bench/repo', 0)",
+        &[],
+    )
+    .await
+    .expect("repo");
+    let manifests = (BLOBS - GARBAGE) / LAYERS_PER_MANIFEST;
+    let md = |j: usize| format!("sha256:{:064x}", 0xABCD_0000_0000_u64 + j as u64);
+    let tables: [(&str, &[Type], RowFn); 6] = [
+        (
+            "blobs (digest, size, created_at, last_access)",
+            &[Type::TEXT, Type::INT8, Type::INT8, Type::INT8],
+            Box::new(|i| {
+                (i < BLOBS).then(|| {
+                    vec![
+                        Box::new(format!("sha256:{}", hex(i))) as Value,
+                        Box::new(1i64),
+                        Box::new(0i64),
+                        Box::new(0i64),
+                    ]
+                })
+            }),
+        ),
+        (
+            "repo_blobs (repo_id, digest, created_at)",
+            &[Type::INT8, Type::TEXT, Type::INT8],
+            Box::new(|i| {
+                (i < BLOBS).then(|| {
+                    vec![
+                        Box::new(1i64) as Value,
+                        Box::new(format!("sha256:{}", hex(i))),
+                        Box::new(0i64),
+                    ]
+                })
+            }),
+        ),
+        (
+            "manifest_bodies (digest, content, created_at)",
+            &[Type::TEXT, Type::BYTEA, Type::INT8],
+            Box::new(move |j| {
+                (j < manifests).then(|| {
+                    vec![
+                        Box::new(md(j)) as Value,
+                        Box::new(b"{}".to_vec()),
+                        Box::new(0i64),
+                    ]
+                })
+            }),
+        ),
+        (
+            "manifests (repo_id, digest, media_type, size, created_at)",
+            &[Type::INT8, Type::TEXT, Type::TEXT, Type::INT8, Type::INT8],
+            Box::new(move |j| {
+                (j < manifests).then(|| {
+                    vec![
+                        Box::new(1i64) as Value,
+                        Box::new(md(j)),
+                        Box::new("application/vnd.oci.image.manifest.v1+json".to_owned()),
+                        Box::new(2i64),
+                        Box::new(0i64),
+                    ]
+                })
+            }),
+        ),
+        (
+            "manifest_refs (repo_id, manifest_digest, child_digest, kind)",
+            &[Type::INT8, Type::TEXT, Type::TEXT, Type::TEXT],
+            Box::new(move |n| {
+                (n < manifests * LAYERS_PER_MANIFEST).then(|| {
+                    vec![
+                        Box::new(1i64) as Value,
+                        Box::new(md(n / LAYERS_PER_MANIFEST)),
+                        Box::new(format!("sha256:{}", hex(n))),
+                        Box::new("blob".to_owned()),
+                    ]
+                })
+            }),
+        ),
+        (
+            "tags (repo_id, name, digest, updated_at)",
+            &[Type::INT8, Type::TEXT, Type::TEXT, Type::INT8],
+            Box::new(move |j| {
+                (j < manifests).then(|| {
+                    vec![
+                        Box::new(1i64) as Value,
+                        Box::new(format!("t{j}")),
+                        Box::new(md(j)),
+                        Box::new(0i64),
+                    ]
+                })
+            }),
+        ),
+    ];
+    for (table, types, row) in &tables {
+        let sink = tx
+            .copy_in(&format!("COPY {table} FROM STDIN BINARY"))
+            .await
+            .expect("copy");
+        let w = BinaryCopyInWriter::new(sink, types);
+        pin_mut!(w);
+        let mut i = 0;
+        while let Some(values) = row(i) {
+            let refs: Vec<&(dyn ToSql + Sync)> = values
+                .iter()
+                .map(|v| v.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            w.as_mut().write(&refs).await.expect("row");
+            i += 1;
+        }
+        w.finish().await.expect("finish");
+    }
+    // Everything is old; every blob has been queued once (as after the migration).
+    tx.batch_execute("UPDATE blob_review SET queued_at = 0; DELETE FROM manifest_review;")
+        .await
+        .expect("queues");
+    tx.commit().await.expect("commit");
+}
+
+async fn measure(store: &Store, what: &str, populated: std::time::Duration) {
     let rss_before = peak_rss_kib();
 
     let t = Instant::now();
@@ -91,7 +273,7 @@ async fn main() {
     let again = store.gc(&GcPolicy::default(), false).await.expect("gc");
     let second = t.elapsed();
 
-    println!("gc benchmark: {BLOBS} blobs, {GARBAGE} garbage, local disk");
+    println!("gc benchmark: {BLOBS} blobs, {GARBAGE} garbage, local disk, metadata in {what}");
     println!(
         "  populate                         {:>8.2} s",
         populated.as_secs_f64()

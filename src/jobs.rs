@@ -88,6 +88,9 @@ impl Jobs {
                         Ok(r) => {
                             metrics::gauge!("berth_proxy_cache_bytes").set(r.bytes_after as f64)
                         }
+                        Err(berth_storage::Error::Busy { holder, .. }) => {
+                            tracing::debug!(%holder, "cache eviction skipped: another process is evicting")
+                        }
                         Err(e) => warn!(error = %e, "cache eviction failed"),
                     }
                 }
