@@ -668,3 +668,42 @@ async fn migrate_metadata_moves_a_single_node_install_of_1000_images_to_replicas
         .count();
     assert_eq!(tags["tags"].as_array().map(Vec::len), Some(want), "{tags}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tag_is_revalidated_once_per_ttl_across_replicas() {
+    let up = tempfile::tempdir().unwrap();
+    let dist = spawn_distribution(up.path());
+    let image = Image::new(78, &[1_000]);
+    image
+        .push(&dist.root(), "library/ttl", "1", Auth::None)
+        .await;
+    let cluster = Cluster::start(
+        "tagttl",
+        3,
+        &format!(
+            "[[proxy.upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ntag_ttl = \"3s\"\n",
+            dist.root()
+        ),
+    );
+    let c = client();
+    let url = format!("{}/v2/library/ttl/manifests/1?ns=docker.io", cluster.root());
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(7500) {
+        let gets = (0..6).map(|_| c.get(&url).header("accept", image.media_type).send());
+        for r in futures_util::future::join_all(gets).await {
+            assert_eq!(r.unwrap().status(), StatusCode::OK);
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let heads = logged(up.path(), "HEAD", "/v2/library/ttl/manifests/1");
+    let gets = logged(up.path(), "GET", "/v2/library/ttl/manifests/");
+    eprintln!("{served} by-tag reads through 3 replicas: {gets} upstream GETs, {heads} HEADs");
+    assert_eq!(gets, 1, "the manifest is fetched once");
+    // 7.5 s with a 3 s TTL: at most one revalidation per window, whichever replica asks.
+    assert!(
+        (1..=3).contains(&heads),
+        "{heads} revalidations in 7.5 s with a 3 s TTL"
+    );
+}
