@@ -317,6 +317,9 @@ pub async fn sqlite_to_postgres(
         .await
         .map_err(pg)?;
     tx.commit().await.map_err(pg)?;
+    // Fresh statistics: the planner would otherwise take the tables for empty until
+    // autovacuum comes by.
+    client.batch_execute("ANALYZE").await.map_err(pg)?;
 
     verify(from, &meta, &mut report).await?;
     Ok(report)

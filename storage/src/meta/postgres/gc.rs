@@ -137,7 +137,8 @@ async fn mark_manifests(
     }))
 }
 
-/// Manifest bodies no repository uses; database only, so no grace.
+/// Manifest bodies no repository uses; database only, so no grace. One batch is judged with a
+/// handful of statements, whatever its size.
 async fn mark_bodies(
     tx: &Transaction<'_>,
     after: &str,
@@ -154,40 +155,57 @@ async fn mark_bodies(
         .iter()
         .map(|row| row.get(0))
         .collect();
-    for d in &bodies {
-        let bytes: Option<i32> = tx
-            .query_opt(
-                "SELECT length(content) FROM manifest_bodies WHERE digest = $1 FOR UPDATE",
-                &[d],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| row.get(0));
-        if let Some(bytes) = bytes {
-            let used: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM manifests WHERE digest = $1)",
-                    &[d],
-                )
-                .await
-                .map_err(db)?
-                .get(0);
-            if !used {
-                tx.execute("DELETE FROM manifest_bodies WHERE digest = $1", &[d])
-                    .await
-                    .map_err(db)?;
-                r.manifest_bodies += 1;
-                r.manifest_body_bytes += bytes as u64;
-            }
-        }
-        tx.execute("DELETE FROM body_review WHERE digest = $1", &[d])
-            .await
-            .map_err(db)?;
+    if bodies.is_empty() {
+        return Ok(None);
     }
+    // The bodies' rows first, in one order: a push storing one of them waits, or went first.
+    let locked: Vec<(String, i32)> = tx
+        .query(
+            "SELECT digest, length(content) FROM manifest_bodies WHERE digest = ANY($1)
+             ORDER BY digest FOR UPDATE",
+            &[&bodies],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let used: BTreeSet<String> = tx
+        .query(
+            "SELECT DISTINCT digest FROM manifests WHERE digest = ANY($1)",
+            &[&bodies],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let unused: Vec<&str> = locked
+        .iter()
+        .filter(|(d, _)| !used.contains(d))
+        .map(|(d, bytes)| {
+            r.manifest_bodies += 1;
+            r.manifest_body_bytes += u64::try_from(*bytes).unwrap_or(0);
+            d.as_str()
+        })
+        .collect();
+    if !unused.is_empty() {
+        tx.execute(
+            "DELETE FROM manifest_bodies WHERE digest = ANY($1)",
+            &[&unused],
+        )
+        .await
+        .map_err(db)?;
+    }
+    tx.execute("DELETE FROM body_review WHERE digest = ANY($1)", &[&bodies])
+        .await
+        .map_err(db)?;
     Ok((bodies.len() as i64 == limit).then(|| bodies.last().cloned().unwrap_or_default()))
 }
 
-/// Blobs: unreferenced, and not queued, linked or acknowledged within the grace period.
+/// Blobs: unreferenced, and not queued, linked or acknowledged within the grace period. One
+/// batch is judged with a handful of statements, whatever its size (a statement per blob made
+/// a collection of 100,000 candidates take minutes).
 async fn mark_blobs(
     tx: &Transaction<'_>,
     p: &GcPolicy,
@@ -209,69 +227,83 @@ async fn mark_blobs(
         .iter()
         .map(|row| row.get(0))
         .collect();
-    for d in &blobs {
-        // The blob's row first: pushes naming it, mounts, protecting reads and commits take it
-        // shared, so they either finished (and are seen below) or wait for this decision.
-        let info: Option<(i64, i64)> = tx
-            .query_opt(
-                "SELECT size, GREATEST(created_at, last_access) FROM blobs WHERE digest = $1
-                 FOR UPDATE",
-                &[d],
-            )
-            .await
-            .map_err(db)?
-            .map(|row| (row.get(0), row.get(1)));
-        let queued: Option<i64> = tx
-            .query_opt("SELECT queued_at FROM blob_review WHERE digest = $1", &[d])
-            .await
-            .map_err(db)?
-            .map(|row| row.get(0));
-        let Some(queued) = queued else { continue };
-        let forget = || async {
-            tx.execute(
-                "DELETE FROM blob_review WHERE digest = $1 AND queued_at = $2",
-                &[d, &queued],
-            )
-            .await
-            .map_err(db)
-        };
-        let Some((size, used)) = info else {
-            forget().await?;
-            continue;
-        };
-        let row = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM manifest_refs WHERE child_digest = $1 AND kind = 'blob'),
-                        coalesce((SELECT max(created_at) FROM repo_blobs WHERE digest = $1), 0)",
-                &[d],
-            )
-            .await
-            .map_err(db)?;
-        let (referenced, linked): (bool, i64) = (row.get(0), row.get(1));
-        if referenced {
-            forget().await?;
-            continue;
-        }
-        if used.max(linked).max(queued) >= cutoff {
-            continue; // recently used: look again next time
-        }
-        tx.execute("DELETE FROM repo_blobs WHERE digest = $1", &[d])
-            .await
-            .map_err(db)?;
-        tx.execute("DELETE FROM blobs WHERE digest = $1", &[d])
-            .await
-            .map_err(db)?;
-        tx.execute(
-            "INSERT INTO gc_pending (digest, size, marked_at, run) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (digest) DO NOTHING",
-            &[d, &size, &t, &run],
+    if blobs.is_empty() {
+        return Ok(None);
+    }
+    // The blobs' rows first, in one order: pushes naming them, mounts, protecting reads and
+    // commits take them shared, so they either finished (and are seen below) or wait for this
+    // decision.
+    let info: std::collections::HashMap<String, (i64, i64)> = tx
+        .query(
+            "SELECT b.digest, b.size, GREATEST(b.created_at, b.last_access)
+             FROM unnest($1::text[]) AS c(digest) JOIN blobs b ON b.digest = c.digest
+             ORDER BY b.digest FOR UPDATE OF b",
+            &[&blobs],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect();
+    let facts = tx
+        .query(
+            // Driven by the batch (index lookups per digest), so a plan made while the queue's
+            // statistics are stale (it just grew by 100,000) cannot turn into a scan per batch.
+            "SELECT q.digest, q.queued_at,
+                    EXISTS (SELECT 1 FROM manifest_refs m
+                            WHERE m.child_digest = q.digest AND m.kind = 'blob'),
+                    coalesce((SELECT max(l.created_at) FROM repo_blobs l
+                              WHERE l.digest = q.digest), 0)
+             FROM unnest($1::text[]) AS c(digest) JOIN blob_review q ON q.digest = c.digest",
+            &[&blobs],
         )
         .await
         .map_err(db)?;
-        forget().await?;
-        r.blobs += 1;
-        r.blob_bytes += size as u64;
+    // Forgotten: judged for what queued them (a later queueing keeps them in review).
+    let (mut forget, mut forget_at) = (Vec::new(), Vec::new());
+    let (mut doomed, mut sizes) = (Vec::new(), Vec::new());
+    for row in &facts {
+        let (d, queued, referenced, linked): (String, i64, bool, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        match info.get(&d) {
+            None => {}
+            Some(_) if referenced => {}
+            Some((_, used)) if (*used).max(linked).max(queued) >= cutoff => {
+                continue; // recently used: look again next time
+            }
+            Some((size, _)) => {
+                doomed.push(d.clone());
+                sizes.push(*size);
+                r.blobs += 1;
+                r.blob_bytes += u64::try_from(*size).unwrap_or(0);
+            }
+        }
+        forget.push(d);
+        forget_at.push(queued);
     }
+    if !doomed.is_empty() {
+        tx.execute("DELETE FROM repo_blobs WHERE digest = ANY($1)", &[&doomed])
+            .await
+            .map_err(db)?;
+        tx.execute("DELETE FROM blobs WHERE digest = ANY($1)", &[&doomed])
+            .await
+            .map_err(db)?;
+        tx.execute(
+            "INSERT INTO gc_pending (digest, size, marked_at, run)
+             SELECT d, s, $3, $4 FROM unnest($1::text[], $2::bigint[]) AS x(d, s)
+             ON CONFLICT (digest) DO NOTHING",
+            &[&doomed, &sizes, &t, &run],
+        )
+        .await
+        .map_err(db)?;
+    }
+    tx.execute(
+        "DELETE FROM blob_review q USING unnest($1::text[], $2::bigint[]) AS f(d, at)
+         WHERE q.digest = f.d AND q.queued_at = f.at",
+        &[&forget, &forget_at],
+    )
+    .await
+    .map_err(db)?;
     Ok((blobs.len() as i64 == limit).then(|| blobs.last().cloned().unwrap_or_default()))
 }
 
