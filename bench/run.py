@@ -281,8 +281,10 @@ def drop_layouts(work):
 # --------------------------------------------------------------------------------------- requests
 
 
-def wrk(url, seconds, conns=32):
-    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True).stdout
+def wrk(url, seconds, conns=32, header=None):
+    extra = ["-H", header] if header else []
+    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url],
+                         capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def pct(p):
@@ -293,8 +295,10 @@ def wrk(url, seconds, conns=32):
     return rps, pct(50), pct(99)
 
 
-def ab_head(url, n, conns=32):
-    out = subprocess.run(["ab", "-q", "-k", "-i", "-n", str(n), "-c", str(conns), url], capture_output=True, text=True).stdout
+def ab_head(url, n, conns=32, header=None):
+    extra = ["-H", header] if header else []
+    out = subprocess.run(["ab", "-q", "-k", "-i", "-n", str(n), "-c", str(conns), *extra, url],
+                         capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))
     p50 = float(re.search(r"\s50%\s+(\d+)", out).group(1))
     p99 = float(re.search(r"\s99%\s+(\d+)", out).group(1))
@@ -368,6 +372,30 @@ def populate_blobs(reg, n):
         list(ex.map(batch, range(0, n, 1000)))
 
 
+def token_auth_berth(work):
+    """A Berth with token auth and one user; it, the user's Basic header, and a Bearer header
+    for pull and push on bench/small from its token service."""
+    import base64
+    line = subprocess.run([BERTH, "passwd", "bench"], input="bench-pass\n", capture_output=True,
+                          text=True, check=True).stdout.strip()
+    htpasswd = os.path.join(work, "htpasswd")
+    with open(htpasswd, "w") as f:
+        f.write(line + "\n")
+    reg = Registry("berth", work, config=f'[auth]\nmode = "token"\nhtpasswd = "{htpasswd}"\n')
+    reg.start()
+    basic = "Basic " + base64.b64encode(b"bench:bench-pass").decode()
+    c = conn(reg)
+    st, h, _ = request(c, "GET", "/v2/")
+    challenge = h["www-authenticate"]
+    realm = re.search(r'realm="([^"]+)"', challenge).group(1)
+    service = re.search(r'service="([^"]+)"', challenge).group(1)
+    path = realm.split("/", 3)[3] if realm.startswith("http") else realm
+    st, _, body = request(c, "GET", f"/{path}?service={service}&scope=repository:bench/small:pull,push",
+                          headers={"Authorization": basic})
+    assert st == 200, (st, body)
+    return reg, basic, "Bearer " + json.loads(body)["token"]
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -379,8 +407,8 @@ def main():
     ap.add_argument("--berth", default=None, help="the berth binary to measure (default: this build)")
     ap.add_argument("--no-distribution", action="store_true",
                     help="measure Berth only (to compare two Berth builds run by run)")
-    ap.add_argument("--only", default="push,small,listing,startup",
-                    help="comma-separated groups to run: push, small, listing, startup")
+    ap.add_argument("--only", default="push,small,auth,listing,startup",
+                    help="comma-separated groups to run: push, small, auth, listing, startup")
     a = ap.parse_args()
     only = set(a.only.split(","))
     global BERTH
@@ -438,6 +466,28 @@ def main():
                 record(reg, "blob HEAD, 32 conns (req/s)", rps)
                 record(reg, "blob HEAD p50 (ms)", p50)
                 record(reg, "blob HEAD p99 (ms)", p99)
+            if "auth" in only and reg.name == "berth":
+                # The same small requests with a Bearer token on each (Berth only: the ratio
+                # that matters is against its own plain figure above).
+                areg, basic, bearer = token_auth_berth(work)
+                ac = conn(areg)
+                st, h, _ = request(ac, "POST", f"/v2/bench/small/blobs/uploads/?digest={cd}", cfg,
+                                   {"Authorization": basic})
+                assert st == 201, st
+                m = manifest_for(cd, len(cfg))
+                st, _, _ = request(ac, "PUT", "/v2/bench/small/manifests/latest", m,
+                                   {"Authorization": basic, "Content-Type": OCI_MANIFEST})
+                assert st == 201, st
+                for n in range(a.runs):
+                    rps, _, p99 = wrk(areg.url("/v2/bench/small/manifests/latest"), load_s,
+                                      header=f"Authorization: {bearer}")
+                    record(reg, "manifest GET, token auth, 32 conns (req/s)", rps)
+                    record(reg, "manifest GET, token auth, p99 (ms)", p99)
+                    rps, _, p99 = ab_head(areg.url(f"/v2/bench/small/blobs/{cd}"),
+                                          20000 if a.quick else 100000, header=f"Authorization: {bearer}")
+                    record(reg, "blob HEAD, token auth, 32 conns (req/s)", rps)
+                    record(reg, "blob HEAD, token auth, p99 (ms)", p99)
+                areg.stop()
             if "listing" in only:
                 populate_listing(reg, listing_n, listing_n)
             for n in range(a.runs if "listing" in only else 0):
@@ -472,6 +522,13 @@ def main():
         table.append({"measure": k, "berth": b, "distribution": d, "ratio": ratio,
                       "berth_runs": results["berth"][k], "distribution_runs": results["distribution"][k]})
         print(f"{k:<48} {b:>12.2f} {d:>14.2f} {ratio:>8.2f}")
+    only_berth = [k for k in results["berth"] if k not in results["distribution"]]
+    if only_berth:
+        print(f"\n{'measured on Berth only':<48} {'berth':>12}")
+        for k in only_berth:
+            b = statistics.median(results["berth"][k])
+            table.append({"measure": k, "berth": b, "berth_runs": results["berth"][k]})
+            print(f"{k:<48} {b:>12.2f}")
     if a.out:
         json.dump(table, open(a.out, "w"), indent=1)
 

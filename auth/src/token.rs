@@ -305,10 +305,32 @@ struct TrustedKey {
     key: DecodingKey,
 }
 
+/// How many verified tokens are remembered.
+const VERIFIED_KEPT: u64 = 10_000;
+/// How long a verified token is remembered at most (its own validity still bounds each use).
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
+
+/// A token that verified, remembered so that its next uses skip the signature check.
+#[derive(Clone)]
+struct Remembered {
+    verified: Verified,
+    exp: u64,
+    nbf: Option<u64>,
+}
+
 /// Verifies access tokens: signature by a trusted key, issuer, audience, validity window.
+///
+/// Clients send the same token on every request of a pull or push, and checking an ES256 or
+/// RSA signature costs more than serving a manifest. So a token that verified is remembered
+/// (keyed by its SHA-256, at most 5 minutes, at most 10,000 tokens); each later use still
+/// checks its `exp` and `nbf` against the clock. Only what verified is remembered: a forged
+/// token is checked (and refused) every time. The trusted keys of a verifier never change, so
+/// nothing remembered can outlive the key that signed it; a new configuration builds a new
+/// verifier.
 pub struct Verifier {
     audience: String,
     keys: Vec<TrustedKey>,
+    remembered: moka::sync::Cache<[u8; 32], Remembered>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -327,6 +349,10 @@ impl Verifier {
         Self {
             audience: audience.to_owned(),
             keys: Vec::new(),
+            remembered: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_KEPT)
+                .time_to_live(VERIFIED_FOR)
+                .build(),
         }
     }
 
@@ -406,6 +432,34 @@ impl Verifier {
 
     /// Verifies `token` and returns what it grants.
     pub fn verify(&self, token: &str) -> Result<Verified, TokenError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(r) = self.remembered.get(&key) {
+            let t = now();
+            let leeway = LEEWAY.as_secs();
+            if t > r.exp.saturating_add(leeway) {
+                self.remembered.invalidate(&key);
+                return Err(TokenError::Expired);
+            }
+            if r.nbf.is_some_and(|nbf| t.saturating_add(leeway) < nbf) {
+                return Err(TokenError::NotYetValid);
+            }
+            return Ok(r.verified);
+        }
+        let (verified, exp, nbf) = self.verify_signed(token)?;
+        self.remembered.insert(
+            key,
+            Remembered {
+                verified: verified.clone(),
+                exp,
+                nbf,
+            },
+        );
+        Ok(verified)
+    }
+
+    /// The full check: signature, issuer, audience, validity window; what the token grants
+    /// and its `exp` and `nbf`.
+    fn verify_signed(&self, token: &str) -> Result<(Verified, u64, Option<u64>), TokenError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| TokenError::Invalid(format!("malformed token: {e}")))?;
         let usable: Vec<&TrustedKey> = self
@@ -443,11 +497,12 @@ impl Verifier {
             let e = match jsonwebtoken::decode::<Claims>(token, &k.key, &v) {
                 Ok(data) => {
                     let c = data.claims;
-                    return Ok(Verified {
+                    let verified = Verified {
                         subject: c.sub,
                         issuer: c.iss,
                         access: c.access.iter().map(Scope::from).collect(),
-                    });
+                    };
+                    return Ok((verified, c.exp, c.nbf));
                 }
                 Err(e) => e,
             };
@@ -519,6 +574,33 @@ mod tests {
         assert_eq!(header.alg, Algorithm::ES256);
         assert_eq!(header.kid.as_deref(), Some(i.key().kid()));
         assert_eq!(i.key().kid().len(), 59);
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_but_never_past_its_expiry() {
+        let i = issuer();
+        let v = verifier(&i);
+        let t = i.issue("alice", &pull("team/app")).unwrap();
+        let key: [u8; 32] = Sha256::digest(t.token.as_bytes()).into();
+        assert!(v.remembered.get(&key).is_none());
+        let first = v.verify(&t.token).unwrap();
+        assert!(
+            v.remembered.get(&key).is_some(),
+            "remembered after it verified"
+        );
+        assert_eq!(v.verify(&t.token).unwrap(), first);
+        // Its expiry still holds when it is remembered (here: as if time had passed).
+        let mut r = v.remembered.get(&key).unwrap();
+        r.exp = now() - LEEWAY.as_secs() - 1;
+        v.remembered.insert(key, r);
+        assert!(matches!(v.verify(&t.token), Err(TokenError::Expired)));
+        assert!(v.remembered.get(&key).is_none(), "dropped once expired");
+        // A forged token is never remembered.
+        let other = issuer();
+        let forged = other.issue("alice", &pull("a")).unwrap().token;
+        assert!(v.verify(&forged).is_err());
+        let fk: [u8; 32] = Sha256::digest(forged.as_bytes()).into();
+        assert!(v.remembered.get(&fk).is_none());
     }
 
     #[test]
