@@ -762,7 +762,50 @@ impl Default for UpstreamSection {
     }
 }
 
+/// What a server runs with, for its start-up log line: names only, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The blob backend (`filesystem`, `memory`, `s3`, `azure`, `gcs`).
+    pub storage: &'static str,
+    /// The metadata backend (`sqlite` or `postgres`).
+    pub metadata: &'static str,
+    /// The auth mode (`none`, `basic`, `token`).
+    pub auth: &'static str,
+    /// The upstreams' names, comma-separated (empty: no cache).
+    pub upstreams: String,
+}
+
 impl Config {
+    /// Names of what this configuration runs with (see [`Summary`]).
+    pub fn summary(&self) -> Summary {
+        Summary {
+            storage: match &self.storage {
+                StorageSection::Filesystem(_) => "filesystem",
+                StorageSection::Memory => "memory",
+                StorageSection::S3(_) => "s3",
+                StorageSection::Azure(_) => "azure",
+                StorageSection::Gcs(_) => "gcs",
+            },
+            metadata: if self.metadata.replicated() {
+                "postgres"
+            } else {
+                "sqlite"
+            },
+            auth: match self.auth.mode {
+                AuthMode::None => "none",
+                AuthMode::Basic => "basic",
+                AuthMode::Token => "token",
+            },
+            upstreams: self
+                .proxy
+                .upstream
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -217,13 +217,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let listen = config.listen;
+        let summary = config.summary();
+        let data = config.data.display().to_string();
+        let peer_url = config.peer_url.clone().unwrap_or_default();
         let state = berth::AppState::open(config)
             .await
             .context("opening storage")?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "berth listening");
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            data,
+            storage = summary.storage,
+            metadata = summary.metadata,
+            auth = summary.auth,
+            upstreams = summary.upstreams,
+            peer_url,
+            "berth listening"
+        );
         berth::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("berth stopped");
         Ok(())

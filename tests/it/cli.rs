@@ -48,6 +48,25 @@ fn healthcheck_answers_for_a_running_berth_only() {
     let p = crate::support::spawn_berth(&dir.path().join("data"));
     let (ok, err) = berth(&["healthcheck", "--listen", &p.addr.to_string()]);
     assert!(ok, "{err}");
+    // The start-up line says what the server runs with, as plain text (no colour codes in a
+    // file).
+    let log = std::fs::read_to_string(dir.path().join("data.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("berth listening"))
+        .unwrap_or_else(|| panic!("no start-up line in:\n{log}"));
+    for field in [
+        "storage=\"filesystem\"",
+        "metadata=\"sqlite\"",
+        "auth=\"none\"",
+        "data=",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line:?}");
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
     let port = p.addr.port();
     p.sigkill();
     let (ok, _) = berth(&["healthcheck", "--listen", &format!("0.0.0.0:{port}")]);
