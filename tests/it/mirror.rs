@@ -80,6 +80,20 @@ fn upstream_requests(dir: &std::path::Path) -> usize {
     requests_logged(dir) + granted + refused
 }
 
+/// The upstream's count once it has settled: Distribution writes a request's access-log line
+/// after the response, so the last line of a pull may land after the client is done.
+async fn settled_upstream_requests(dir: &std::path::Path) -> usize {
+    let mut n = upstream_requests(dir);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = upstream_requests(dir);
+        if now == n {
+            return n;
+        }
+        n = now;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_pushes_beside_a_default_upstream_never_reach_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,7 +115,7 @@ async fn local_pushes_beside_a_default_upstream_never_reach_it() {
     // The base image and team/held are pulled through the mirror: their layers are cached.
     base.pull(&s.root(), "library/base", "1", "").await.unwrap();
     held.pull(&s.root(), "team/held", "1", "").await.unwrap();
-    let before = upstream_requests(dir.path());
+    let before = settled_upstream_requests(dir.path()).await;
 
     // (a) An image built on the cached base, pushed to a new name.
     let app = base.on_top(43, 5_000);
