@@ -160,6 +160,8 @@ pub struct Config {
     pub auth: AuthSection,
     /// Pull-through cache.
     pub proxy: ProxySection,
+    /// What one client may hold: connections, uploads, time to send a request.
+    pub limits: LimitsSection,
 }
 
 impl Default for Config {
@@ -177,6 +179,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             auth: AuthSection::default(),
             proxy: ProxySection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -505,6 +508,39 @@ impl Default for GcSection {
             grace: Duration::from_secs(3600),
             untagged_after: None,
             orphan_referrers: false,
+        }
+    }
+}
+
+/// `[limits]`: bounds that keep slow or hostile clients from exhausting the process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Time a client has to send a request's headers, counted from when the server starts
+    /// waiting for them; on a kept-alive connection that is the end of the previous answer, so
+    /// this is also how long an idle connection stays open.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest wait for the next piece of a request body: a client that stops sending in the
+    /// middle of an upload gets an error and its connection and upload file are released (the
+    /// session stays, and can be resumed).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed at once. Lowered at start-up
+    /// to what the open-file limit allows (two descriptors per connection: socket, upload file).
+    pub max_connections: usize,
+    /// Request bodies written to storage at once (blob uploads and manifest pushes); more are
+    /// answered 429 TOOMANYREQUESTS with `Retry-After`.
+    pub max_uploads: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_uploads: 512,
         }
     }
 }
@@ -905,6 +941,23 @@ impl Config {
         }
         if tls.client_ca.is_some() && !tls.enabled() {
             problems.push("tls.client_ca: needs tls.cert and tls.key".to_owned());
+        }
+        let l = &self.limits;
+        for (key, d) in [
+            ("limits.header_timeout", l.header_timeout),
+            ("limits.body_timeout", l.body_timeout),
+        ] {
+            if d < Duration::from_secs(1) {
+                problems.push(format!("{key}: must be at least 1s"));
+            }
+        }
+        for (key, n) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_uploads", l.max_uploads),
+        ] {
+            if n == 0 {
+                problems.push(format!("{key}: must be at least 1"));
+            }
         }
         self.validate_auth(&mut problems);
         self.validate_proxy(&mut problems);

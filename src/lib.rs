@@ -11,6 +11,7 @@
 //! - [`config`]: the configuration file and its defaults.
 //! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection,
 //!   eviction, prefetch).
+//! - [`limits`]: bounds on connections, uploads and slow clients.
 //! - [`metrics`]: the Prometheus recorder and `/metrics`.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
@@ -44,12 +46,16 @@ pub fn app(state: AppState) -> axum::Router {
 
 /// How often the TLS files are looked at for rotation.
 const TLS_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long in-flight requests get to finish on shutdown under TLS.
-const TLS_DRAIN: std::time::Duration = std::time::Duration::from_secs(25);
+/// How long in-flight requests get to finish on shutdown.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Serves the registry on `listener` until `shutdown` resolves, with its background jobs;
-/// then lets in-flight requests finish, stops the jobs and writes what they hold. Serves
-/// HTTPS when `[tls]` names a certificate.
+/// then lets in-flight requests finish (for up to [`DRAIN`]), stops the jobs and writes what
+/// they hold. Serves HTTPS when `[tls]` names a certificate.
+///
+/// Every connection passes the connection gate and gets TCP_NODELAY; hyper closes one whose
+/// client takes longer than `limits.header_timeout` to send a request's headers (which also
+/// bounds how long a kept-alive connection idles).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -58,44 +64,48 @@ pub async fn serve(
     metrics::install();
     let jobs = jobs::Jobs::start(&state);
     let make = app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let handle = axum_server::Handle::new();
+    let h = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h.graceful_shutdown(Some(DRAIN));
+    });
+    let gate = limits::GateAcceptor::new(state.limits.clone(), !state.config.tls.enabled());
+    let listener = listener.into_std()?;
     let served = if state.config.tls.enabled() {
-        serve_tls(listener, &state, make, shutdown).await
+        serve_tls(listener, &state, make, gate, handle).await
     } else {
-        // Small answers (manifests, configs, HEADs) leave as soon as they are written: without
-        // TCP_NODELAY the body waits for the client's delayed ACK of the headers, ~40 ms per
-        // request on a kept-alive connection.
-        use axum::serve::ListenerExt as _;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        axum::serve(listener, make)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let mut server = axum_server::from_tcp(listener)?
+            .acceptor(gate)
+            .handle(handle);
+        configure(server.http_builder(), &state.limits);
+        server.serve(make).await
     };
     jobs.stop().await;
     served
 }
 
+/// The HTTP settings both listeners share.
+fn configure(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: &limits::Limits,
+) {
+    builder.http1().header_read_timeout(limits.header_timeout);
+}
+
 async fn serve_tls(
-    listener: tokio::net::TcpListener,
+    listener: std::net::TcpListener,
     state: &AppState,
     make: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
         axum::Router,
         std::net::SocketAddr,
     >,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    gate: limits::GateAcceptor,
+    handle: axum_server::Handle<std::net::SocketAddr>,
 ) -> std::io::Result<()> {
     let tls_section = state.config.tls.clone();
     let server_config = tls::server_config(&tls_section).map_err(std::io::Error::other)?;
     let rustls = axum_server::tls_rustls::RustlsConfig::from_config(server_config);
-    let handle = axum_server::Handle::new();
-    let h = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        h.graceful_shutdown(Some(TLS_DRAIN));
-    });
     // Certificate rotation: rebuild when a file's modification time changes; keep serving the
     // old certificate if the new files do not load.
     let reload = rustls.clone();
@@ -119,11 +129,11 @@ async fn serve_tls(
             }
         }
     });
-    let served = axum_server::from_tcp_rustls(listener.into_std()?, rustls)?
-        .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
-        .handle(handle)
-        .serve(make)
-        .await;
+    let mut server = axum_server::from_tcp_rustls(listener, rustls)?
+        .map(|tls| tls.acceptor(gate))
+        .handle(handle);
+    configure(server.http_builder(), &state.limits);
+    let served = server.serve(make).await;
     watcher.abort();
     served
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Authentication and access control; `None` when `auth.mode` is `none`.
     pub auth: Option<Arc<AuthService>>,
+    /// Bounds on connections, uploads and slow clients (per process).
+    pub limits: crate::limits::Limits,
 }
 
 impl AppState {
@@ -57,7 +59,10 @@ impl AppState {
         let proxy = Proxy::from_config(&config, store.clone(), Spool::Server)
             .map_err(StartError::Proxy)?
             .map(Arc::new);
+        let limits =
+            crate::limits::Limits::new(&config.limits, crate::limits::raise_open_file_limit());
         Ok(Self {
+            limits,
             registry: Registry::new(store, proxy),
             config: Arc::new(config),
             auth,

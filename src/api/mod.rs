@@ -49,6 +49,10 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(dispatch)
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bound_body,
+        ))
         .layer(axum::middleware::map_response(add_api_version))
         .layer(axum::middleware::from_fn(error::log_failures))
         .layer(axum::middleware::from_fn(track))
@@ -59,6 +63,18 @@ pub fn router(state: AppState) -> Router {
             header::COOKIE,
         ]))
         .with_state(state)
+}
+
+/// Middleware: a request body fails once its client sends nothing for `limits.body_timeout`,
+/// so a client that stops in the middle of an upload releases its connection and upload file.
+async fn bound_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::http::Method;
+    if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return next.run(req).await;
+    }
+    let limit = state.limits.body_timeout;
+    let req = req.map(|b| Body::new(crate::limits::IdleTimeoutBody::new(b, limit)));
+    next.run(req).await
 }
 
 /// Middleware: counts and times every request, by endpoint.
@@ -141,6 +157,28 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
             return denied;
         }
     }
+    // Bodies written to storage are bounded per process (memory, upload files); the place is
+    // held until the answer is made.
+    let _upload = if matches!(
+        op.route.name,
+        "start_upload" | "patch_upload" | "put_upload" | "put_manifest"
+    ) {
+        match state.limits.upload() {
+            Some(permit) => Some(permit),
+            None => {
+                metrics::counter!("berth_uploads_refused_total").increment(1);
+                drain(req.into_body()).await;
+                return ApiError::new(
+                    Code::TooManyRequests,
+                    "too many uploads in progress on this server; retry shortly",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+                .into_response();
+            }
+        }
+    } else {
+        None
+    };
     let ns = op.ns.clone();
     let mut resp = (op.route.handler)(state, op, req)
         .await

@@ -8,6 +8,7 @@ mod clients;
 mod conformance;
 mod durability;
 mod gc;
+mod limits;
 
 mod mirror;
 mod pki;

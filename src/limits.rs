@@ -1,0 +1,262 @@
+//! Bounds on what clients can hold, so that slow or hostile ones cannot exhaust the process:
+//! connections (file descriptors), request bodies being written (memory, upload files), and
+//! how long a client may leave a request half-sent.
+//!
+//! These are per process on purpose: each replica protects its own descriptors and memory.
+//! Header and idle timeouts are hyper's (set where the server is built, in [`crate::serve`]);
+//! this module holds the connection gate, the upload gate and the body read timeout.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::LimitsSection;
+
+/// Descriptors kept back from the connection budget for storage, the metadata database,
+/// upstream connections and logs.
+const RESERVED_FDS: u64 = 256;
+
+/// The process's gates, shared by the accept loop and the handlers.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    uploads: Arc<Semaphore>,
+    /// See [`LimitsSection::body_timeout`].
+    pub body_timeout: Duration,
+    /// See [`LimitsSection::header_timeout`].
+    pub header_timeout: Duration,
+}
+
+impl Limits {
+    /// Gates sized from `section`, with the connection count lowered to what `open_files`
+    /// (the process's open-file limit, when known) allows.
+    pub fn new(section: &LimitsSection, open_files: Option<u64>) -> Self {
+        let mut max_connections = section.max_connections;
+        if let Some(n) = open_files {
+            let fit = usize::try_from(n.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
+            if fit < max_connections {
+                tracing::warn!(
+                    configured = max_connections,
+                    open_file_limit = n,
+                    serving = fit.max(1),
+                    "limits.max_connections lowered to fit the open-file limit (raise `ulimit -n` to serve more)"
+                );
+                max_connections = fit.max(1);
+            }
+        }
+        Self {
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            uploads: Arc::new(Semaphore::new(section.max_uploads)),
+            body_timeout: section.body_timeout,
+            header_timeout: section.header_timeout,
+        }
+    }
+
+    /// Connections served at once.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// A place for one more connection, if there is one.
+    pub fn connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// A place for one more request body being written, if there is one.
+    pub fn upload(&self) -> Option<OwnedSemaphorePermit> {
+        self.uploads.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (as Go programs do at start) and returns
+/// the limit in force, when the platform tells it.
+pub fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::debug!(error = %e, "open-file limit not read");
+            None
+        }
+    }
+}
+
+/// A connection that holds its place in the connection gate until it closes.
+#[derive(Debug)]
+pub struct Gated<S> {
+    inner: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S> Gated<S> {
+    /// `inner`, holding `permit` for as long as it lives.
+    pub fn new(inner: S, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            inner,
+            _permit: permit,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// What a plain-HTTP connection over the limit is told before it is closed (a TLS client is
+/// closed without an answer: nothing can be said before the handshake).
+fn busy_response() -> Vec<u8> {
+    let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"too many connections; retry shortly"}]}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The acceptor every connection passes: TCP_NODELAY (small answers leave at once instead of
+/// waiting ~40 ms for the client's delayed ACK), then a place in the connection gate, or a
+/// 503 and the door.
+#[derive(Debug, Clone)]
+pub struct GateAcceptor {
+    limits: Limits,
+    plain: bool,
+}
+
+impl GateAcceptor {
+    /// The gate of `limits`; `plain` when the port speaks HTTP without TLS.
+    pub fn new(limits: Limits, plain: bool) -> Self {
+        Self { limits, plain }
+    }
+}
+
+impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for GateAcceptor {
+    type Stream = Gated<tokio::net::TcpStream>;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Self::Stream, S)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let Some(permit) = self.limits.connection() else {
+            metrics::counter!("berth_connections_refused_total").increment(1);
+            if self.plain {
+                // Best effort: the socket buffer of a fresh connection takes it whole.
+                let _ = stream.try_write(&busy_response());
+            }
+            return std::future::ready(Err(std::io::Error::other(
+                "connection refused: limits.max_connections reached",
+            )));
+        };
+        std::future::ready(Ok((Gated::new(stream, permit), service)))
+    }
+}
+
+/// The body timed out: the client stopped sending.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing for {0:?} in the middle of the request body")]
+pub struct BodyTimeout(pub Duration);
+
+/// A request body that fails with [`BodyTimeout`] when the client sends nothing for `limit`
+/// while the handler waits for more. The clock runs only while the handler is waiting, so a
+/// handler slowed by storage is not blamed on the client.
+pub struct IdleTimeoutBody {
+    inner: Body,
+    limit: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl IdleTimeoutBody {
+    /// `inner`, bounded by `limit` between pieces.
+    pub fn new(inner: Body, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            deadline: None,
+            waiting: false,
+        }
+    }
+}
+
+impl HttpBody for IdleTimeoutBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame);
+        }
+        if !this.waiting {
+            this.waiting = true;
+            let at = tokio::time::Instant::now() + this.limit;
+            match &mut this.deadline {
+                Some(d) => d.as_mut().reset(at),
+                None => this.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        if let Some(d) = &mut this.deadline {
+            ready!(d.as_mut().poll(cx));
+            this.waiting = false;
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(this.limit)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

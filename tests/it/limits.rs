@@ -1,0 +1,285 @@
+//! Slow and hostile clients: a client that trickles headers, stops in the middle of a body, or
+//! opens more connections or uploads than the server allows is cut off or refused with an OCI
+//! error, and gives back what it held. The descriptor counts are read from a child process.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::{Proc, spawn_berth_with};
+
+const LIMITS: &str = "[limits]\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\n";
+
+fn open_fds(p: &Proc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// Waits until `p` holds at most `n` descriptors, or `within` passes; returns the last count.
+fn settle_fds(p: &Proc, n: usize, within: Duration) -> usize {
+    let until = Instant::now() + within;
+    loop {
+        let now = open_fds(p);
+        if now <= n || Instant::now() > until {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// True when the server has closed `s` (a read sees EOF or a reset, possibly after an answer).
+fn closed_by_server(mut s: &TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    s.write_all(request.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn clients_that_trickle_headers_or_idle_are_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_berth_with(&dir.path().join("data"), Some(LIMITS));
+    let base = open_fds(&p);
+    // 300 clients send a request line, then one header line every 500 ms, never finishing.
+    let mut slow: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(p.addr).expect("connect");
+            s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+                .expect("send");
+            s
+        })
+        .collect();
+    // A kept-alive connection that answered once and then sits idle.
+    let mut idle = TcpStream::connect(p.addr).expect("connect");
+    idle.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).expect("first answer");
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(
+        open_fds(&p) >= base + 300,
+        "the slow clients hold descriptors"
+    );
+
+    let start = Instant::now();
+    let mut still_open = slow.len();
+    while start.elapsed() < Duration::from_secs(4) {
+        still_open = 0;
+        for s in &mut slow {
+            if s.write_all(b"X-Slow: 1\r\n").is_ok() {
+                still_open += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let closed = slow.iter().filter(|s| closed_by_server(s)).count();
+    assert_eq!(
+        closed,
+        slow.len(),
+        "all trickling clients are cut off after the 2 s header timeout ({still_open} still took writes)"
+    );
+    assert!(
+        closed_by_server(&idle),
+        "an idle kept-alive connection is closed"
+    );
+    drop(slow);
+    let left = settle_fds(&p, base + 5, Duration::from_secs(5));
+    assert!(
+        left <= base + 5,
+        "descriptors released: {base} before, {left} after"
+    );
+    // The server still answers.
+    assert!(
+        raw(
+            p.addr,
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .starts_with("HTTP/1.1 200")
+    );
+}
+
+#[test]
+fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_berth_with(&dir.path().join("data"), Some(LIMITS));
+    let base = open_fds(&p);
+    let blob = crate::support::noise(3 << 20, 7);
+    let digest = crate::support::digest(&blob);
+    let mut stalled = Vec::new();
+    let mut locations = Vec::new();
+    for _ in 0..100 {
+        let answer = raw(
+            p.addr,
+            "POST /v2/slow/up/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        let location = answer
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("location: ")
+                    .or_else(|| l.strip_prefix("Location: "))
+            })
+            .expect("a session location")
+            .trim()
+            .to_owned();
+        // Announce 10 MiB, send 1 MiB, stop.
+        let mut s = TcpStream::connect(p.addr).expect("connect");
+        write!(
+            s,
+            "PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            10 << 20
+        )
+        .expect("send head");
+        s.write_all(&blob[..1 << 20]).expect("send part");
+        stalled.push(s);
+        locations.push(location);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let held = open_fds(&p);
+    assert!(
+        held >= base + 100,
+        "stalled uploads hold descriptors ({base} → {held})"
+    );
+    // Each gets an answer, not silence: 400 BLOB_UPLOAD_INVALID naming the timeout.
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "answer: {text}");
+        assert!(
+            text.contains("BLOB_UPLOAD_INVALID") && text.contains("sent nothing"),
+            "{text}"
+        );
+    }
+    drop(stalled);
+    let left = settle_fds(&p, base + 5, Duration::from_secs(5));
+    assert!(
+        left <= base + 5,
+        "descriptors released: {base} before, {held} stalled, {left} after"
+    );
+
+    // The session kept what arrived; the client resumes from there and the blob commits.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = crate::support::client();
+        let root = p.root();
+        let loc = &locations[0];
+        let r = c.get(format!("{root}{loc}")).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        let range = r.headers()["range"].to_str().unwrap().to_owned();
+        // A chunk is kept whole or not at all: "0-0" here is the empty session.
+        let have: usize = match range.as_str() {
+            "0-0" => 0,
+            r => r
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse::<usize>().ok())
+                .map_or(0, |end| end + 1),
+        };
+        assert!(have <= 1 << 20, "no more than was sent is kept ({range})");
+        let r = c
+            .put(format!("{root}{loc}?digest={digest}"))
+            .header("content-range", format!("{have}-{}", blob.len() - 1))
+            .body(blob[have..].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+        let got = c
+            .get(format!("{root}/v2/slow/up/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(got == blob, "the resumed blob is whole");
+    });
+}
+
+#[test]
+fn connections_and_uploads_over_the_limits_are_refused_with_oci_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_berth_with(
+        &dir.path().join("data"),
+        Some("[limits]\nmax_connections = 20\nmax_uploads = 2\nbody_timeout = \"30s\"\n"),
+    );
+    // Two uploads stall in their bodies and hold both upload places.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.addr).expect("connect");
+        write!(
+            s,
+            "POST /v2/busy/up/blobs/uploads/?digest=sha256:{} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc",
+            "0".repeat(64)
+        )
+        .expect("send");
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let third = raw(
+        p.addr,
+        "PATCH /v2/busy/up/blobs/uploads/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    );
+    assert!(third.starts_with("HTTP/1.1 429"), "{third}");
+    assert!(third.to_lowercase().contains("retry-after: 1"), "{third}");
+    assert!(third.contains("TOOMANYREQUESTS"), "{third}");
+    // Reads are not uploads.
+    assert!(
+        raw(
+            p.addr,
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .starts_with("HTTP/1.1 200")
+    );
+
+    // Connections: 18 more idle ones fill the 20 places; the next is told 503 and closed.
+    let mut idle: Vec<TcpStream> = (0..18)
+        .map(|_| TcpStream::connect(p.addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let over = raw(p.addr, "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(over.starts_with("HTTP/1.1 503"), "{over}");
+    assert!(over.contains("TOOMANYREQUESTS"), "{over}");
+    // Places come back when connections close.
+    idle.truncate(0);
+    stalled.truncate(0);
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = raw(
+            p.addr,
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if again.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "places were not given back: {again}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
