@@ -532,6 +532,9 @@ pub struct LimitsSection {
     /// Request bodies written to storage at once (blob uploads and manifest pushes); more are
     /// answered 429 TOOMANYREQUESTS with `Retry-After`.
     pub max_uploads: usize,
+    /// Space kept free in the data directory (a file released when the disk fills, so deletes
+    /// and garbage collection can still write their metadata); 0 turns it off.
+    pub disk_reserve: bytesize::ByteSize,
 }
 
 impl Default for LimitsSection {
@@ -541,6 +544,7 @@ impl Default for LimitsSection {
             body_timeout: Duration::from_secs(60),
             max_connections: 4096,
             max_uploads: 512,
+            disk_reserve: bytesize::ByteSize::mib(64),
         }
     }
 }

@@ -18,6 +18,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(10);
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often the pull-through cache is held to its size cap and maximum age.
 const EVICT_EVERY: Duration = Duration::from_secs(5 * 60);
+/// How often the data directory's free space is looked at (reserve back, pushes accepted).
+const DISK_EVERY: Duration = Duration::from_secs(2);
 /// How often stale upload sessions are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(15 * 60);
 
@@ -40,6 +42,13 @@ impl Jobs {
                 if let Err(e) = s.store().flush_access().await {
                     warn!(error = %e, "writing pull times failed");
                 }
+            }
+        }));
+        let disk = state.disk.clone();
+        tracker.spawn(every(DISK_EVERY, cancel.clone(), move || {
+            let disk = disk.clone();
+            async move {
+                let _ = tokio::task::spawn_blocking(move || disk.recheck()).await;
             }
         }));
         let s = state.clone();

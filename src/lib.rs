@@ -9,6 +9,7 @@
 //! - [`proxy`]: the pull-through cache of upstream registries (health, credentials, prefetch).
 //! - [`auth`]: who is calling and what they may do (typed decisions; rules in `berth-auth`).
 //! - [`config`]: the configuration file and its defaults.
+//! - [`disk`]: a full data disk: the reserve, refusing pushes, recovering.
 //! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection,
 //!   eviction, prefetch).
 //! - [`limits`]: bounds on connections, uploads and slow clients.
@@ -26,6 +27,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod disk;
 pub mod jobs;
 pub mod limits;
 pub mod metrics;

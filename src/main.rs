@@ -113,6 +113,8 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         // Storage only: no proxy spool, no auth keys. Safe beside a running server: everything
         // that protects content (acknowledged blobs, the gc lease) lives in the database.
+        // On a full disk, the reserve makes room for the collection's own bookkeeping.
+        berth::disk::Disk::new(&config.data, config.limits.disk_reserve.as_u64()).prepare();
         let storage = config.storage_config()?;
         let store = berth_storage::Store::open(&storage)
             .await
@@ -122,6 +124,11 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
             Err(e @ berth_storage::Error::Busy { .. }) => {
                 anyhow::bail!("{e}; try again when it has finished")
             }
+            Err(e) if e.is_storage_full() => anyhow::bail!(
+                "{e}: the disk is full to the last byte, and a collection needs a little room to \
+                 record its work (Berth's reserve in the data directory is already spent); free \
+                 a few MiB (other files on this disk), then run it again"
+            ),
             Err(e) => return Err(e.into()),
         };
         #[allow(clippy::print_stdout)]
@@ -164,6 +171,11 @@ fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
             Err(e @ berth_storage::Error::Busy { .. }) => {
                 anyhow::bail!("{e}; try again when it has finished")
             }
+            Err(e) if e.is_storage_full() => anyhow::bail!(
+                "{e}: the disk is full to the last byte, and a collection needs a little room to \
+                 record its work (Berth's reserve in the data directory is already spent); free \
+                 a few MiB (other files on this disk), then run it again"
+            ),
             Err(e) => return Err(e.into()),
         };
         let done = proxy

@@ -37,12 +37,16 @@ pub struct AppState {
     pub auth: Option<Arc<AuthService>>,
     /// Bounds on connections, uploads and slow clients (per process).
     pub limits: crate::limits::Limits,
+    /// The data directory's reserve and whether it is full (per process).
+    pub disk: crate::disk::Disk,
 }
 
 impl AppState {
     /// Opens storage and sets up authentication and the cache as `config` says.
     pub async fn open(config: Config) -> Result<Self, StartError> {
         let auth = AuthService::from_config(&config)?.map(Arc::new);
+        let disk = crate::disk::Disk::new(&config.data, config.limits.disk_reserve.as_u64());
+        disk.prepare();
         let storage = config.storage_config()?;
         let mut store = Store::open(&storage).await?;
         match &config.peer_url {
@@ -62,6 +66,7 @@ impl AppState {
         let limits =
             crate::limits::Limits::new(&config.limits, crate::limits::raise_open_file_limit());
         Ok(Self {
+            disk,
             limits,
             registry: Registry::new(store, proxy),
             config: Arc::new(config),

@@ -118,7 +118,14 @@ pub struct ApiError {
     headers: Vec<(header::HeaderName, HeaderValue)>,
     /// What went wrong inside, for the log only.
     internal: Option<String>,
+    /// The failure was a full disk (see [`StorageFull`]).
+    storage_full: bool,
 }
+
+/// Left in a response's extensions when a write failed because storage is full, so the
+/// dispatcher can release the disk reserve ([`crate::disk::Disk::on_full`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StorageFull;
 
 /// The inside story of a failed request, left in the response's extensions for
 /// [`log_failures`].
@@ -140,7 +147,22 @@ impl ApiError {
             detail: None,
             headers: Vec::new(),
             internal: None,
+            storage_full: false,
         }
+    }
+
+    /// `507 Insufficient Storage`: a write failed, or would, because storage is full. The
+    /// message says what to do; `error` (if any) goes to the log.
+    pub fn storage_full(error: Option<String>) -> Self {
+        let mut e = Self::new(
+            Code::Unavailable,
+            "the registry's storage is full: pushes are refused until space is freed \
+             (delete images, then run garbage collection); pulls still work",
+        )
+        .with_status(StatusCode::INSUFFICIENT_STORAGE);
+        e.internal = error;
+        e.storage_full = true;
+        e
     }
 
     /// A generic `UNKNOWN` for the client; `error` goes to the log.
@@ -182,6 +204,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let msg = e.to_string();
+        if e.is_storage_full() {
+            return Self::storage_full(Some(msg));
+        }
         match e {
             StoreError::NameInvalid(_) => Self::new(Code::NameInvalid, msg),
             StoreError::TagInvalid(_) => Self::new(Code::TagInvalid, msg),
@@ -258,6 +283,11 @@ impl From<CacheError> for ApiError {
             CacheError::Upstream(e @ UpstreamError::CredentialsRefused(_)) => {
                 Self::new(Code::Unavailable, e.to_string()).with_status(StatusCode::BAD_GATEWAY)
             }
+            CacheError::Storage(m)
+                if m.contains("No space left on device") || m.contains("disk is full") =>
+            {
+                Self::storage_full(Some(format!("cache storage: {m}")))
+            }
             CacheError::Storage(m) => Self::internal(format!("cache storage: {m}")),
         }
     }
@@ -323,6 +353,9 @@ impl IntoResponse for ApiError {
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }
+        if self.storage_full {
+            resp.extensions_mut().insert(StorageFull);
+        }
         if let Some(error) = self.internal {
             resp.extensions_mut().insert(Failure {
                 error,
@@ -339,6 +372,14 @@ pub type ApiResult<T = Response> = Result<T, ApiError>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLITE_FULL, as rusqlite reports it.
+    fn rusqlite_full() -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(13),
+            Some("database or disk is full".into()),
+        )
+    }
 
     #[test]
     fn storage_errors_map_to_spec_codes() {
@@ -388,6 +429,17 @@ mod tests {
                 "UNAVAILABLE",
                 503,
             ),
+            (
+                StoreError::Io(std::io::Error::from_raw_os_error(28)),
+                "UNAVAILABLE",
+                507,
+            ),
+            (
+                StoreError::Io(std::io::Error::from_raw_os_error(122)),
+                "UNAVAILABLE",
+                507,
+            ),
+            (StoreError::Database(rusqlite_full()), "UNAVAILABLE", 507),
         ];
         for (e, code, status) in cases {
             let a = ApiError::from(e);

@@ -108,8 +108,14 @@ async fn add_api_version(mut resp: Response) -> Response {
     resp
 }
 
+/// Ready while storage answers. A full disk stays ready (200): pulls, deletes and garbage
+/// collection still work and are what frees space, so taking the server out of rotation would
+/// only stop pulls; the body and `berth_storage_full` say pushes are refused.
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.store().ping().await {
+        Ok(()) if state.disk.is_full() => {
+            "ready; storage full: pushes are refused until space is freed".into_response()
+        }
         Ok(()) => "ready".into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
@@ -158,11 +164,15 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
         }
     }
     // Bodies written to storage are bounded per process (memory, upload files); the place is
-    // held until the answer is made.
+    // held until the answer is made. On a full disk they are refused before any byte is read.
     let _upload = if matches!(
         op.route.name,
         "start_upload" | "patch_upload" | "put_upload" | "put_manifest"
     ) {
+        if state.disk.is_full() {
+            drain(req.into_body()).await;
+            return ApiError::storage_full(None).into_response();
+        }
         match state.limits.upload() {
             Some(permit) => Some(permit),
             None => {
@@ -180,9 +190,13 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
         None
     };
     let ns = op.ns.clone();
+    let disk = state.disk.clone();
     let mut resp = (op.route.handler)(state, op, req)
         .await
         .unwrap_or_else(IntoResponse::into_response);
+    if resp.extensions().get::<error::StorageFull>().is_some() {
+        disk.on_full();
+    }
     // containerd's ns, echoed when it chose the upstream.
     if let Some(ns) = ns
         && let Ok(v) = HeaderValue::from_str(&ns)

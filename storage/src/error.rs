@@ -103,5 +103,44 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// True when the failure is a full disk or an exhausted quota (the SQLite database, a
+    /// local file, or an object store reporting ENOSPC/EDQUOT): the client is told so and the
+    /// server frees its reserve, rather than a generic internal error.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Self::Database(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::DiskFull
+            }
+            Self::Io(e) => io_full(e),
+            Self::ObjectStore(e) => {
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+                while let Some(s) = source {
+                    if let Some(io) = s.downcast_ref::<std::io::Error>()
+                        && io_full(io)
+                    {
+                        return true;
+                    }
+                    source = s.source();
+                }
+                false
+            }
+            // PostgreSQL's disk_full (SQLSTATE 53100) arrives as its message.
+            Self::Postgres(m) | Self::Internal(m) => {
+                m.contains("No space left on device") || m.contains("53100")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT.
+fn io_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(28 | 122))
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

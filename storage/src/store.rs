@@ -69,12 +69,22 @@ impl Store {
     pub async fn open(config: &StorageConfig) -> Result<Self> {
         let backend = config.backend()?;
         if !matches!(config.blobs, crate::backend::BlobBackend::Memory) {
-            check_writable(&backend.objects).await.map_err(|e| {
-                Error::Internal(format!(
-                    "{} storage is not usable: {e}",
-                    config.blobs.name()
-                ))
-            })?;
+            match check_writable(&backend.objects).await {
+                Ok(()) => {}
+                // A full store still serves reads, deletes and collection: they are what
+                // frees space.
+                Err(e) if e.is_storage_full() => tracing::error!(
+                    error = %e,
+                    "blob storage is full: reads, deletes and garbage collection work, writes \
+                     fail until space is freed"
+                ),
+                Err(e) => {
+                    return Err(Error::Internal(format!(
+                        "{} storage is not usable: {e}",
+                        config.blobs.name()
+                    )));
+                }
+            }
         }
         let meta = config.metadata.open().await?;
         let mut store = Self::new(backend.objects, meta);

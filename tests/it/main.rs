@@ -6,6 +6,7 @@ mod backends;
 mod cli;
 mod clients;
 mod conformance;
+mod disk;
 mod durability;
 mod gc;
 mod limits;
