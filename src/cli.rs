@@ -22,6 +22,11 @@ pub enum Command {
     /// Collect garbage once and print what was removed. Safe against a stopped or a running
     /// Berth on the same data: the metadata database serialises it with the server's writes.
     Gc(GcArgs),
+    /// Check that the registry is whole: every blob's object exists with its size (and, with
+    /// `--verify-digests`, its digest), no blob object lacks its row, every manifest reference
+    /// resolves, upload sessions have their chunks. Prints a summary; exits 1 on problems.
+    /// `--repair` makes the safe repairs and says what it did. Safe beside a running server.
+    Fsck(FsckArgs),
     /// Bring every upstream's `prefetch` list into the cache once, printing each image; exits 1
     /// when an image could not be fetched. Safe beside a running server on the same data.
     Prefetch(PrefetchArgs),
@@ -98,6 +103,24 @@ pub struct GcArgs {
     /// Report what would be removed without removing anything.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `berth fsck` options.
+#[derive(Debug, clap::Args)]
+pub struct FsckArgs {
+    /// Data directory [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA")]
+    pub data: Option<PathBuf>,
+    /// Configuration file (TOML).
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Read every blob and check its digest (streamed; progress on standard error).
+    #[arg(long)]
+    pub verify_digests: bool,
+    /// Drop rows of missing or corrupt blobs (clients upload them again), record orphan
+    /// objects for garbage collection, end upload sessions whose chunks are gone.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// `berth prefetch` options.

@@ -1,7 +1,7 @@
 //! The `berth` binary: parse the command line, load the configuration, run.
 
 use anyhow::Context;
-use berth::cli::{Cli, Command, GcArgs, MigrateArgs, PrefetchArgs, ServeArgs};
+use berth::cli::{Cli, Command, FsckArgs, GcArgs, MigrateArgs, PrefetchArgs, ServeArgs};
 use berth::config::Config;
 use clap::Parser;
 
@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args),
         Command::Gc(args) => gc(args),
+        Command::Fsck(args) => fsck(args),
         Command::MigrateMetadata(args) => migrate_metadata(args),
         Command::Prefetch(args) => prefetch(args),
         Command::Healthcheck { listen } => healthcheck(listen),
@@ -139,6 +140,70 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
     })
 }
 
+fn fsck(args: FsckArgs) -> anyhow::Result<()> {
+    let mut config = load(args.config.as_deref())?;
+    if let Some(d) = args.data {
+        config.data = d;
+    }
+    berth::telemetry::init(&config.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let clean = rt.block_on(async move {
+        let storage = config.storage_config()?;
+        let store = std::sync::Arc::new(
+            berth_storage::Store::open(&storage)
+                .await
+                .context("opening storage")?,
+        );
+        // Cached repositories may name content not fetched yet: their references are not
+        // problems. The proxy is built only to know their names; nothing is fetched.
+        let spool = tempfile_dir(&config.data)?;
+        let proxy = berth::proxy::Proxy::from_config(
+            &config,
+            store.clone(),
+            berth::proxy::Spool::At(spool.clone()),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let _ = std::fs::remove_dir_all(&spool);
+        let opts = berth_storage::FsckOptions {
+            verify_digests: args.verify_digests,
+            repair: args.repair,
+            grace: config.gc.grace,
+            is_cache: Box::new(move |name| proxy.as_ref().is_some_and(|p| p.is_cache_name(name))),
+            progress: Some(Box::new(|p| {
+                let secs = p.elapsed.as_secs_f64().max(1e-3);
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!(
+                        "verified {}/{} blobs, {} of {} ({:.0}%), {}/s",
+                        p.blobs,
+                        p.blobs_total,
+                        bytesize::ByteSize::b(p.bytes),
+                        bytesize::ByteSize::b(p.bytes_total),
+                        if p.bytes_total == 0 {
+                            100.0
+                        } else {
+                            p.bytes as f64 * 100.0 / p.bytes_total as f64
+                        },
+                        bytesize::ByteSize::b((p.bytes as f64 / secs) as u64)
+                    );
+                }
+            })),
+        };
+        let report = store.fsck(&opts).await?;
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{report}");
+        }
+        anyhow::Ok(report.unrepaired == 0)
+    })?;
+    if !clean {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
     let mut config = load(args.config.as_deref())?;
     if let Some(d) = args.data {
@@ -171,11 +236,6 @@ fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
             Err(e @ berth_storage::Error::Busy { .. }) => {
                 anyhow::bail!("{e}; try again when it has finished")
             }
-            Err(e) if e.is_storage_full() => anyhow::bail!(
-                "{e}: the disk is full to the last byte, and a collection needs a little room to \
-                 record its work (Berth's reserve in the data directory is already spent); free \
-                 a few MiB (other files on this disk), then run it again"
-            ),
             Err(e) => return Err(e.into()),
         };
         let done = proxy

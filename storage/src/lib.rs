@@ -13,7 +13,8 @@
 //! - [`store`]: the [`Store`] and what its operations share; the operations by concern:
 //!   [`blobs`] (reads, mounts), [`uploads`] (sessions), [`manifests`] (pushes, tags, listings,
 //!   referrers), [`pulls`] (batched pull times), [`gc`] (online garbage collection),
-//!   [`evict`] (cache eviction), [`lease`] (one holder at a time, across processes).
+//!   [`evict`] (cache eviction), [`lease`] (one holder at a time, across processes),
+//!   [`fsck`] (is the registry whole, and safe repairs).
 //! - [`meta`]: the metadata seam, one trait per concern, and its backends ([`meta::sqlite`],
 //!   [`meta::postgres`]).
 //! - [`backend`]: storage configuration → object store.
@@ -33,6 +34,7 @@ pub mod blob;
 pub mod blobs;
 pub mod error;
 pub mod evict;
+pub mod fsck;
 pub mod gc;
 mod instance;
 pub mod lease;
@@ -51,6 +53,7 @@ pub use blob::ByteStream;
 pub use blobs::BlobRead;
 pub use error::{Error, Result};
 pub use evict::{EvictPolicy, EvictReport};
+pub use fsck::{FsckOptions, FsckReport};
 pub use gc::{GcPolicy, GcReport, GcRun};
 pub use manifests::{MAX_MANIFEST_SIZE, PutManifest, StoredManifest};
 pub use meta::{Metadata, Page, Referrer};

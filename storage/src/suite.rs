@@ -820,7 +820,108 @@ const CHECKS: &[(&str, Check)] = &[
     ("confirmations_and_the_relay_secret_are_shared", |e| {
         confirmations_and_the_relay_secret_are_shared(e).boxed()
     }),
+    ("fsck_finds_what_is_wrong_and_repairs_it_safely", |e| {
+        fsck_finds_what_is_wrong_and_repairs_it_safely(e).boxed()
+    }),
 ];
+
+async fn fsck_finds_what_is_wrong_and_repairs_it_safely(env: &Env) {
+    use crate::fsck::{BlobProblem, FsckOptions};
+    let t = T::new(env);
+    let opts = |repair| FsckOptions {
+        verify_digests: true,
+        repair,
+        grace: Duration::ZERO,
+        is_cache: Box::new(|name: &str| name.starts_with("cache/")),
+        progress: None,
+    };
+    let (ma, a) = t.image("fsck/a", "v1", "a", None).await;
+    let (_, b) = t.image("fsck/b", "v1", "b", None).await;
+    // A cached manifest may name what was not fetched yet.
+    let cached = json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256(b"nope").to_string(), "size": 4},
+        "layers": [],
+    });
+    t.s.put_cached_manifest(
+        &"cache/x".parse().unwrap(),
+        &"v1".parse().unwrap(),
+        "application/vnd.oci.image.manifest.v1+json",
+        Bytes::from(cached.to_string()),
+    )
+    .await
+    .unwrap();
+    let r = t.s.fsck(&opts(false)).await.unwrap();
+    assert!(r.is_clean(), "{r}");
+    assert_eq!((r.blobs, r.verified), (4, 4));
+    // Pushed a while ago (a repair leaves alone what was touched since the check began).
+    age(&t.s).await;
+
+    t.objects.delete(&blob_key(&a[1])).await.unwrap();
+    t.objects
+        .put(&blob_key(&b[1]), Bytes::from_static(b"LAYER b").into())
+        .await
+        .unwrap();
+    let stray = Digest::sha256(b"stray");
+    t.objects
+        .put(&blob_key(&stray), Bytes::from_static(b"stray").into())
+        .await
+        .unwrap();
+    let r = t.s.fsck(&opts(false)).await.unwrap();
+    assert_eq!(r.bad_blobs.len(), 2, "{r}");
+    assert!(
+        r.bad_blobs
+            .contains(&(a[1].to_string(), BlobProblem::Missing))
+    );
+    assert!(matches!(
+        r.bad_blobs.iter().find(|(d, _)| *d == b[1].to_string()),
+        Some((_, BlobProblem::Corrupt { .. }))
+    ));
+    assert_eq!(r.orphans, vec![(stray.to_string(), 5)]);
+    assert_eq!(r.broken_images.len(), 2, "{r}");
+    assert!(r.broken_images.iter().any(|i| i.repo == "fsck/a"
+        && i.digest == ma.to_string()
+        && i.tags == vec!["v1".to_owned()]));
+    assert_eq!(r.unrepaired, 3);
+
+    // A blob touched since the check began is left alone by a repair (here the corrupt one,
+    // pushed again, which also heals it).
+    let since = now();
+    T {
+        s: t.other(),
+        objects: t.objects.clone(),
+        sibling: env.meta.clone(),
+    }
+    .blob("fsck/b", b"layer b")
+    .await;
+    let kept = env
+        .meta
+        .drop_blobs(vec![b[1].to_string()], since)
+        .await
+        .unwrap();
+    assert!(
+        kept.is_empty(),
+        "a blob a push just placed again is not dropped"
+    );
+
+    let r = t.s.fsck(&opts(true)).await.unwrap();
+    assert_eq!(r.unrepaired, 0, "{r}");
+    assert!(
+        !env.meta.has_blob(&a[1].to_string()).await.unwrap(),
+        "the missing blob's row went"
+    );
+    assert!(
+        env.meta.has_blob(&stray.to_string()).await.unwrap(),
+        "the orphan is recorded"
+    );
+    // The dropped blob's image now names a blob its repository lacks, until it is pushed again.
+    let r = t.s.fsck(&opts(false)).await.unwrap();
+    assert_eq!(r.dangling.len(), 1, "{r}");
+    assert_eq!(r.dangling[0].child, a[1].to_string());
+    t.blob("fsck/a", b"layer a").await;
+    let r = t.s.fsck(&opts(false)).await.unwrap();
+    assert!(r.is_clean(), "{r}");
+}
 
 /// Runs every check, each on a fresh [`Env`] from `open`, printing a line per check; panics
 /// at the end naming every check that failed.

@@ -8,6 +8,7 @@ mod clients;
 mod conformance;
 mod disk;
 mod durability;
+mod fsck;
 mod gc;
 mod limits;
 

@@ -16,6 +16,7 @@
 //! | [`GcMeta`] | garbage collection's mark and sweep, its record, cache eviction |
 //! | [`LeaseMeta`] | one holder at a time for cluster-wide work |
 //! | [`ClusterMeta`] | what else the processes sharing the metadata agree on |
+//! | [`FsckMeta`] | what `berth fsck` reads, and the repairs it may make |
 //!
 //! Backends: [`sqlite`] (one file, one writer: the zero-configuration default) and
 //! [`postgres`] (one database under any number of replicas). Every backend passes the storage
@@ -322,6 +323,70 @@ pub trait ClusterMeta {
     fn shared_secret(&self, candidate: &str) -> Fut<'_, String>;
 }
 
+/// A manifest reference that does not resolve in its repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dangling {
+    /// The repository.
+    pub repo: String,
+    /// The manifest holding the reference.
+    pub manifest: String,
+    /// What it names.
+    pub child: String,
+    /// `blob` or `manifest`.
+    pub kind: String,
+}
+
+/// A manifest in a repository, with the tags pointing at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The repository.
+    pub repo: String,
+    /// The manifest's digest.
+    pub digest: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+}
+
+/// An upload session as recorded: committed size and the recorded chunks (key, size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRecord {
+    /// The session id.
+    pub id: String,
+    /// Committed bytes.
+    pub size: u64,
+    /// Its chunks' objects and sizes (one key repeated for a file written in place).
+    pub parts: Vec<(String, u64)>,
+}
+
+/// What `berth fsck` reads, and the repairs it may make.
+pub trait FsckMeta {
+    /// Blob rows (digest, size) after `after` in digest order, at most `n`.
+    fn blob_rows<'a>(&'a self, after: Option<&'a str>, n: usize) -> Fut<'a, Vec<(String, u64)>>;
+
+    /// Whether a blob row exists.
+    fn has_blob<'a>(&'a self, digest: &'a str) -> Fut<'a, bool>;
+
+    /// Manifest references whose target the repository does not hold (at most `limit`).
+    fn dangling_references(&self, limit: usize) -> Fut<'_, Vec<Dangling>>;
+
+    /// Manifests that name any of `digests` as a blob.
+    fn manifests_using(&self, digests: Vec<String>) -> Fut<'_, Vec<ImageRef>>;
+
+    /// Repair: drops the rows of blobs whose objects are gone or wrong, with every repository
+    /// link; returns the digests dropped. Their manifests stay (a re-push of the image uploads
+    /// the blob again: clients HEAD it first and now hear 404). A blob uploaded, mounted, linked
+    /// or read at or after `untouched_since` is left alone: a push may be placing it again.
+    fn drop_blobs(&self, digests: Vec<String>, untouched_since: i64) -> Fut<'_, Vec<String>>;
+
+    /// Repair: records blob objects that have no row as unreferenced blobs (digest, size)
+    /// created at `t`, so that garbage collection frees them after its grace period, under the
+    /// same protocol as any other blob; returns how many were recorded.
+    fn adopt_objects(&self, objects: Vec<(String, u64)>, t: i64) -> Fut<'_, u64>;
+
+    /// Every upload session.
+    fn upload_records(&self) -> Fut<'_, Vec<UploadRecord>>;
+}
+
 /// A metadata backend: every concern, plus health.
 pub trait Metadata:
     BlobMeta
@@ -330,6 +395,7 @@ pub trait Metadata:
     + GcMeta
     + LeaseMeta
     + ClusterMeta
+    + FsckMeta
     + std::fmt::Debug
     + Send
     + Sync

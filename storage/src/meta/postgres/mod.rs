@@ -28,6 +28,7 @@
 
 mod blobs;
 mod cluster;
+mod fsck;
 mod gc;
 mod leases;
 mod manifests;
