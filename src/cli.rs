@@ -121,6 +121,10 @@ pub struct FsckArgs {
     /// objects for garbage collection, end upload sessions whose chunks are gone.
     #[arg(long)]
     pub repair: bool,
+    /// Objects younger than this are not called orphans (a commit in progress writes its
+    /// object first) [default: gc.grace]. With every server stopped, "0s" checks everything.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub grace: Option<std::time::Duration>,
 }
 
 /// `berth prefetch` options.

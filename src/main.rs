@@ -169,7 +169,7 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
         let opts = berth_storage::FsckOptions {
             verify_digests: args.verify_digests,
             repair: args.repair,
-            grace: config.gc.grace,
+            grace: args.grace.unwrap_or(config.gc.grace),
             is_cache: Box::new(move |name| proxy.as_ref().is_some_and(|p| p.is_cache_name(name))),
             progress: Some(Box::new(|p| {
                 let secs = p.elapsed.as_secs_f64().max(1e-3);

@@ -261,7 +261,7 @@ impl Store {
             let page = self.meta.blob_rows(after.as_deref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.0.clone());
-            for (d, size) in page {
+            for (d, size, visible) in page {
                 report.blobs += 1;
                 report.blob_bytes += size;
                 let found = match objects.remove(&d) {
@@ -270,6 +270,8 @@ impl Store {
                     None => self.object_size(&d).await?,
                 };
                 match found {
+                    // Unlinked: a commit placing it, or garbage a collection frees.
+                    None if !visible => {}
                     None => report.bad_blobs.push((d, BlobProblem::Missing)),
                     Some(n) if n != size => report.bad_blobs.push((
                         d,

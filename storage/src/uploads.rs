@@ -277,6 +277,11 @@ impl Store {
                 computed: computed.to_string(),
             });
         }
+        // A row first (unlinked, invisible): a crash before the commit leaves collection
+        // something to free the object by.
+        self.meta
+            .reserve_blob(&digest.to_string(), size, now())
+            .await?;
         area::place(&self.objects, source.as_ref(), digest).await?;
         debug!(size, digest = %digest, "blob object in place");
         Ok(source)

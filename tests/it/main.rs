@@ -6,6 +6,7 @@ mod backends;
 mod cli;
 mod clients;
 mod conformance;
+mod crash;
 mod disk;
 mod durability;
 mod fsck;

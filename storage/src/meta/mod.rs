@@ -180,6 +180,12 @@ pub trait UploadMeta {
     /// The committed size and the chunk keys, in order; `None` when there is no such session.
     fn upload_parts(&self, repo: &str, id: &str) -> Fut<'_, Option<(u64, Vec<String>)>>;
 
+    /// Records blob `digest` of `size` bytes (if new) before its object is placed: unlinked, so
+    /// no client sees it, and queued for review, so that a crash between placing the object
+    /// and [`UploadMeta::commit_blob`] leaves garbage collection a row to free it by, instead
+    /// of an object nothing knows.
+    fn reserve_blob(&self, digest: &str, size: u64, t: i64) -> Fut<'_, ()>;
+
     /// Ends session `id` with blob `digest` of `size` bytes: the blob row (if new), the link
     /// into `repo`, its protection from `t`, the session gone, in one transaction.
     fn commit_blob(&self, repo: &str, id: &str, digest: &str, size: u64, t: i64) -> Fut<'_, ()>;
@@ -360,8 +366,14 @@ pub struct UploadRecord {
 
 /// What `berth fsck` reads, and the repairs it may make.
 pub trait FsckMeta {
-    /// Blob rows (digest, size) after `after` in digest order, at most `n`.
-    fn blob_rows<'a>(&'a self, after: Option<&'a str>, n: usize) -> Fut<'a, Vec<(String, u64)>>;
+    /// Blob rows (digest, size, visible) after `after` in digest order, at most `n`; visible
+    /// when some repository links the blob and no collection has marked it (an unlinked row
+    /// is a commit in progress or garbage, and may lack its object).
+    fn blob_rows<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        n: usize,
+    ) -> Fut<'a, Vec<(String, u64, bool)>>;
 
     /// Whether a blob row exists.
     fn has_blob<'a>(&'a self, digest: &'a str) -> Fut<'a, bool>;

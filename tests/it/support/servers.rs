@@ -25,6 +25,12 @@ impl TestServer {
     }
 
     pub(crate) async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        // Warnings and failures of in-process servers show in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("warn")
+            .with_ansi(false)
+            .try_init();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             data: dir.path().to_owned(),

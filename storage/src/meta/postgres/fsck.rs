@@ -4,20 +4,27 @@ use super::{PgMeta, db};
 use crate::meta::{Dangling, FsckMeta, Fut, ImageRef, UploadRecord};
 
 impl FsckMeta for PgMeta {
-    fn blob_rows<'a>(&'a self, after: Option<&'a str>, n: usize) -> Fut<'a, Vec<(String, u64)>> {
+    fn blob_rows<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        n: usize,
+    ) -> Fut<'a, Vec<(String, u64, bool)>> {
         let after = after.unwrap_or("").to_owned();
         Box::pin(async move {
             let c = self.client().await?;
             let rows = c
                 .query(
-                    "SELECT digest, size FROM blobs WHERE digest > $1 ORDER BY digest LIMIT $2",
+                    "SELECT b.digest, b.size,
+                            EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                            AND NOT EXISTS (SELECT 1 FROM gc_pending g WHERE g.digest = b.digest)
+                     FROM blobs b WHERE b.digest > $1 ORDER BY b.digest LIMIT $2",
                     &[&after, &(n as i64)],
                 )
                 .await
                 .map_err(db)?;
             Ok(rows
                 .iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64, r.get(2)))
                 .collect())
         })
     }

@@ -96,6 +96,30 @@ impl UploadMeta for PgMeta {
         })
     }
 
+    fn reserve_blob(&self, digest: &str, size: u64, t: i64) -> Fut<'_, ()> {
+        let d = digest.to_owned();
+        Box::pin(self.tx(false, move |tx| {
+            let d = d.clone();
+            Box::pin(async move {
+                // As a commit: shared with commits, exclusive to a sweep of this digest.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
+                    &[&d],
+                )
+                .await
+                .map_err(db)?;
+                tx.execute(
+                    "INSERT INTO blobs (digest, size, created_at, last_access) VALUES ($1, $2, $3, $3)
+                     ON CONFLICT (digest) DO NOTHING",
+                    &[&d, &(size as i64), &t],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        }))
+    }
+
     fn commit_blob(&self, repo: &str, id: &str, digest: &str, size: u64, t: i64) -> Fut<'_, ()> {
         let (name, sid, d) = (repo.to_owned(), id.to_owned(), digest.to_owned());
         Box::pin(self.tx(false, move |tx| {

@@ -6,15 +6,26 @@ use super::SqliteMeta;
 use crate::meta::{Dangling, FsckMeta, Fut, ImageRef, UploadRecord};
 
 impl FsckMeta for SqliteMeta {
-    fn blob_rows<'a>(&'a self, after: Option<&'a str>, n: usize) -> Fut<'a, Vec<(String, u64)>> {
+    fn blob_rows<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        n: usize,
+    ) -> Fut<'a, Vec<(String, u64, bool)>> {
         let after = after.unwrap_or("").to_owned();
         Box::pin(self.db.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT digest, size FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
+                "SELECT b.digest, b.size,
+                        EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                        AND NOT EXISTS (SELECT 1 FROM gc_pending g WHERE g.digest = b.digest)
+                 FROM blobs b WHERE b.digest > ?1 ORDER BY b.digest LIMIT ?2",
             )?;
             let rows = st
                 .query_map(params![after, n as i64], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, bool>(2)?,
+                    ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)

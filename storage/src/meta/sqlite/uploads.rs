@@ -81,6 +81,18 @@ impl UploadMeta for SqliteMeta {
         }))
     }
 
+    fn reserve_blob(&self, digest: &str, size: u64, t: i64) -> Fut<'_, ()> {
+        let d = digest.to_owned();
+        Box::pin(self.db.write(move |tx| {
+            tx.execute(
+                "INSERT INTO blobs (digest, size, created_at, last_access) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (digest) DO NOTHING",
+                params![d, size as i64, t],
+            )?;
+            Ok(())
+        }))
+    }
+
     fn commit_blob(&self, repo: &str, id: &str, digest: &str, size: u64, t: i64) -> Fut<'_, ()> {
         let (name, sid, d) = (repo.to_owned(), id.to_owned(), digest.to_owned());
         Box::pin(self.db.write(move |tx| {
