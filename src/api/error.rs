@@ -238,6 +238,16 @@ impl From<StoreError> for ApiError {
                 Self::new(Code::ManifestInvalid, msg).with_status(StatusCode::PAYLOAD_TOO_LARGE)
             }
             StoreError::Body(_) => Self::new(Code::BlobUploadInvalid, msg),
+            // The object store kept failing through its retries: the client may retry later.
+            ref e if e.is_store_unavailable() => {
+                let mut e = Self::new(
+                    Code::Unavailable,
+                    "blob storage is failing (the object store did not answer through retries); retry shortly",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                e.internal = Some(msg);
+                e
+            }
             StoreError::MetadataUnavailable(_) => {
                 let mut e = Self::new(
                     Code::Unavailable,

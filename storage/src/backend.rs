@@ -151,6 +151,7 @@ impl StorageConfig {
             BlobBackend::S3(c) => {
                 install_crypto();
                 let mut b = AmazonS3Builder::from_env()
+                    .with_retry(retry_config())
                     .with_bucket_name(&c.bucket)
                     .with_allow_http(c.allow_http)
                     .with_virtual_hosted_style_request(c.virtual_hosted_style);
@@ -171,6 +172,7 @@ impl StorageConfig {
             BlobBackend::Azure(c) => {
                 install_crypto();
                 let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_retry(retry_config())
                     .with_container_name(&c.bucket)
                     .with_allow_http(c.allow_http);
                 if let Some(v) = &c.access_key_id {
@@ -186,7 +188,9 @@ impl StorageConfig {
             }
             BlobBackend::Gcs(c) => {
                 install_crypto();
-                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&c.bucket);
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_retry(retry_config())
+                    .with_bucket_name(&c.bucket);
                 if let Some(v) = &c.service_account_key {
                     b = b.with_service_account_path(v.to_string_lossy());
                 }
@@ -226,6 +230,24 @@ impl Backend {
             signer_prefix: prefix,
             local_root: None,
         }
+    }
+}
+
+/// How object-store requests are retried: server errors (5xx, 429), timeouts and dropped
+/// connections are retried with jittered exponential backoff from 100 ms up to 2 s between
+/// tries, at most 6 retries and never past 15 s from the first try. A store that keeps failing
+/// is reported to the client within about 15 s (`503 UNAVAILABLE`) instead of after
+/// object_store's default of 3 minutes, and a client's own retry (docker retries a failed
+/// layer) starts sooner.
+pub fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 6,
+        retry_timeout: std::time::Duration::from_secs(15),
     }
 }
 

@@ -134,6 +134,19 @@ impl Error {
     }
 }
 
+impl Error {
+    /// True when a cloud object store kept failing through its retries (server errors,
+    /// timeouts, dropped connections): the request may succeed later.
+    pub fn is_store_unavailable(&self) -> bool {
+        match self {
+            Self::ObjectStore(object_store::Error::Generic { store, .. }) => {
+                *store != "LocalFileSystem" && *store != "InMemory"
+            }
+            _ => false,
+        }
+    }
+}
+
 /// ENOSPC or EDQUOT.
 fn io_full(e: &std::io::Error) -> bool {
     matches!(

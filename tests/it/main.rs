@@ -9,6 +9,7 @@ mod conformance;
 mod crash;
 mod disk;
 mod durability;
+mod faults;
 mod fsck;
 mod gc;
 mod limits;
