@@ -11,6 +11,7 @@ mod disk;
 mod durability;
 mod faults;
 mod fsck;
+mod garbage;
 mod gc;
 mod limits;
 
