@@ -5,7 +5,37 @@ use berth::cli::{Cli, Command, FsckArgs, GcArgs, MigrateArgs, PrefetchArgs, Serv
 use berth::config::Config;
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("Error: {}", report(&e));
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once: a message that already quotes its
+/// cause (`opening storage: <cause>`) is not followed by that cause again.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => {
@@ -292,9 +322,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let summary = config.summary();
         let data = config.data.display().to_string();
         let peer_url = config.peer_url.clone().unwrap_or_default();
-        let state = berth::AppState::open(config)
-            .await
-            .context("opening storage")?;
+        // Its errors say what failed: storage, authentication, the cache.
+        let state = berth::AppState::open(config).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;

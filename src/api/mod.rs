@@ -153,6 +153,14 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
                 .into_response();
         }
     };
+    // A name outside the grammar is refused before authorization: no token could ever grant
+    // a scope on it, and its validity reveals nothing.
+    if !op.repository().is_empty()
+        && let Err(e) = op.repository().parse::<berth_storage::RepoName>()
+    {
+        drain(req.into_body()).await;
+        return ApiError::from(e).into_response();
+    }
     let ip = access::client_ip(&req, &state.config.auth.trusted_proxies);
     match access::authorize(&state, &op, req.headers(), ip).await {
         Ok(caller) => {

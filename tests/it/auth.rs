@@ -581,6 +581,25 @@ async fn name_tricks_get_nothing() {
         let status = raw_get(&s, path, &carol).await;
         assert!(status.starts_with("HTTP/1.1 4"), "{path}: {status}");
     }
+    // A name outside the grammar is 400 NAME_INVALID, with or without a token: never a
+    // challenge for a scope no token service grants.
+    let c = crate::support::client();
+    for path in [
+        "/v2/Team/App/manifests/1",
+        "/v2/a..b/tags/list",
+        "/v2/x/-y/tags/list",
+    ] {
+        for bearer in [None, Some(carol.as_str())] {
+            let mut r = c.get(s.url(path));
+            if let Some(b) = bearer {
+                r = r.bearer_auth(b);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 400, "{path}");
+            assert!(r.headers().get("www-authenticate").is_none(), "{path}");
+            assert!(r.text().await.unwrap().contains("NAME_INVALID"), "{path}");
+        }
+    }
 }
 
 /// A GET with the path exactly as given; the status line.

@@ -43,6 +43,56 @@ fn serve_refuses_a_bad_config_before_listening() {
 }
 
 #[test]
+fn start_up_errors_name_what_failed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // An htpasswd line made by `htpasswd -m` (not bcrypt): an authentication error, not storage.
+    let users = dir.path().join("users");
+    std::fs::write(&users, "bob:$apr1$abc$defghijklmnopqrstuv\n").unwrap();
+    let config = dir.path().join("auth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nmode = \"basic\"\nhtpasswd = \"{}\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let (ok, err) = berth(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("only bcrypt hashes") && last.contains("line 1"),
+        "{err}"
+    );
+    assert!(!err.contains("opening storage"), "mislabelled: {err}");
+    assert!(
+        !err.contains("Caused by"),
+        "one line, each cause once: {err}"
+    );
+    // A storage error says so once.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let (ok, err) = berth(&[
+        "serve",
+        "--data",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok);
+    assert_eq!(err.matches("opening storage").count(), 1, "{err}");
+}
+
+#[test]
 fn healthcheck_answers_for_a_running_berth_only() {
     let dir = tempfile::tempdir().unwrap();
     let p = crate::support::spawn_berth(&dir.path().join("data"));
