@@ -910,6 +910,23 @@ impl Config {
                 humantime::format_duration(st.redirect_ttl())
             ));
         }
+        let (endpoint, allow_http) = match st {
+            StorageSection::S3(c) => (&c.endpoint, Some(c.allow_http)),
+            StorageSection::Azure(c) => (&c.endpoint, Some(c.allow_http)),
+            StorageSection::Gcs(c) => (&c.endpoint, None),
+            _ => (&None, None),
+        };
+        if let Some(e) = endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                problems.push(format!(
+                    "storage.endpoint: {e:?} must start with https:// (or http:// with allow_http = true)"
+                ));
+            } else if e.starts_with("http://") && allow_http == Some(false) {
+                problems.push(format!(
+                    "storage.endpoint: {e:?} is plain HTTP; set allow_http = true to allow it (test servers), or use https://"
+                ));
+            }
+        }
         self.validate_metadata(&mut problems);
         if self.registry.upload_expiry < Duration::from_secs(60) {
             problems.push("registry.upload_expiry: must be at least 1m".to_owned());
@@ -1247,10 +1264,22 @@ mod tests {
     #[test]
     fn storage_keys_are_checked_against_the_backend() {
         let c = Config::parse(
-            "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n",
+            "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\nallow_http = true\n",
         )
         .unwrap();
         assert!(c.storage.redirects());
+        // An endpoint without a scheme, or plain HTTP without allow_http, is named.
+        for (endpoint, says) in [
+            ("minio.local:9000", "must start with https://"),
+            ("http://minio.local:9000", "set allow_http = true"),
+        ] {
+            let e = Config::parse(&format!(
+                "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint = \"{endpoint}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("storage.endpoint") && e.contains(says), "{e}");
+        }
         let e = Config::parse("[storage]\nbackend = \"s3\"\n")
             .unwrap_err()
             .to_string();
