@@ -119,6 +119,17 @@ pub struct AuthService {
 impl AuthService {
     /// Builds the service for `config`; `None` when authentication is off.
     pub fn from_config(config: &Config) -> Result<Option<Self>, AuthSetupError> {
+        Self::build(config, true)
+    }
+
+    /// Checks what [`AuthService::from_config`] would load (user file, policy, keys of
+    /// trusted issuers, the token key if it exists) without writing anything: a missing token
+    /// key is generated only by `serve`.
+    pub fn check(config: &Config) -> Result<(), AuthSetupError> {
+        Self::build(config, false).map(|_| ())
+    }
+
+    fn build(config: &Config, generate_key: bool) -> Result<Option<Self>, AuthSetupError> {
         let a = &config.auth;
         if a.mode == AuthMode::None {
             return Ok(None);
@@ -136,11 +147,17 @@ impl AuthService {
                     .key
                     .clone()
                     .unwrap_or_else(|| config.data.join("auth").join("token.key"));
-                let key = SigningKey::load_or_generate(&path)?;
-                tracing::info!(kid = key.kid(), "token signing key loaded");
-                let issuer = Issuer::new(key, &t.issuer, &t.service, t.ttl);
-                verifier.trust_own(&issuer);
-                Some(issuer)
+                if !generate_key && !path.exists() {
+                    None // `serve` generates it
+                } else {
+                    let key = SigningKey::load_or_generate(&path)?;
+                    if generate_key {
+                        tracing::info!(kid = key.kid(), "token signing key loaded");
+                    }
+                    let issuer = Issuer::new(key, &t.issuer, &t.service, t.ttl);
+                    verifier.trust_own(&issuer);
+                    Some(issuer)
+                }
             }
             _ => None,
         };

@@ -49,10 +49,16 @@ pub enum Command {
     /// replicas; checks the copy by counts and digests. Blobs stay where they are: replicas
     /// need them on an object store (copy `<data>/blobs/` to the bucket under the same keys).
     MigrateMetadata(MigrateArgs),
-    /// Check a configuration file and exit (0 when valid).
+    /// Check a configuration file as `serve` would (values, and the files it names: TLS,
+    /// htpasswd, keys, secrets, directories) and exit: 0 when `serve` can start with it, else
+    /// every problem at once.
     CheckConfig {
         /// The file to check.
         file: PathBuf,
+        /// Check the values only, not the files they name (a configuration checked away from
+        /// the machine that will run it, as in CI).
+        #[arg(long)]
+        no_files: bool,
     },
 }
 

@@ -848,16 +848,21 @@ impl Config {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg = Self::read(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a configuration file without validating it (see
+    /// [`crate::preflight`], which reports every problem at once).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
-            other => other,
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
         })
     }
 
@@ -1021,6 +1026,9 @@ impl Config {
 
     fn validate_auth(&self, problems: &mut Vec<String>) {
         let a = &self.auth;
+        if a.token.ttl < Duration::from_secs(1) {
+            problems.push("auth.token.ttl: must be at least 1s".to_owned());
+        }
         if a.mode != AuthMode::None && a.htpasswd.is_none() && a.token.trusted.is_empty() {
             problems.push(
                 format!(

@@ -13,6 +13,7 @@
 //! - [`jobs`]: background work (pull-time flushes, upload expiry, garbage collection,
 //!   eviction, prefetch).
 //! - [`limits`]: bounds on connections, uploads and slow clients.
+//! - [`preflight`]: the one validation `check-config` and `serve` share.
 //! - [`metrics`]: the Prometheus recorder and `/metrics`.
 //! - [`cli`]: command-line parsing.
 //! - [`state`]: shared handler state.
@@ -31,6 +32,7 @@ pub mod disk;
 pub mod jobs;
 pub mod limits;
 pub mod metrics;
+pub mod preflight;
 pub mod proxy;
 pub mod registry;
 pub mod state;

@@ -38,8 +38,20 @@ fn report(e: &anyhow::Error) -> String {
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => {
-            Config::load(&file)?;
+        Command::CheckConfig { file, no_files } => {
+            let config = Config::read(&file)?;
+            let problems = if no_files {
+                match config.validate() {
+                    Ok(()) => Vec::new(),
+                    Err(berth::config::ConfigError::Invalid(p)) => p,
+                    Err(e) => vec![e.to_string()],
+                }
+            } else {
+                berth::preflight::check(&config)
+            };
+            if !problems.is_empty() {
+                return Err(berth::config::ConfigError::Invalid(problems).into());
+            }
             eprintln!("{}: ok", file.display());
             Ok(())
         }
@@ -301,7 +313,11 @@ fn tempfile_dir(data: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_deref())?;
+    // Validated below, after the command line's overrides, with the file-level checks.
+    let mut config = match args.config.as_deref() {
+        Some(path) => Config::read(path)?,
+        None => Config::default(),
+    };
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -311,7 +327,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(p) = args.peer_url {
         config.peer_url = Some(p);
     }
-    config.validate()?;
+    // The same checks as `berth check-config`, every problem at once, before anything starts.
+    let problems = berth::preflight::check(&config);
+    if !problems.is_empty() {
+        return Err(berth::config::ConfigError::Invalid(problems).into());
+    }
     berth::telemetry::init(&config.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -13,6 +13,34 @@ fn berth(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `berth` with `args`, expecting it to exit with an error within 20 s: its standard
+/// error, or `None` if it succeeded or was still running (then it is killed).
+fn refused(args: &[&str]) -> Option<String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run berth");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read as _;
+                let _ = e.read_to_string(&mut err);
+            }
+            return (!status.success()).then_some(err);
+        }
+        if std::time::Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn check_config_accepts_good_files_and_names_bad_keys() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,6 +68,111 @@ fn serve_refuses_a_bad_config_before_listening() {
     std::fs::write(&bad, "listen = 5\n").unwrap();
     let (ok, err) = berth(&["serve", "--config", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("listen"), "{err}");
+}
+
+/// Broken configurations, each with what the refusal must name: `check-config` and `serve`
+/// refuse every one, with the same message, before anything starts.
+#[test]
+fn check_config_and_serve_refuse_the_same_broken_configurations() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = crate::pki::Ca::new(d, "ca");
+    let good = ca.server(&d.join("good.crt"), &d.join("good.key"));
+    let other = ca.server(&d.join("other.crt"), &d.join("other.key"));
+    std::fs::write(d.join("garbage.pem"), "not pem at all\n").unwrap();
+    std::fs::write(d.join("a-file"), "x").unwrap();
+    std::fs::write(
+        d.join("md5.htpasswd"),
+        "bob:$apr1$abc$defghijklmnopqrstuv\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("bad.key"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let p = |name: &str| d.join(name).display().to_string();
+    let tls = |cert: &str, key: &str| format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n");
+    let basic = |extra: &str| {
+        format!(
+            "[auth]\nmode = \"basic\"\nhtpasswd = \"{}\"\n{extra}",
+            p("md5.htpasswd")
+        )
+    };
+    let s3 = |extra: &str| format!("[storage]\nbackend = \"s3\"\nbucket = \"b\"\n{extra}");
+    let cases: Vec<(String, &str)> = vec![
+        (tls(&p("good.crt"), &p("missing.key")), "missing.key"),
+        (tls(&p("good.crt"), d.to_str().unwrap()), "tls"),
+        (tls(&p("good.crt"), &p("other.key")), "tls"),
+        (tls(&p("good.crt"), &p("garbage.pem")), "garbage.pem"),
+        (tls(&p("missing.crt"), &p("good.key")), "missing.crt"),
+        (format!("{}client_ca = \"{}\"\n", tls(&p("good.crt"), &p("good.key")), p("missing-ca.crt")), "missing-ca.crt"),
+        ("[tls]\ncert = \"/x.crt\"\n".into(), "cert and key go together"),
+        (basic(""), "only bcrypt hashes"),
+        ("[auth]\nmode = \"basic\"\nhtpasswd = \"/nonexistent/users\"\n".into(), "/nonexistent/users"),
+        (format!("[auth]\nmode = \"token\"\nhtpasswd = \"{}\"\n[auth.token]\nkey = \"{}\"\n", p("md5.htpasswd"), p("bad.key")), "auth"),
+        (format!("[auth]\nmode = \"token\"\n[[auth.token.trusted]]\nissuer = \"corp\"\nkey = \"{}\"\n", p("missing.pem")), "missing.pem"),
+        ("[auth.token]\nttl = \"0s\"\n".into(), "ttl"),
+        (format!("data = \"{}\"\n", p("a-file")), "is not a directory"),
+        (format!("[storage]\nroot = \"{}\"\n", p("a-file")), "storage.root"),
+        (s3("endpoint = \"minio:9000\"\n"), "must start with https://"),
+        (s3("endpoint = \"http://minio:9000\"\n"), "allow_http"),
+        (s3(&format!("secret_access_key_file = \"{}\"\n", p("missing-secret"))), "missing-secret"),
+        (s3("redirect_expiry = \"30d\"\n"), "redirect_expiry"),
+        (s3("service_account_key = \"/k.json\"\n"), "service_account_key"),
+        ("[storage]\nbackend = \"azure\"\nbucket = \"c\"\nregion = \"eu\"\n".into(), "region"),
+        ("[storage]\nbackend = \"gcs\"\nbucket = \"c\"\naccess_key_id = \"x\"\n".into(), "access_key_id"),
+        ("[[proxy.upstream]]\nname = \"hub\"\nurl = \"https://registry-1.docker.io\"\nusername = \"u\"\npassword_file = \"/nonexistent/pw\"\n".into(), "/nonexistent/pw"),
+        ("[gc]\ngrace = \"1s\"\n".into(), "gc.grace"),
+        ("[registry]\nupload_expiry = \"1s\"\n".into(), "upload_expiry"),
+        ("[limits]\nmax_connections = 0\n".into(), "limits.max_connections"),
+        ("[limits]\nbody_timeout = \"0s\"\n".into(), "limits.body_timeout"),
+        ("public_url = \"registry.example\"\n".into(), "public_url"),
+        ("[log]\nlevel = \"not a [filter\"\n".into(), "log.level"),
+        ("[metadata]\nbackend = \"postgres\"\n".into(), "metadata"),
+        ("[storage]\nbakend = \"s3\"\n".into(), "bakend"),
+    ];
+    let _keep = (&good, &other);
+    assert!(cases.len() >= 30);
+    for (i, (text, names)) in cases.iter().enumerate() {
+        let file = d.join(format!("case{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let (ok, checked) = berth(&["check-config", file.to_str().unwrap()]);
+        assert!(!ok, "check-config accepted case {i}:\n{text}");
+        assert!(
+            checked.contains(names),
+            "case {i}: check-config does not name {names:?}: {checked}"
+        );
+        let data = d.join(format!("data{i}"));
+        let mut args = vec![
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        if !text.contains("data = ") {
+            args.extend(["--data", data.to_str().unwrap()]);
+        }
+        let served =
+            refused(&args).unwrap_or_else(|| panic!("serve started with case {i}:\n{text}"));
+        assert!(
+            served.contains(names),
+            "case {i}: serve does not name {names:?}: {served}"
+        );
+        if !text.contains("data = ") {
+            assert!(
+                !data.exists(),
+                "case {i}: serve wrote {} before refusing",
+                data.display()
+            );
+        }
+    }
+    // And a good one passes both ways.
+    let file = d.join("good.toml");
+    std::fs::write(&file, tls(&p("good.crt"), &p("good.key"))).unwrap();
+    let (ok, err) = berth(&["check-config", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
 }
 
 #[test]
@@ -78,7 +211,7 @@ fn start_up_errors_name_what_failed_once() {
         !err.contains("Caused by"),
         "one line, each cause once: {err}"
     );
-    // A storage error says so once.
+    // A data directory that is a file is named once.
     let file = dir.path().join("file");
     std::fs::write(&file, "not a directory").unwrap();
     let (ok, err) = berth(&[
@@ -89,7 +222,7 @@ fn start_up_errors_name_what_failed_once() {
         "127.0.0.1:0",
     ]);
     assert!(!ok);
-    assert_eq!(err.matches("opening storage").count(), 1, "{err}");
+    assert_eq!(err.matches("is not a directory").count(), 1, "{err}");
 }
 
 #[test]
@@ -130,7 +263,8 @@ fn every_shipped_config_file_is_valid() {
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "toml") {
-            let (ok, err) = berth(&["check-config", p.to_str().unwrap()]);
+            // The files they name (/etc/berth/…, /run/secrets/…) exist where they run.
+            let (ok, err) = berth(&["check-config", "--no-files", p.to_str().unwrap()]);
             assert!(ok, "{}: {err}", p.display());
             n += 1;
         }
