@@ -173,26 +173,70 @@ impl GateAcceptor {
     }
 }
 
-impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for GateAcceptor {
+impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> for GateAcceptor {
     type Stream = Gated<tokio::net::TcpStream>;
     type Service = S;
-    type Future = std::future::Ready<std::io::Result<(Self::Stream, S)>>;
+    type Future = futures_util::future::BoxFuture<'static, std::io::Result<(Self::Stream, S)>>;
 
-    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+    fn accept(&self, mut stream: tokio::net::TcpStream, service: S) -> Self::Future {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-        let Some(permit) = self.limits.connection() else {
-            metrics::counter!("berth_connections_refused_total").increment(1);
-            if self.plain {
-                // Best effort: the socket buffer of a fresh connection takes it whole.
-                let _ = stream.try_write(&busy_response());
+        let permit = self.limits.connection();
+        let plain = self.plain;
+        Box::pin(async move {
+            let Some(permit) = permit else {
+                metrics::counter!("berth_connections_refused_total").increment(1);
+                if plain {
+                    // Best effort: the socket buffer of a fresh connection takes it whole.
+                    let _ = stream.try_write(&busy_response());
+                }
+                return Err(std::io::Error::other(
+                    "connection refused: limits.max_connections reached",
+                ));
+            };
+            if !plain {
+                refuse_plain_http(&mut stream).await?;
             }
-            return std::future::ready(Err(std::io::Error::other(
-                "connection refused: limits.max_connections reached",
-            )));
-        };
-        std::future::ready(Ok((Gated::new(stream, permit), service)))
+            Ok((Gated::new(stream, permit), service))
+        })
+    }
+}
+
+/// How long a client on the TLS port has to send its first byte.
+const FIRST_BYTE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On the TLS port, a client speaking plain HTTP (its first byte is a letter, where a TLS
+/// handshake starts with 0x16) is told so in plain HTTP and closed, instead of getting TLS
+/// alert bytes it cannot read.
+async fn refuse_plain_http(stream: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(FIRST_BYTE, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
+            // Read what the request sent, so closing does not reset the answer away.
+            let mut request = vec![0u8; 16 * 1024];
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                stream.read(&mut request),
+            )
+            .await;
+            let body = r#"{"errors":[{"code":"UNSUPPORTED","message":"this port speaks HTTPS: use https://"}]}"#;
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                 connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            Err(std::io::Error::other("plain HTTP on the TLS port"))
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no TLS handshake",
+        )),
     }
 }
 

@@ -220,3 +220,29 @@ async fn small_answers_over_tls_do_not_stall() {
         "median small GET over TLS took {median:?}: delayed-ACK stall"
     );
 }
+
+/// Plain HTTP sent to the TLS port gets a short plain-HTTP answer saying to use HTTPS, not TLS
+/// alert bytes; HTTPS on the same port still works.
+#[tokio::test]
+async fn plain_http_on_the_tls_port_is_told_to_use_https() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
+    let s = tls_server(&leaf, |_| {}).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
+    assert!(text.contains("this port speaks HTTPS"), "{text}");
+    let c = https_client_pooled(&ca.cert, None, 1);
+    let r = c.get(https(&s, "/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
