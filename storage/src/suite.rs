@@ -820,6 +820,10 @@ const CHECKS: &[(&str, Check)] = &[
     ("confirmations_and_the_relay_secret_are_shared", |e| {
         confirmations_and_the_relay_secret_are_shared(e).boxed()
     }),
+    (
+        "a_blob_still_being_placed_cannot_be_mounted_or_linked",
+        |e| a_blob_still_being_placed_cannot_be_mounted_or_linked(e).boxed(),
+    ),
     ("fsck_finds_what_is_wrong_and_repairs_it_safely", |e| {
         fsck_finds_what_is_wrong_and_repairs_it_safely(e).boxed()
     }),
@@ -921,6 +925,40 @@ async fn fsck_finds_what_is_wrong_and_repairs_it_safely(env: &Env) {
     t.blob("fsck/a", b"layer a").await;
     let r = t.s.fsck(&opts(false)).await.unwrap();
     assert!(r.is_clean(), "{r}");
+}
+
+async fn a_blob_still_being_placed_cannot_be_mounted_or_linked(env: &Env) {
+    let t = T::new(env);
+    // Another upload of this content has recorded its row but not yet placed its object.
+    let d = Digest::sha256(b"being placed");
+    env.meta
+        .reserve_blob(&d.to_string(), 12, now())
+        .await
+        .unwrap();
+    assert!(
+        !env.meta
+            .mount_blob("m/x", &d.to_string(), None, now())
+            .await
+            .unwrap(),
+        "an anonymous mount took a blob whose object is not there yet"
+    );
+    let (_, blobs) = t.image("m/cache", "v1", "c", None).await;
+    assert!(
+        !env.meta
+            .link_cached_blob("m/cache", &d.to_string(), now())
+            .await
+            .unwrap()
+    );
+    // Once committed somewhere, both work.
+    let placed = t.blob("m/src", b"being placed").await;
+    assert_eq!(placed, d);
+    assert!(
+        env.meta
+            .mount_blob("m/x", &d.to_string(), None, now())
+            .await
+            .unwrap()
+    );
+    assert!(!blobs.is_empty());
 }
 
 /// Runs every check, each on a fresh [`Env`] from `open`, printing a line per check; panics

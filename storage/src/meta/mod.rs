@@ -181,7 +181,7 @@ pub trait UploadMeta {
     fn upload_parts(&self, repo: &str, id: &str) -> Fut<'_, Option<(u64, Vec<String>)>>;
 
     /// Records blob `digest` of `size` bytes (if new) before its object is placed: unlinked, so
-    /// no client sees it, and queued for review, so that a crash between placing the object
+    /// no client sees it (reads, mounts and cache links all require a blob linked somewhere), and queued for review, so that a crash between placing the object
     /// and [`UploadMeta::commit_blob`] leaves garbage collection a row to free it by, instead
     /// of an object nothing knows.
     fn reserve_blob(&self, digest: &str, size: u64, t: i64) -> Fut<'_, ()>;

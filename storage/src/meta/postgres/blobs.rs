@@ -84,8 +84,15 @@ impl BlobMeta for PgMeta {
                         )
                         .await
                         .map_err(db)?,
+                    // Linked somewhere: a row alone may be a commit still placing its
+                    // object (see `reserve_blob`).
                     None => tx
-                        .query_opt("SELECT 1 FROM blobs WHERE digest = $1 FOR SHARE", &[&d])
+                        .query_opt(
+                            "SELECT 1 FROM blobs b WHERE b.digest = $1
+                             AND EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                             FOR SHARE OF b",
+                            &[&d],
+                        )
                         .await
                         .map_err(db)?,
                 };
@@ -113,7 +120,12 @@ impl BlobMeta for PgMeta {
                     return Ok(false);
                 };
                 let held = tx
-                    .query_opt("SELECT 1 FROM blobs WHERE digest = $1 FOR SHARE", &[&d])
+                    .query_opt(
+                        "SELECT 1 FROM blobs b WHERE b.digest = $1
+                         AND EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+                         FOR SHARE OF b",
+                        &[&d],
+                    )
                     .await
                     .map_err(db)?
                     .is_some();

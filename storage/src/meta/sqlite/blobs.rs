@@ -74,8 +74,15 @@ impl BlobMeta for SqliteMeta {
                     )
                     .optional()?
                     .is_some(),
+                // Linked somewhere: a row alone may be a commit still placing its object
+                // (see `reserve_blob`).
                 None => tx
-                    .query_row("SELECT 1 FROM blobs WHERE digest = ?1", [&d], |_| Ok(()))
+                    .query_row(
+                        "SELECT 1 FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
+                         WHERE rb.digest = ?1 LIMIT 1",
+                        [&d],
+                        |_| Ok(()),
+                    )
                     .optional()?
                     .is_some(),
             };
@@ -95,7 +102,8 @@ impl BlobMeta for SqliteMeta {
                 return Ok(false);
             };
             let ok: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM blobs WHERE digest = ?2)
+                "SELECT EXISTS (SELECT 1 FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
+                                WHERE rb.digest = ?2)
                     AND EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1
                                 AND child_digest = ?2 AND kind = 'blob')",
                 params![rid, d],
