@@ -26,7 +26,6 @@ const RESERVED_FDS: u64 = 256;
 #[derive(Debug, Clone)]
 pub struct Limits {
     connections: Arc<Semaphore>,
-    max_connections: usize,
     uploads: Arc<Semaphore>,
     /// See [`LimitsSection::body_timeout`].
     pub body_timeout: Duration,
@@ -53,16 +52,10 @@ impl Limits {
         }
         Self {
             connections: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
             uploads: Arc::new(Semaphore::new(section.max_uploads)),
             body_timeout: section.body_timeout,
             header_timeout: section.header_timeout,
         }
-    }
-
-    /// Connections served at once.
-    pub fn max_connections(&self) -> usize {
-        self.max_connections
     }
 
     /// A place for one more connection, if there is one.

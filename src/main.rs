@@ -145,23 +145,13 @@ fn migrate_metadata(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 fn gc(args: GcArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_deref())?;
-    if let Some(d) = args.data {
-        config.data = d;
-    }
-    berth::telemetry::init(&config.log);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let (config, rt) = tool(args.config.as_deref(), args.data)?;
     rt.block_on(async move {
         // Storage only: no proxy spool, no auth keys. Safe beside a running server: everything
         // that protects content (acknowledged blobs, the gc lease) lives in the database.
         // On a full disk, the reserve makes room for the collection's own bookkeeping.
         berth::disk::Disk::new(&config.data, config.limits.disk_reserve.as_u64()).prepare();
-        let storage = config.storage_config()?;
-        let store = berth_storage::Store::open(&storage)
-            .await
-            .context("opening storage")?;
+        let store = open_store(&config).await?;
         let report = match store.gc(&config.gc_policy(), args.dry_run).await {
             Ok(r) => r,
             Err(e @ berth_storage::Error::Busy { .. }) => {
@@ -182,37 +172,46 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
     })
 }
 
-fn fsck(args: FsckArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_deref())?;
-    if let Some(d) = args.data {
+/// What `gc`, `fsck` and `prefetch` share: the configuration (with `--data` applied), logging,
+/// and a runtime.
+fn tool(
+    config: Option<&std::path::Path>,
+    data: Option<std::path::PathBuf>,
+) -> anyhow::Result<(Config, tokio::runtime::Runtime)> {
+    let mut config = load(config)?;
+    if let Some(d) = data {
         config.data = d;
     }
     berth::telemetry::init(&config.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    Ok((config, rt))
+}
+
+/// Storage as a tool opens it, beside a running server or without one.
+async fn open_store(config: &Config) -> anyhow::Result<berth_storage::Store> {
+    let storage = config.storage_config()?;
+    berth_storage::Store::open(&storage)
+        .await
+        .context("opening storage")
+}
+
+fn fsck(args: FsckArgs) -> anyhow::Result<()> {
+    let (config, rt) = tool(args.config.as_deref(), args.data)?;
     let clean = rt.block_on(async move {
-        let storage = config.storage_config()?;
-        let store = std::sync::Arc::new(
-            berth_storage::Store::open(&storage)
-                .await
-                .context("opening storage")?,
-        );
+        let store = open_store(&config).await?;
         // Cached repositories may name content not fetched yet: their references are not
-        // problems. The proxy is built only to know their names; nothing is fetched.
-        let spool = tempfile_dir(&config.data)?;
-        let proxy = berth::proxy::Proxy::from_config(
-            &config,
-            store.clone(),
-            berth::proxy::Spool::At(spool.clone()),
-        )
-        .map_err(anyhow::Error::msg)?;
-        let _ = std::fs::remove_dir_all(&spool);
+        // problems.
+        let caches = berth::proxy::cache_namespaces(&config);
         let opts = berth_storage::FsckOptions {
             verify_digests: args.verify_digests,
             repair: args.repair,
             grace: args.grace.unwrap_or(config.gc.grace),
-            is_cache: Box::new(move |name| proxy.as_ref().is_some_and(|p| p.is_cache_name(name))),
+            is_cache: Box::new(move |name| {
+                let first = berth::proxy::first_component(name);
+                caches.iter().any(|c| c == first)
+            }),
             progress: Some(Box::new(|p| {
                 let secs = p.elapsed.as_secs_f64().max(1e-3);
                 #[allow(clippy::print_stderr)]
@@ -247,22 +246,10 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
 }
 
 fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
-    let mut config = load(args.config.as_deref())?;
-    if let Some(d) = args.data {
-        config.data = d;
-    }
-    berth::telemetry::init(&config.log);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let (config, rt) = tool(args.config.as_deref(), args.data)?;
     rt.block_on(async move {
         use berth::proxy::prefetch::{LEASE, LEASE_TTL};
-        let storage = config.storage_config()?;
-        let store = std::sync::Arc::new(
-            berth_storage::Store::open(&storage)
-                .await
-                .context("opening storage")?,
-        );
+        let store = std::sync::Arc::new(open_store(&config).await?);
         // A spool of its own: the server's is in use by its own fetches.
         let spool = tempfile_dir(&config.data)?;
         let proxy = berth::proxy::Proxy::from_config(

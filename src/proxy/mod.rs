@@ -45,6 +45,26 @@ pub use upstream::{Upstream, UpstreamError};
 
 use crate::config::Config;
 
+/// The first path components that name cache repositories under `config`'s upstreams: what
+/// [`Proxy::is_cache_name`] answers from, for tools that build no proxy (`berth fsck`).
+pub fn cache_namespaces(config: &Config) -> Vec<String> {
+    config
+        .proxy
+        .upstream
+        .iter()
+        .flat_map(|u| {
+            let (mut names, cache_prefix) = upstream::path_prefixes(u);
+            names.push(cache_prefix);
+            names
+        })
+        .collect()
+}
+
+/// A repository name's first component (its namespace).
+pub fn first_component(name: &str) -> &str {
+    name.split('/').next().unwrap_or("")
+}
+
 /// Largest manifest fetched from an upstream: the same as for a push.
 const MANIFEST_LIMIT: usize = berth_storage::MAX_MANIFEST_SIZE;
 
@@ -199,7 +219,7 @@ impl Proxy {
 
     /// Whether `name` lies in a cache namespace (such repositories are read-only).
     pub fn is_cache_name(&self, name: &str) -> bool {
-        let first = name.split('/').next().unwrap_or("");
+        let first = first_component(name);
         self.inner
             .upstreams
             .iter()

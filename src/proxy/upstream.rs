@@ -107,6 +107,23 @@ fn normalize_host(h: &str) -> String {
     }
 }
 
+/// The path prefixes that select upstream `cfg` (its name when that is a valid path
+/// component, plus its aliases) and the prefix its cached repositories live under.
+pub fn path_prefixes(cfg: &UpstreamSection) -> (Vec<String>, String) {
+    let name = normalize_host(&cfg.name);
+    let valid_component = name.parse::<berth_storage::RepoName>().is_ok() && !name.contains('/');
+    let mut prefixes: Vec<String> = Vec::new();
+    if valid_component {
+        prefixes.push(name.clone());
+    }
+    prefixes.extend(cfg.aliases.iter().cloned());
+    let cache_prefix = prefixes
+        .first()
+        .cloned()
+        .unwrap_or_else(|| name.replace(':', "-"));
+    (prefixes, cache_prefix)
+}
+
 impl Upstream {
     /// Builds the upstream from its configuration.
     pub fn new(cfg: &UpstreamSection) -> Result<Self, String> {
@@ -146,17 +163,7 @@ impl Upstream {
             .username
             .clone()
             .map(|u| (u, password.unwrap_or_default()));
-        let valid_component =
-            name.parse::<berth_storage::RepoName>().is_ok() && !name.contains('/');
-        let mut prefixes: Vec<String> = Vec::new();
-        if valid_component {
-            prefixes.push(name.clone());
-        }
-        prefixes.extend(cfg.aliases.iter().cloned());
-        let cache_prefix = prefixes
-            .first()
-            .cloned()
-            .unwrap_or_else(|| name.replace(':', "-"));
+        let (prefixes, cache_prefix) = path_prefixes(cfg);
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
@@ -568,5 +575,22 @@ mod tests {
         let bare = up("reg.example:5000", &[]);
         assert!(bare.prefixes.is_empty());
         assert_eq!(bare.cache_prefix, "reg.example-5000");
+    }
+
+    #[test]
+    fn tools_without_a_proxy_know_the_cache_namespaces() {
+        let mut config = crate::config::Config::default();
+        for (name, aliases) in [("docker.io", vec!["hub"]), ("reg.example:5000", vec![])] {
+            config.proxy.upstream.push(UpstreamSection {
+                name: name.into(),
+                aliases: aliases.into_iter().map(str::to_owned).collect(),
+                ..UpstreamSection::default()
+            });
+        }
+        let names = crate::proxy::cache_namespaces(&config);
+        for ns in ["docker.io", "hub", "reg.example-5000"] {
+            assert!(names.iter().any(|n| n == ns), "{ns} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n == "team"));
     }
 }

@@ -415,7 +415,6 @@ impl Store {
         for s in &sessions {
             let mut keys: Vec<&(String, u64)> = s.parts.iter().collect();
             keys.dedup_by(|a, b| a.0 == b.0);
-            let in_place = s.parts.len() > 1 && s.parts.iter().all(|p| p.0 == s.parts[0].0);
             for (key, size) in keys {
                 let found = match objects.get(key.as_str()) {
                     Some((n, _)) => Some(*n),
@@ -425,8 +424,9 @@ impl Store {
                         Err(e) => return Err(e.into()),
                     },
                 };
-                // A file written in place holds the whole session (and may run past it).
-                let needed = if in_place || s.parts.len() == 1 && key.ends_with(".data") {
+                // A file written in place (`<id>.data`) holds the whole session (and may run
+                // past it); an object part holds its own chunk.
+                let needed = if key.ends_with(".data") {
                     s.size
                 } else {
                     *size

@@ -83,9 +83,10 @@ pub(crate) async fn resume_upload(
     let d = digest(blob);
     let r = c.get(format!("{root}{loc}")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    // An empty session reports "0-0" too.
     assert_eq!(
         r.headers()["range"].to_str().unwrap(),
-        format!("0-{}", committed - 1),
+        format!("0-{}", committed.max(1) - 1),
         "committed chunk lost"
     );
     let r = c

@@ -102,12 +102,7 @@ impl UploadMeta for PgMeta {
             let d = d.clone();
             Box::pin(async move {
                 // As a commit: shared with commits, exclusive to a sweep of this digest.
-                tx.execute(
-                    "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
-                    &[&d],
-                )
-                .await
-                .map_err(db)?;
+                lock_digest_shared(tx, &d).await?;
                 tx.execute(
                     "INSERT INTO blobs (digest, size, created_at, last_access) VALUES ($1, $2, $3, $3)
                      ON CONFLICT (digest) DO NOTHING",
@@ -125,14 +120,7 @@ impl UploadMeta for PgMeta {
         Box::pin(self.tx(false, move |tx| {
             let (name, sid, d) = (name.clone(), sid.clone(), d.clone());
             Box::pin(async move {
-                // Shared with other commits, exclusive to a sweep deleting this digest's object
-                // (see the module docs).
-                tx.execute(
-                    "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
-                    &[&d],
-                )
-                .await
-                .map_err(db)?;
+                lock_digest_shared(tx, &d).await?;
                 let rid = ensure_repo(tx, &name, t).await?;
                 // Locks an existing row (a collection marking it waits, then sees the link), or
                 // inserts one (after a collection that removed it).
@@ -211,4 +199,16 @@ impl UploadMeta for PgMeta {
             )
         })
     }
+}
+
+/// Takes digest `d`'s advisory lock for this transaction, shared with other commits and
+/// exclusive to a sweep deleting its object (see the module docs).
+async fn lock_digest_shared(tx: &deadpool_postgres::Transaction<'_>, d: &str) -> crate::Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
+        &[&d],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
 }
