@@ -353,6 +353,11 @@ pub struct S3Section {
     /// Virtual-hosted-style bucket addressing (`bucket.host`).
     #[serde(default)]
     pub virtual_hosted_style: bool,
+    /// Objects larger than this are copied in parts (UploadPartCopy) rather than with one
+    /// CopyObject: AWS copies at most 5 GiB in one request (the default); some S3-compatible
+    /// servers allow less.
+    #[serde(default)]
+    pub max_copy_size: Option<bytesize::ByteSize>,
     /// Redirect blob downloads to presigned URLs (default on).
     #[serde(default)]
     pub redirect: Option<bool>,
@@ -915,6 +920,14 @@ impl Config {
                 humantime::format_duration(st.redirect_ttl())
             ));
         }
+        if let StorageSection::S3(c) = st
+            && let Some(m) = c.max_copy_size
+            && !(5 * 1024 * 1024..=berth_storage::s3::MAX_COPY).contains(&m.as_u64())
+        {
+            problems.push(format!(
+                "storage.max_copy_size: {m} is outside 5MiB..=5GiB (S3's smallest part and largest copy)"
+            ));
+        }
         let (endpoint, allow_http) = match st {
             StorageSection::S3(c) => (&c.endpoint, Some(c.allow_http)),
             StorageSection::Azure(c) => (&c.endpoint, Some(c.allow_http)),
@@ -1205,6 +1218,7 @@ impl Config {
                 service_account_key: None,
                 allow_http: c.allow_http,
                 virtual_hosted_style: c.virtual_hosted_style,
+                max_copy_size: c.max_copy_size.map(|b| b.as_u64()),
             }),
             StorageSection::Azure(c) => BlobBackend::Azure(CloudConfig {
                 bucket: c.bucket.clone(),

@@ -21,6 +21,7 @@ use tracing::warn;
 use crate::blob::{self, ByteStream};
 use crate::error::Result;
 use crate::names::{Digest, Hasher};
+use crate::s3::S3Native;
 
 /// Where upload sessions keep their bytes.
 #[derive(Debug, Clone)]
@@ -143,18 +144,22 @@ impl UploadArea {
     }
 }
 
-/// Puts verified bytes at blob `digest`'s key: a copy of `source` (a hard link on local disk,
-/// a server-side copy on object stores), or the empty object. Overwriting an existing blob is
-/// harmless: same digest, same bytes.
+/// Puts verified bytes at blob `digest`'s key: a copy of `source` (`size` bytes; a hard link
+/// on local disk, a server-side copy on object stores, in parts on S3 past its single-copy
+/// limit), or the empty object. Overwriting an existing blob is harmless: same digest, same
+/// bytes.
 pub(crate) async fn place(
     objects: &Arc<dyn ObjectStore>,
+    s3: Option<&S3Native>,
     source: Option<&Path>,
     digest: &Digest,
+    size: u64,
 ) -> Result<()> {
     let key = blob::blob_key(digest);
-    match source {
-        None => blob::put_empty(objects, &key).await,
-        Some(src) => Ok(objects.copy(src, &key).await?),
+    match (source, s3) {
+        (None, _) => blob::put_empty(objects, &key).await,
+        (Some(src), Some(s3)) if size > s3.max_copy() => s3.copy_in_parts(src, &key, size).await,
+        (Some(src), _) => Ok(objects.copy(src, &key).await?),
     }
 }
 

@@ -41,6 +41,8 @@ pub struct CloudConfig {
     pub allow_http: bool,
     /// S3: address buckets as `bucket.host` rather than `host/bucket`.
     pub virtual_hosted_style: bool,
+    /// S3: objects larger than this are copied in parts (default: AWS's 5 GiB limit).
+    pub max_copy_size: Option<u64>,
 }
 
 /// Where blob bytes are kept.
@@ -119,6 +121,8 @@ pub struct Backend {
     /// For local disk: the directory keys live under, so uploads can be written to files
     /// directly, without the buffering object stores need.
     pub local_root: Option<PathBuf>,
+    /// S3 requests object_store does not make (copies in parts, open multipart uploads).
+    pub s3: Option<Arc<crate::s3::S3Native>>,
 }
 
 fn cloud_err(backend: &str, e: object_store::Error) -> Error {
@@ -167,7 +171,16 @@ impl StorageConfig {
                 if let Some(v) = &c.secret_access_key {
                     b = b.with_secret_access_key(v);
                 }
-                Backend::cloud(Arc::new(b.build().map_err(|e| cloud_err("s3", e))?), c)
+                let store = Arc::new(b.clone().build().map_err(|e| cloud_err("s3", e))?);
+                let native = crate::s3::S3Native::new(
+                    &b,
+                    store.clone(),
+                    cloud_prefix(c),
+                    c.max_copy_size.unwrap_or(crate::s3::MAX_COPY),
+                )?;
+                let mut backend = Backend::cloud(store, c);
+                backend.s3 = Some(Arc::new(native));
+                backend
             }
             BlobBackend::Azure(c) => {
                 install_crypto();
@@ -210,16 +223,13 @@ impl Backend {
             signer: None,
             signer_prefix: None,
             local_root: None,
+            s3: None,
         }
     }
 
     /// A cloud store that can presign, under the configured prefix.
     fn cloud<S: ObjectStore + Signer>(store: Arc<S>, c: &CloudConfig) -> Self {
-        let prefix = c
-            .prefix
-            .as_deref()
-            .filter(|p| !p.is_empty())
-            .map(Path::from);
+        let prefix = cloud_prefix(c);
         let objects: Arc<dyn ObjectStore> = match &prefix {
             Some(p) => Arc::new(PrefixStore::new(store.clone(), p.clone())),
             None => store.clone(),
@@ -229,8 +239,17 @@ impl Backend {
             signer: Some(store),
             signer_prefix: prefix,
             local_root: None,
+            s3: None,
         }
     }
+}
+
+/// The configured key prefix, if any.
+fn cloud_prefix(c: &CloudConfig) -> Option<Path> {
+    c.prefix
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(Path::from)
 }
 
 /// How object-store requests are retried: server errors (5xx, 429), timeouts and dropped

@@ -35,7 +35,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::s3::OpenMultipart;
 
 use crate::blob::blob_key;
 use crate::error::{Error, Result};
@@ -134,7 +136,58 @@ impl Store {
         report.upload_leftovers = self
             .upload_leftovers(t - secs(policy.grace), dry_run)
             .await?;
+        report.multipart_aborted = self
+            .open_multiparts(
+                t - secs(policy.grace),
+                t - secs(policy.upload_expiry.max(policy.grace)),
+                dry_run,
+            )
+            .await;
         Ok(report)
+    }
+
+    /// Aborts (or counts) multipart uploads that S3 holds open and a crash left: unlisted as
+    /// objects, but billed. Under `uploads/`: those started before `cutoff` whose session
+    /// ended. Elsewhere (a blob being copied in parts): those started before `stale`, the
+    /// upload expiry, far longer than any copy takes. A store that cannot list them is logged,
+    /// not fatal: the rest of the collection stands, and a lifecycle rule on the bucket does
+    /// the same job.
+    async fn open_multiparts(&self, cutoff: i64, stale: i64, dry_run: bool) -> u64 {
+        let Some(s3) = &self.s3 else { return 0 };
+        let open = match s3.open_multiparts().await {
+            Ok(open) => open,
+            Err(e) => {
+                warn!(error = %e, "listing open multipart uploads failed; none aborted");
+                return 0;
+            }
+        };
+        let ids: Vec<String> = open
+            .iter()
+            .filter(|u| is_upload(&u.key))
+            .filter_map(|u| crate::blob::upload_of(&u.key).map(str::to_owned))
+            .collect();
+        let live = match self.meta.live_uploads(ids).await {
+            Ok(live) => live,
+            Err(e) => {
+                warn!(error = %e, "checking sessions of open multipart uploads failed");
+                return 0;
+            }
+        };
+        let old = crash_left(open, cutoff, stale, |id| live.contains(id));
+        let mut n = 0;
+        for u in old {
+            if !dry_run {
+                if let Err(e) = s3.abort(&u).await {
+                    warn!(key = %u.key, error = %e, "aborting an open multipart upload failed");
+                    continue;
+                }
+            }
+            n += 1;
+        }
+        if n > 0 {
+            info!(count = n, dry_run, "open multipart uploads left by crashes");
+        }
+        n
     }
 
     /// The latest finished collection, whichever process ran it.
@@ -214,5 +267,60 @@ impl Store {
             }
             self.renew_lease(LEASE, LEASE_TTL).await?;
         }
+    }
+}
+
+fn is_upload(key: &object_store::path::Path) -> bool {
+    key.parts()
+        .next()
+        .is_some_and(|p| p.as_ref() == crate::blob::UPLOADS)
+}
+
+/// Of the multipart uploads S3 holds open, those a crash left: under `uploads/`, started before
+/// `cutoff` for a session that is no longer `live`; elsewhere (a blob copied in parts), started
+/// before `stale`.
+fn crash_left(
+    open: Vec<OpenMultipart>,
+    cutoff: i64,
+    stale: i64,
+    live: impl Fn(&str) -> bool,
+) -> Vec<OpenMultipart> {
+    open.into_iter()
+        .filter(|u| {
+            if is_upload(&u.key) {
+                u.initiated < cutoff && !crate::blob::upload_of(&u.key).is_some_and(&live)
+            } else {
+                u.initiated < stale
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(key: &str, initiated: i64) -> OpenMultipart {
+        OpenMultipart {
+            key: object_store::path::Path::from(key),
+            id: key.to_owned(),
+            initiated,
+        }
+    }
+
+    #[test]
+    fn only_what_crashes_left_is_aborted() {
+        let found = vec![
+            open("uploads/ended.0-a", 10),
+            open("uploads/ended.0-young", 100),
+            open("uploads/live.0-b", 10),
+            open("blobs/sha256/ab/old", 10),
+            open("blobs/sha256/ab/copying", 60),
+        ];
+        let keys: Vec<String> = crash_left(found, 50, 20, |id| id == "live")
+            .into_iter()
+            .map(|u| u.key.to_string())
+            .collect();
+        assert_eq!(keys, ["uploads/ended.0-a", "blobs/sha256/ab/old"]);
     }
 }

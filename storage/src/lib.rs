@@ -43,6 +43,7 @@ pub mod manifests;
 pub mod meta;
 pub mod names;
 pub mod pulls;
+pub mod s3;
 pub mod store;
 #[cfg(any(test, feature = "suite"))]
 pub mod suite;

@@ -32,6 +32,8 @@ pub struct Store {
     /// Presigns direct download URLs on object stores that can.
     pub(crate) signer: Option<Arc<dyn object_store::signer::Signer>>,
     pub(crate) signer_prefix: Option<Path>,
+    /// On S3: copies in parts and open multipart uploads.
+    pub(crate) s3: Option<Arc<crate::s3::S3Native>>,
     /// This process as a lease holder (see `lease`).
     pub(crate) instance: String,
     /// Collections in this process run one at a time (the lease keeps other processes out).
@@ -90,6 +92,7 @@ impl Store {
         let mut store = Self::new(backend.objects, meta);
         store.signer = backend.signer;
         store.signer_prefix = backend.signer_prefix;
+        store.s3 = backend.s3;
         // Appending to a file in place needs every chunk of a session on this machine: only
         // with SQLite, which is single-node. With PostgreSQL a session's chunks may reach any
         // replica, so they are kept as parts in the object store even on a shared disk.
@@ -110,6 +113,7 @@ impl Store {
             pulls: Mutex::new(Default::default()),
             signer: None,
             signer_prefix: None,
+            s3: None,
             instance: crate::instance::instance_id(),
             gc_turn: tokio::sync::Mutex::new(()),
         }

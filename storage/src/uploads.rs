@@ -193,7 +193,14 @@ impl Store {
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => {
                 warn!(digest = %digest, "blob swept while committing; placing it again");
-                area::place(&self.objects, source.as_ref(), digest).await?;
+                area::place(
+                    &self.objects,
+                    self.s3.as_deref(),
+                    source.as_ref(),
+                    digest,
+                    size,
+                )
+                .await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -282,7 +289,14 @@ impl Store {
         self.meta
             .reserve_blob(&digest.to_string(), size, now())
             .await?;
-        area::place(&self.objects, source.as_ref(), digest).await?;
+        area::place(
+            &self.objects,
+            self.s3.as_deref(),
+            source.as_ref(),
+            digest,
+            size,
+        )
+        .await?;
         debug!(size, digest = %digest, "blob object in place");
         Ok(source)
     }

@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod backends;
+mod bigcopy;
 mod cli;
 mod clients;
 mod conformance;

@@ -57,6 +57,8 @@ pub struct GcReport {
     pub uploads: u64,
     /// Upload chunk objects that belonged to no session (left by crashes) and were deleted.
     pub upload_leftovers: u64,
+    /// Multipart uploads a crash left open in the object store (S3), aborted.
+    pub multipart_aborted: u64,
 }
 
 impl std::fmt::Display for GcReport {
@@ -81,7 +83,15 @@ impl std::fmt::Display for GcReport {
             self.uploads,
             self.upload_leftovers,
             self.objects_deleted
-        )
+        )?;
+        if self.multipart_aborted > 0 {
+            write!(
+                f,
+                "; {} open multipart uploads aborted",
+                self.multipart_aborted
+            )?;
+        }
+        Ok(())
     }
 }
 
