@@ -251,9 +251,10 @@ impl AuthService {
         Ok(())
     }
 
-    /// Whether `user` still exists (refresh tokens of removed users stop working).
-    pub fn user_exists(&self, user: &str) -> bool {
-        self.users.as_ref().is_some_and(|u| u.exists(user))
+    /// A stamp of `user`'s current credential (`None` if there is no such user): refresh
+    /// tokens carry it, so a removed user's or a changed password's tokens stop working.
+    pub fn credential_stamp(&self, user: &str) -> Option<String> {
+        self.users.as_ref().and_then(|u| u.stamp(user))
     }
 
     /// Identifies the caller from an `Authorization` header value.

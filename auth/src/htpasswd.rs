@@ -31,8 +31,10 @@ pub fn hash(password: &str, cost: u32) -> Result<String, Error> {
         .map_err(|e| Error::Key(format!("bcrypt: {e}")))
 }
 
-fn parse(path: &Path, text: &str) -> Result<HashMap<String, String>, Error> {
+/// Every valid `user:hash` line of `text`, and an error per broken line.
+fn parse_lines(path: &Path, text: &str) -> (HashMap<String, String>, Vec<Error>) {
     let mut users = HashMap::new();
+    let mut broken = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -43,20 +45,33 @@ fn parse(path: &Path, text: &str) -> Result<HashMap<String, String>, Error> {
             line: i + 1,
             message: message.to_owned(),
         };
-        let (user, hash) = line
-            .split_once(':')
-            .ok_or_else(|| err("expected user:hash"))?;
+        let Some((user, hash)) = line.split_once(':') else {
+            broken.push(err("expected user:hash"));
+            continue;
+        };
         if user.is_empty() {
-            return Err(err("empty user name"));
-        }
-        if !(hash.starts_with("$2y$") || hash.starts_with("$2b$") || hash.starts_with("$2a$")) {
-            return Err(err(
+            broken.push(err("empty user name"));
+        } else if !(hash.starts_with("$2y$")
+            || hash.starts_with("$2b$")
+            || hash.starts_with("$2a$"))
+        {
+            broken.push(err(
                 "only bcrypt hashes are supported (create them with `berth passwd` or `htpasswd -B`)",
             ));
+        } else {
+            users.insert(user.to_owned(), hash.to_owned());
         }
-        users.insert(user.to_owned(), hash.to_owned());
     }
-    Ok(users)
+    (users, broken)
+}
+
+/// The users of `text`, or the first broken line (at start-up a file must be whole).
+fn parse(path: &Path, text: &str) -> Result<HashMap<String, String>, Error> {
+    let (users, broken) = parse_lines(path, text);
+    match broken.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(users),
+    }
 }
 
 struct Loaded {
@@ -109,7 +124,10 @@ impl Users {
         self.len() == 0
     }
 
-    /// Re-reads the file when it changed; a broken edit keeps the previous users.
+    /// Re-reads the file when it changed. A broken line is logged and left out (that user
+    /// cannot sign in until it is fixed), and every valid line applies: an edit that removes
+    /// one user and breaks another's line still removes the first. An unreadable file keeps
+    /// the previous users.
     fn refresh(&self) {
         let due = self
             .loaded
@@ -126,19 +144,23 @@ impl Users {
         if m == l.modified {
             return;
         }
-        match std::fs::read_to_string(&self.path)
-            .map_err(|e| Error::io(&self.path, e))
-            .and_then(|t| parse(&self.path, &t))
-        {
-            Ok(users) => {
-                tracing::info!(path = %self.path.display(), users = users.len(), "reloaded users");
-                l.users = users;
-                l.modified = m;
-                if let Ok(mut r) = self.remembered.lock() {
-                    r.clear();
-                }
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let e = Error::io(&self.path, e);
+                tracing::warn!(error = %e, "keeping the previous users");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "keeping the previous users"),
+        };
+        let (users, broken) = parse_lines(&self.path, &text);
+        for e in &broken {
+            tracing::warn!(error = %e, "htpasswd line left out");
+        }
+        tracing::info!(path = %self.path.display(), users = users.len(), broken = broken.len(), "reloaded users");
+        l.users = users;
+        l.modified = m;
+        if let Ok(mut r) = self.remembered.lock() {
+            r.clear();
         }
     }
 
@@ -146,6 +168,18 @@ impl Users {
     pub fn exists(&self, user: &str) -> bool {
         self.refresh();
         self.loaded.read().is_ok_and(|l| l.users.contains_key(user))
+    }
+
+    /// A stamp of `user`'s current credential: it changes when the password does (a new bcrypt
+    /// hash, new salt), and refresh tokens carry it so that a changed password ends them. It
+    /// is a SHA-256 of the hash, so it tells nothing about the password. `None` for an
+    /// unknown user.
+    pub fn stamp(&self, user: &str) -> Option<String> {
+        self.refresh();
+        let l = self.loaded.read().ok()?;
+        let hash = l.users.get(user)?;
+        let d = Sha256::digest(hash.as_bytes());
+        Some(hex::encode(&d[..16]))
     }
 
     /// Checks a password. Blocking (bcrypt): call it off the async runtime.
@@ -250,5 +284,35 @@ mod tests {
         assert!(e.contains("line 2"), "{e}");
         std::fs::write(&path, "nocolon\n").unwrap();
         assert!(Users::load(&path).is_err());
+    }
+
+    #[test]
+    fn a_reload_applies_valid_lines_and_leaves_out_broken_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(dir.path(), &[("alice", "a"), ("bob", "b"), ("carol", "c")]);
+        let users = Users::load(&path).unwrap();
+        let stamp = users.stamp("alice").unwrap();
+        assert!(users.verify("bob", "b"));
+        // One edit: bob removed, carol's line broken (an MD5 hash), alice's password changed.
+        std::thread::sleep(Duration::from_millis(20));
+        let text = format!("alice:{}\ncarol:$apr1$x$y\n", hash("a2", 4).unwrap());
+        std::fs::write(&path, text).unwrap();
+        let f = std::fs::File::options().append(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+        users.loaded.write().unwrap().checked = Instant::now() - RECHECK;
+        assert!(!users.verify("bob", "b"), "a removed user kept access");
+        assert!(!users.exists("bob"));
+        assert!(
+            !users.verify("carol", "c"),
+            "a broken line still let its user in"
+        );
+        assert!(users.verify("alice", "a2"));
+        assert_ne!(
+            users.stamp("alice").unwrap(),
+            stamp,
+            "a new password, a new stamp"
+        );
+        assert_eq!(users.stamp("bob"), None);
     }
 }

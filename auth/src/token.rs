@@ -62,6 +62,11 @@ pub struct Claims {
     /// Granted scopes.
     #[serde(default)]
     pub access: Vec<Access>,
+    /// Refresh tokens: a stamp of the user's credential when the token was issued (see
+    /// [`crate::htpasswd::Users::stamp`]); a changed password changes it, and the token stops
+    /// working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cred: Option<String>,
 }
 
 /// A freshly signed token.
@@ -84,6 +89,8 @@ pub struct Verified {
     pub issuer: String,
     /// The granted scopes.
     pub access: Vec<Scope>,
+    /// The credential stamp a refresh token carries.
+    pub cred: Option<String>,
 }
 
 fn now() -> u64 {
@@ -256,6 +263,7 @@ impl Issuer {
                 .filter(|s| !s.actions.is_empty())
                 .map(Access::from)
                 .collect(),
+            cred: None,
         };
         Ok(Issued {
             token: self.key.sign(&claims)?,
@@ -268,8 +276,9 @@ impl Issuer {
         format!("{}+refresh", self.service)
     }
 
-    /// A refresh token for `subject` (Docker's identity token; OAuth2 `refresh_token`).
-    pub fn issue_refresh(&self, subject: &str) -> Result<String, Error> {
+    /// A refresh token for `subject` (Docker's identity token; OAuth2 `refresh_token`), bound
+    /// to the stamp of the credential it was issued for.
+    pub fn issue_refresh(&self, subject: &str, cred: &str) -> Result<String, Error> {
         let iat = now();
         let claims = Claims {
             iss: self.issuer.clone(),
@@ -280,12 +289,14 @@ impl Issuer {
             iat: Some(iat),
             jti: Some(uuid::Uuid::new_v4().to_string()),
             access: Vec::new(),
+            cred: Some(cred.to_owned()),
         };
         self.key.sign(&claims)
     }
 
-    /// The subject of a refresh token we issued.
-    pub fn verify_refresh(&self, token: &str) -> Result<String, TokenError> {
+    /// The subject of a refresh token we issued, and the credential stamp it was issued for
+    /// (empty for tokens from before stamps).
+    pub fn verify_refresh(&self, token: &str) -> Result<(String, String), TokenError> {
         let mut keys = Verifier::new(&self.refresh_audience());
         keys.trust_own(self);
         let v = keys.verify(token)?;
@@ -294,7 +305,7 @@ impl Issuer {
                 "refresh token without a subject".into(),
             ));
         }
-        Ok(v.subject)
+        Ok((v.subject, v.cred.unwrap_or_default()))
     }
 }
 
@@ -501,6 +512,7 @@ impl Verifier {
                         subject: c.sub,
                         issuer: c.iss,
                         access: c.access.iter().map(Scope::from).collect(),
+                        cred: c.cred,
                     };
                     return Ok((verified, c.exp, c.nbf));
                 }
@@ -694,8 +706,11 @@ mod tests {
     #[test]
     fn refresh_tokens_are_not_access_tokens() {
         let i = issuer();
-        let r = i.issue_refresh("alice").unwrap();
-        assert_eq!(i.verify_refresh(&r).unwrap(), "alice");
+        let r = i.issue_refresh("alice", "stamp").unwrap();
+        assert_eq!(
+            i.verify_refresh(&r).unwrap(),
+            ("alice".to_owned(), "stamp".to_owned())
+        );
         assert!(verifier(&i).verify(&r).is_err());
         let access = i.issue("alice", &[]).unwrap();
         assert!(i.verify_refresh(&access.token).is_err());

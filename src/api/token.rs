@@ -145,7 +145,9 @@ fn wrong_service(auth: &AuthService, service: Option<&str>) -> Option<Response> 
 }
 
 fn refresh_for(auth: &AuthService, user: &str) -> Option<String> {
-    auth.issuer().and_then(|i| i.issue_refresh(user).ok())
+    let stamp = auth.credential_stamp(user)?;
+    auth.issuer()
+        .and_then(|i| i.issue_refresh(user, &stamp).ok())
 }
 
 /// `GET /auth/token`.
@@ -242,7 +244,9 @@ pub(super) async fn post(State(state): State<AppState>, req: Request) -> Respons
             let subject = auth
                 .issuer()
                 .and_then(|i| i.verify_refresh(t).ok())
-                .filter(|s| auth.user_exists(s));
+                // The user still exists, with the password the token was issued for.
+                .filter(|(s, stamp)| auth.credential_stamp(s).as_ref() == Some(stamp))
+                .map(|(s, _)| s);
             let Some(subject) = subject else {
                 let r = auth.failed(ip).err().unwrap_or(Rejection::BadCredentials);
                 return reject(r);

@@ -429,6 +429,87 @@ async fn oauth_post_and_refresh_tokens() {
     }
 }
 
+#[tokio::test]
+async fn a_changed_password_ends_refresh_tokens() {
+    let s = server(AuthMode::Token, |_| {}).await;
+    let form = |f: Vec<(&'static str, String)>| {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(f)
+            .finish();
+        client()
+            .post(s.url("/auth/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    let login = |password: &'static str| {
+        vec![
+            ("grant_type", "password".to_owned()),
+            ("service", "berth".to_owned()),
+            ("client_id", "docker".to_owned()),
+            ("access_type", "offline".to_owned()),
+            ("username", "carol".to_owned()),
+            ("password", password.to_owned()),
+        ]
+    };
+    let refresh_with = |t: &str| {
+        vec![
+            ("grant_type", "refresh_token"),
+            ("service", "berth"),
+            ("client_id", "docker"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .chain([("refresh_token", t.to_owned())])
+        .collect::<Vec<_>>()
+    };
+    let v: Value = form(login(pw("carol")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let old = v["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        form(refresh_with(&old)).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // carol's password changes (the file is re-read within 2 s).
+    let htpasswd = s.dir.path().join("htpasswd");
+    let text = std::fs::read_to_string(&htpasswd).unwrap();
+    let changed: String = text
+        .lines()
+        .map(|l| match l.split_once(':') {
+            Some(("carol", _)) => format!(
+                "carol:{}\n",
+                berth_auth::htpasswd::hash("carol-new", 4).unwrap()
+            ),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&htpasswd, changed).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+
+    let r = form(refresh_with(&old)).await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "a refresh token outlived the password it was issued for"
+    );
+    let v: Value = form(login("carol-new"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new = v["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        form(refresh_with(&new)).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
 /// Signs `claims` with `key` as ES256 with `kid`.
 fn forge(key: &EncodingKey, kid: Option<&str>, claims: &Value) -> String {
     let mut h = Header::new(Algorithm::ES256);
