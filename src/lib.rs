@@ -38,6 +38,7 @@ pub mod registry;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 use std::future::Future;
 
@@ -80,7 +81,7 @@ pub async fn serve(
         serve_tls(listener, &state, make, gate, handle).await
     } else {
         let mut server = axum_server::from_tcp(listener)?
-            .acceptor(gate)
+            .acceptor(wire::OciAnswersAcceptor(gate))
             .handle(handle);
         configure(server.http_builder(), &state.limits);
         server.serve(make).await
@@ -134,7 +135,7 @@ async fn serve_tls(
         }
     });
     let mut server = axum_server::from_tcp_rustls(listener, rustls)?
-        .map(|tls| tls.acceptor(gate))
+        .map(|tls| wire::OciAnswersAcceptor(tls.acceptor(gate)))
         .handle(handle);
     configure(server.http_builder(), &state.limits);
     let served = server.serve(make).await;

@@ -141,13 +141,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
 /// What a plain-HTTP connection over the limit is told before it is closed (a TLS client is
 /// closed without an answer: nothing can be said before the handshake).
 fn busy_response() -> Vec<u8> {
-    let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"too many connections; retry shortly"}]}"#;
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
+    crate::wire::answer(
+        "503 Service Unavailable",
+        "TOOMANYREQUESTS",
+        "too many connections; retry shortly",
+        "retry-after: 1\r\n",
     )
-    .into_bytes()
 }
 
 /// The acceptor every connection passes: TCP_NODELAY (small answers leave at once instead of
@@ -214,13 +213,13 @@ async fn refuse_plain_http(stream: &mut tokio::net::TcpStream) -> std::io::Resul
                 stream.read(&mut request),
             )
             .await;
-            let body = r#"{"errors":[{"code":"UNSUPPORTED","message":"this port speaks HTTPS: use https://"}]}"#;
-            let answer = format!(
-                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
-                 connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
+            let answer = crate::wire::answer(
+                "400 Bad Request",
+                "UNSUPPORTED",
+                "this port speaks HTTPS: use https://",
+                "",
             );
-            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.write_all(&answer).await;
             let _ = stream.shutdown().await;
             Err(std::io::Error::other("plain HTTP on the TLS port"))
         }

@@ -8,15 +8,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::signer::Signer;
+use object_store::{ClientConfigKey, ObjectStore};
 
 use crate::error::{Error, Result};
 
@@ -155,6 +155,14 @@ impl StorageConfig {
             BlobBackend::S3(c) => {
                 install_crypto();
                 let mut b = AmazonS3Builder::from_env()
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        REQUEST_TIMEOUT,
+                    )
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ReadTimeout),
+                        READ_TIMEOUT,
+                    )
                     .with_retry(retry_config())
                     .with_bucket_name(&c.bucket)
                     .with_allow_http(c.allow_http)
@@ -185,6 +193,14 @@ impl StorageConfig {
             BlobBackend::Azure(c) => {
                 install_crypto();
                 let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_config(
+                        AzureConfigKey::Client(ClientConfigKey::Timeout),
+                        REQUEST_TIMEOUT,
+                    )
+                    .with_config(
+                        AzureConfigKey::Client(ClientConfigKey::ReadTimeout),
+                        READ_TIMEOUT,
+                    )
                     .with_retry(retry_config())
                     .with_container_name(&c.bucket)
                     .with_allow_http(c.allow_http);
@@ -202,6 +218,14 @@ impl StorageConfig {
             BlobBackend::Gcs(c) => {
                 install_crypto();
                 let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_config(
+                        GoogleConfigKey::Client(ClientConfigKey::Timeout),
+                        REQUEST_TIMEOUT,
+                    )
+                    .with_config(
+                        GoogleConfigKey::Client(ClientConfigKey::ReadTimeout),
+                        READ_TIMEOUT,
+                    )
                     .with_retry(retry_config())
                     .with_bucket_name(&c.bucket);
                 if let Some(v) = &c.service_account_key {
@@ -251,6 +275,15 @@ fn cloud_prefix(c: &CloudConfig) -> Option<Path> {
         .filter(|p| !p.is_empty())
         .map(Path::from)
 }
+
+/// The longest an object-store request may take in all. object_store's default, 30 s, cuts
+/// off a streamed download of a multi-GiB layer and a CompleteMultipartUpload of many parts
+/// (which S3 answers slowly, sending blanks meanwhile); a store that hangs is caught by
+/// [`READ_TIMEOUT`] instead.
+const REQUEST_TIMEOUT: &str = "10m";
+/// The longest silence within an object-store request: a hung store is given up on (and the
+/// request retried) after this.
+const READ_TIMEOUT: &str = "30s";
 
 /// How object-store requests are retried: server errors (5xx, 429), timeouts and dropped
 /// connections are retried with jittered exponential backoff from 100 ms up to 2 s between

@@ -245,12 +245,14 @@ fn s3_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blob_over_the_copy_limit_is_copied_in_parts() {
-    // The long mode: AWS's limit, Berth's default, and a blob over it.
-    let gib: Option<u64> = std::env::var("BERTH_BIG_BLOB_GIB")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let (limit, size, configured) = match gib {
-        Some(g) => (berth_storage::s3::MAX_COPY, g * 1024 * MIB, None),
+    // The long mode: AWS's limit (Berth's default) or `BERTH_BIG_BLOB_LIMIT_GIB`, and a blob
+    // of `BERTH_BIG_BLOB_GIB`.
+    let env_gib = |var: &str| -> Option<u64> { std::env::var(var).ok()?.parse().ok() };
+    let (limit, size, configured) = match env_gib("BERTH_BIG_BLOB_GIB") {
+        Some(g) => match env_gib("BERTH_BIG_BLOB_LIMIT_GIB") {
+            Some(l) => (l * 1024 * MIB, g * 1024 * MIB, Some(l * 1024 * MIB)),
+            None => (berth_storage::s3::MAX_COPY, g * 1024 * MIB, None),
+        },
         None => (16 * MIB, 40 * MIB, Some(16 * MIB)),
     };
     let (addr, p) = start_proxy(limit).await;

@@ -252,3 +252,58 @@ fn connections_and_uploads_over_the_limits_are_refused_with_oci_errors() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Requests hyper cannot parse (headers too large, control bytes in a header, a broken request
+/// line) get hyper's status with an OCI error body, not an empty one.
+#[tokio::test]
+async fn unparsable_requests_get_oci_error_bodies() {
+    let s = crate::support::TestServer::start().await;
+    let addr = s.addr;
+    let cases = [
+        (
+            format!(
+                "GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                "a".repeat(1_000_000)
+            ),
+            "431",
+            "headers are larger",
+        ),
+        (
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Bad: a\u{1}b\r\n\r\n".to_owned(),
+            "400",
+            "could not be parsed",
+        ),
+        (
+            "GET /v2/ HTTP/1.1 extra\r\nHost: x\r\n\r\n".to_owned(),
+            "400",
+            "could not be parsed",
+        ),
+    ];
+    for (request, status, says) in cases {
+        let answer = tokio::task::spawn_blocking(move || raw(addr, &request))
+            .await
+            .unwrap();
+        let shown: String = answer.chars().take(300).collect();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{shown}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(v["errors"][0]["code"], "UNSUPPORTED", "{shown}");
+        assert!(
+            v["errors"][0]["message"].as_str().unwrap().contains(says),
+            "{shown}"
+        );
+    }
+    // The connection-level answers leave ordinary ones alone.
+    let ok = tokio::task::spawn_blocking(move || {
+        raw(
+            addr,
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+}

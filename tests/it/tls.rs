@@ -246,3 +246,21 @@ async fn plain_http_on_the_tls_port_is_told_to_use_https() {
     let r = c.get(https(&s, "/v2/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// Over TLS too, headers too large get hyper's 431 with an OCI error body.
+#[tokio::test]
+async fn oversized_headers_over_tls_get_an_oci_error_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
+    let s = tls_server(&leaf, |_| {}).await;
+    let r = https_client(&ca.cert, None)
+        .get(https(&s, "/v2/"))
+        .header("x-big", "a".repeat(500_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let v: serde_json::Value = r.json().await.expect("a JSON body");
+    assert_eq!(v["errors"][0]["code"], "UNSUPPORTED", "{v}");
+}
