@@ -1377,3 +1377,69 @@ mod tests {
         assert!(Config::parse("peer_url = \"http://10.0.0.1:5000\"\n").is_ok());
     }
 }
+
+/// Properties over generated input (`PROPTEST_CASES` sets how many).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A configuration that touches most sections.
+    const SEED: &str = r#"listen = "127.0.0.1:5000"
+[registry]
+upload_expiry = "12h"
+[storage]
+backend = "s3"
+bucket = "b"
+endpoint = "http://127.0.0.1:9000"
+allow_http = true
+max_copy_size = "1GiB"
+[auth]
+mode = "token"
+htpasswd = "/etc/berth/htpasswd"
+[auth.groups]
+team = ["carol"]
+[[auth.rule]]
+repositories = ["team/**"]
+users = ["@team"]
+actions = ["pull", "push"]
+[gc]
+interval = "1h"
+[limits]
+body_timeout = "60s"
+[[proxy.upstream]]
+name = "docker.io"
+url = "http://127.0.0.1:1"
+"#;
+
+    #[test]
+    fn the_seed_is_valid() {
+        let c = Config::parse(SEED).unwrap();
+        c.validate().unwrap();
+    }
+
+    proptest! {
+        /// Any text: a configuration or an error naming what is wrong, never a panic.
+        #[test]
+        fn any_text_is_a_config_or_an_error(s in "\\PC{0,400}") {
+            if let Err(e) = Config::parse(&s) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// The seed with a few characters changed: judged without panicking; validating what
+        /// parses does not panic either.
+        #[test]
+        fn mutated_configs(edits in proptest::collection::vec((any::<usize>(), any::<char>()), 1..6)) {
+            let mut chars: Vec<char> = SEED.chars().collect();
+            for (at, c) in edits {
+                let at = at % chars.len();
+                chars[at] = c;
+            }
+            let text: String = chars.into_iter().collect();
+            if let Ok(c) = Config::parse(&text) {
+                let _ = c.validate();
+            }
+        }
+    }
+}

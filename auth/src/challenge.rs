@@ -214,3 +214,57 @@ mod tests {
         assert_eq!(Challenge::parse("Negotiate abc"), None);
     }
 }
+
+/// Properties over generated input (`PROPTEST_CASES` sets how many).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text shaped like a challenge: a scheme and parameters, quoted or not, with stray
+    /// quotes, backslashes, commas and spaces.
+    fn challenge_like() -> impl Strategy<Value = String> {
+        let param = (
+            "(realm|service|scope|error|[a-zA-Z]{1,6})",
+            " ?= ?",
+            "(\"[^\"]{0,20}\"?|[^,\" ]{0,20}|\"([^\"\\\\]|\\\\.){0,20}\")",
+        )
+            .prop_map(|(k, eq, v)| format!("{k}{eq}{v}"));
+        (
+            "(Bearer|bearer|BEARER|Basic|basic|Digest) {1,2}",
+            proptest::collection::vec(param, 0..6),
+            "(,|, | ,)",
+        )
+            .prop_map(|(scheme, params, sep)| format!("{scheme}{}", params.join(&sep)))
+    }
+
+    proptest! {
+        /// A challenge Berth sends parses back to itself, quotes and backslashes included.
+        #[test]
+        fn bearer_challenges_round_trip(
+            realm in "https?://[a-z0-9.:/-]{1,30}",
+            service in "[a-zA-Z0-9 .:,=\"\\\\-]{0,20}",
+            names in proptest::collection::vec("[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,2}", 0..3),
+            error in proptest::option::of(prop_oneof![
+                Just(ChallengeError::InvalidToken),
+                Just(ChallengeError::InsufficientScope),
+            ]),
+        ) {
+            let scopes = names
+                .iter()
+                .map(|n| Scope::repository(n, crate::scope::Actions::PULL))
+                .collect();
+            let c = Challenge::Bearer { realm, service, scopes, error };
+            prop_assert_eq!(Challenge::parse(&c.to_string()), Some(c));
+        }
+
+        /// Any `WWW-Authenticate` an upstream sends: parsed or refused, never a panic; what
+        /// parses prints as a challenge that parses back to the same.
+        #[test]
+        fn any_challenge_text(s in prop_oneof!["\\PC{0,300}", challenge_like()]) {
+            if let Some(c) = Challenge::parse(&s) {
+                prop_assert_eq!(Challenge::parse(&c.to_string()), Some(c));
+            }
+        }
+    }
+}

@@ -77,3 +77,32 @@ mod tests {
         assert_eq!(Credentials::parse("Digest x"), Credentials::Other);
     }
 }
+
+/// Properties over generated input (`PROPTEST_CASES` sets how many).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Basic credentials decode to exactly the user and password encoded, whatever the
+        /// password holds (colons included).
+        #[test]
+        fn basic_round_trips(user in "[^:]{1,30}", password in "\\PC{0,40}") {
+            let raw = format!("{user}:{password}");
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            );
+            prop_assert_eq!(Credentials::parse(&value), Credentials::Basic { user, password });
+        }
+
+        /// Any `Authorization` value: classified, never a panic.
+        #[test]
+        fn any_authorization_text(s in "\\PC{0,300}") {
+            if let Credentials::Basic { user, .. } = Credentials::parse(&s) {
+                prop_assert!(!user.is_empty());
+            }
+        }
+    }
+}

@@ -309,3 +309,46 @@ mod tests {
         assert_eq!(Scope::from(&a), s);
     }
 }
+
+/// Properties over generated input (`PROPTEST_CASES` sets how many).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scope() -> impl Strategy<Value = Scope> {
+        (
+            "([a-z0-9.-]{1,12}(:[0-9]{1,5})?/)?[a-z0-9]{1,8}(/[a-z0-9._-]{1,8}){0,3}",
+            1u8..8,
+        )
+            .prop_map(|(name, bits)| Scope {
+                kind: ResourceType::Repository,
+                name,
+                actions: Actions(bits),
+            })
+    }
+
+    proptest! {
+        /// A scope prints as the grammar says and parses back to itself, a host with a port in
+        /// the name included.
+        #[test]
+        fn scopes_round_trip(scopes in proptest::collection::vec(scope(), 1..5)) {
+            for s in &scopes {
+                prop_assert_eq!(Scope::parse(&s.to_string()), Some(s.clone()));
+            }
+            let list: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+            prop_assert_eq!(Scope::parse_list(&list.join(" ")), scopes);
+        }
+
+        /// Anything a client sends as `scope=`: parsed or skipped, never a panic; every scope
+        /// that parses has a type and a name.
+        #[test]
+        fn any_scope_text(s in "\\PC{0,300}") {
+            for scope in Scope::parse_list(&s) {
+                prop_assert!(!scope.name.is_empty());
+            }
+            let _ = Scope::parse(&s);
+            let _ = Actions::parse_list(&s);
+        }
+    }
+}

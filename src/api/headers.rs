@@ -174,3 +174,54 @@ mod tests {
         assert!(content_range(&h).is_err());
     }
 }
+
+/// Properties over generated input (`PROPTEST_CASES` sets how many).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn with(name: header::HeaderName, v: &str) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_str(v).ok()?);
+        Some(h)
+    }
+
+    proptest! {
+        /// Any `Range`: whole, a range inside the blob, or unsatisfiable; never a panic or a
+        /// range past the end.
+        #[test]
+        fn any_range_stays_inside_the_blob(v in "[ -~]{0,40}", size in 0u64..(1 << 40)) {
+            if let Some(h) = with(header::RANGE, &v)
+                && let Ok(Some((a, b))) = byte_range(&h, size)
+            {
+                prop_assert!(a <= b && b < size, "{v:?} on {size} gave {a}-{b}");
+            }
+        }
+
+        #[test]
+        fn valid_ranges_are_served_as_asked(size in 1u64..(1 << 40), a in any::<u64>(), len in 0u64..(1 << 30)) {
+            let a = a % size;
+            let b = a.saturating_add(len);
+            let h = with(header::RANGE, &format!("bytes={a}-{b}")).unwrap();
+            prop_assert_eq!(byte_range(&h, size), Ok(Some((a, b.min(size - 1)))));
+            let n = len.max(1);
+            let h = with(header::RANGE, &format!("bytes=-{n}")).unwrap();
+            prop_assert_eq!(byte_range(&h, size), Ok(Some((size.saturating_sub(n), size - 1))));
+        }
+
+        /// Any `Content-Range`: a well-ordered range or a `RANGE_INVALID`, never a panic; a valid
+        /// one reads back as written.
+        #[test]
+        fn content_ranges(v in "[ -~]{0,40}", a in any::<u64>(), len in any::<u64>()) {
+            if let Some(h) = with(header::CONTENT_RANGE, &v)
+                && let Ok(Some((x, y))) = content_range(&h)
+            {
+                prop_assert!(x <= y);
+            }
+            let b = a.saturating_add(len);
+            let h = with(header::CONTENT_RANGE, &format!("{a}-{b}")).unwrap();
+            prop_assert_eq!(content_range(&h).ok(), Some(Some((a, b))));
+        }
+    }
+}

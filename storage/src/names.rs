@@ -350,3 +350,70 @@ mod tests {
         }
     }
 }
+
+/// Properties over generated input (`PROPTEST_CASES` sets how many; CI runs the default 256).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A valid path component: alphanumerics joined by `.`, `_`, `__` or runs of `-`.
+    const COMPONENT: &str = "[a-z0-9]{1,8}((\\.|_|__|-{1,3})[a-z0-9]{1,8}){0,2}";
+
+    fn repo_name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(COMPONENT, 1..5).prop_map(|parts| parts.join("/"))
+    }
+
+    proptest! {
+        #[test]
+        fn valid_names_round_trip(name in repo_name()) {
+            let parsed: RepoName = name.parse().expect("a valid name");
+            prop_assert_eq!(parsed.to_string(), name);
+        }
+
+        #[test]
+        fn valid_tags_and_digests_round_trip(
+            tag in "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}",
+            hex in "[a-f0-9]{64}",
+        ) {
+            let parsed: Tag = tag.parse().expect("a valid tag");
+            prop_assert_eq!(parsed.to_string(), tag.clone());
+            let d = format!("sha256:{hex}");
+            let parsed: Digest = d.parse().expect("a valid digest");
+            prop_assert_eq!(parsed.to_string(), d.clone());
+            // A reference is the one or the other, and says which.
+            prop_assert!(matches!(tag.parse::<Reference>(), Ok(Reference::Tag(_))));
+            prop_assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
+        }
+
+        /// Anything at all: an answer, never a panic; what parses prints back the same.
+        #[test]
+        fn any_text_parses_or_is_refused(s in "\\PC{0,300}") {
+            if let Ok(n) = s.parse::<RepoName>() {
+                prop_assert_eq!(n.to_string(), s.clone());
+                prop_assert!(s.len() <= MAX_NAME_LEN);
+            }
+            if let Ok(t) = s.parse::<Tag>() {
+                prop_assert_eq!(t.to_string(), s.clone());
+            }
+            if let Ok(d) = s.parse::<Digest>() {
+                prop_assert_eq!(d.to_string(), s.clone());
+            }
+            let _ = s.parse::<Reference>();
+        }
+
+        /// Near-misses of valid names (one character changed) are judged without panicking,
+        /// and upper case or an empty component is always refused.
+        #[test]
+        fn near_miss_names(name in repo_name(), at in 0usize..64, c in any::<char>()) {
+            let mut chars: Vec<char> = name.chars().collect();
+            let at = at % chars.len();
+            chars[at] = c;
+            let mutated: String = chars.into_iter().collect();
+            let parsed = mutated.parse::<RepoName>();
+            if c.is_ascii_uppercase() || mutated.contains("//") || mutated.starts_with('/') {
+                prop_assert!(parsed.is_err(), "{mutated:?} was accepted");
+            }
+        }
+    }
+}
