@@ -161,6 +161,34 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
         held >= base + 100,
         "stalled uploads hold descriptors ({base} → {held})"
     );
+    // Meanwhile another client pushes and pulls an image: the stalled uploads hold no
+    // database connection or blocking thread it needs, so it is done before any of them has
+    // been answered (they wait for the body timeout).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        let image = crate::support::Image::new(71, &[4096, 300_000]);
+        image
+            .push(&p.root(), "busy/app", "1", crate::support::Auth::None)
+            .await;
+        image
+            .pull(&p.root(), "busy/app", "1", "")
+            .await
+            .expect("pull while uploads stall");
+    });
+    let took = started.elapsed();
+    for s in &stalled {
+        s.set_nonblocking(true).ok();
+        let mut b = [0u8; 1];
+        let answered =
+            !matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        assert!(
+            !answered,
+            "a stalled upload was answered before the push and pull beside it finished ({took:?})"
+        );
+        s.set_nonblocking(false).ok();
+    }
+    eprintln!("push and pull beside 100 stalled uploads: {took:?}");
     // Each gets an answer, not silence: 400 BLOB_UPLOAD_INVALID naming the timeout.
     for s in &mut stalled {
         s.set_read_timeout(Some(Duration::from_secs(10))).ok();
@@ -182,7 +210,6 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
 
     // A chunk is kept whole or not at all: the broken one left the session empty, and the
     // client resumes it from 0 to a whole blob.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = crate::support::client();
         crate::durability::resume_upload(&c, &p.root(), "slow/up", &locations[0], &blob, 0).await;

@@ -15,6 +15,7 @@ mod fsck;
 mod garbage;
 mod gc;
 mod limits;
+mod load;
 
 mod mirror;
 mod pki;
