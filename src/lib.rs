@@ -81,7 +81,7 @@ pub async fn serve(
         serve_tls(listener, &state, make, gate, handle).await
     } else {
         let mut server = axum_server::from_tcp(listener)?
-            .acceptor(wire::OciAnswersAcceptor(gate))
+            .acceptor(wire::ConnAcceptor(gate))
             .handle(handle);
         configure(server.http_builder(), &state.limits);
         server.serve(make).await
@@ -135,7 +135,7 @@ async fn serve_tls(
         }
     });
     let mut server = axum_server::from_tcp_rustls(listener, rustls)?
-        .map(|tls| wire::OciAnswersAcceptor(tls.acceptor(gate)))
+        .map(|tls| wire::ConnAcceptor(tls.acceptor(gate)))
         .handle(handle);
     configure(server.http_builder(), &state.limits);
     let served = server.serve(make).await;

@@ -1,18 +1,31 @@
-//! Answers written on the connection itself, below the router: the ones Berth writes before
-//! hyper sees a request (too many connections, plain HTTP on the TLS port), and the ones hyper
-//! writes when it cannot parse one (`400` for a malformed request line or header, `414` for a
-//! request line too long, `431` for headers too large).
+//! The connection itself, below the router: answers Berth writes before hyper sees a request
+//! (too many connections, plain HTTP on the TLS port), the answers hyper writes when it cannot
+//! parse one, and how a connection is closed.
 //!
-//! hyper answers parse errors itself, with a status and an empty body, and offers no hook. So
-//! every connection's writes pass through [`OciAnswers`], which recognises that answer (a 400,
-//! 414 or 431 with `content-length: 0` and no `content-type`, alone in its write: the router's
-//! errors always carry a JSON body) and writes it again with an OCI error body saying what was
-//! wrong. Everything else passes through untouched.
+//! Every connection is a [`Conn`], which does two things:
+//! - hyper answers parse errors itself (`400` for a malformed request line or header, `414` for
+//!   a request line too long, `431` for headers too large), with an empty body, and offers no
+//!   hook. [`Conn`] recognises that answer (one of those statuses with `content-length: 0` and
+//!   no `content-type`, alone in its write: the router's errors always carry a JSON body) and
+//!   writes it again with an OCI error body saying what was wrong.
+//! - A lingering close. When Berth answers before reading a request's whole body (a push
+//!   refused up front with `429` or `507`, a write that failed mid-body), hyper closes the
+//!   connection with the rest of the body unread, and the kernel answers the bytes the client
+//!   is still sending with a reset, which can destroy the answer before the client reads it:
+//!   a client that writes its whole body before reading (Python's http.client, many scripts)
+//!   sees "broken pipe" instead of the error. So closing sends FIN first and then reads and
+//!   discards what the client still sends, until it closes, for at most [`LINGER`] and
+//!   [`LINGER_BYTES`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The longest a closing connection keeps reading what the client still sends.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+/// The most a closing connection reads and discards.
+pub const LINGER_BYTES: u64 = 128 * 1024 * 1024;
 
 /// A complete `connection: close` answer with an OCI error body.
 pub fn answer(status: &str, code: &str, message: &str, extra_headers: &str) -> Vec<u8> {
@@ -50,26 +63,37 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
     Some(answer(status, "UNSUPPORTED", message, ""))
 }
 
-/// A connection whose parse-error answers get OCI error bodies (see the module docs).
-#[derive(Debug)]
-pub struct OciAnswers<S> {
+/// A connection with OCI bodies on hyper's parse-error answers and a lingering close (see the
+/// module docs).
+pub struct Conn<S> {
     inner: S,
     /// A replacement being written: its bytes, how many went out, and how many bytes of the
     /// caller's buffer it stands for (reported once all of it is out).
     pending: Option<(Vec<u8>, usize, usize)>,
+    /// Once the write side is shut: until when, and how much more, to read and discard.
+    linger: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
 }
 
-impl<S> OciAnswers<S> {
+impl<S> std::fmt::Debug for Conn<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("lingering", &self.linger.is_some())
+            .finish()
+    }
+}
+
+impl<S> Conn<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
         Self {
             inner,
             pending: None,
+            linger: None,
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for OciAnswers<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -79,7 +103,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for OciAnswers<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> OciAnswers<S> {
+impl<S: AsyncWrite + Unpin> Conn<S> {
     /// Writes the pending replacement out; `Ready` with the length it stands for when done.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         while let Some((bytes, written, stands_for)) = &mut self.pending {
@@ -99,7 +123,7 @@ impl<S: AsyncWrite + Unpin> OciAnswers<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for OciAnswers<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -147,25 +171,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for OciAnswers<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.pending.is_some() {
-            ready!(self.drain(cx))?;
+        let this = &mut *self;
+        if this.linger.is_none() {
+            if this.pending.is_some() {
+                ready!(this.drain(cx))?;
+            }
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER)), LINGER_BYTES));
         }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let Some((deadline, left)) = &mut this.linger else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                // The client closed too, or the connection broke: done either way.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    *left = left.saturating_sub(buf.filled().len() as u64);
+                    if *left == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+        }
     }
 }
 
-/// An acceptor that wraps what `inner` accepts (a TCP or a TLS stream) in [`OciAnswers`].
+/// An acceptor that wraps what `inner` accepts (a TCP or a TLS stream) in a [`Conn`].
 #[derive(Debug, Clone)]
-pub struct OciAnswersAcceptor<A>(pub A);
+pub struct ConnAcceptor<A>(pub A);
 
-impl<I, S, A> axum_server::accept::Accept<I, S> for OciAnswersAcceptor<A>
+impl<I, S, A> axum_server::accept::Accept<I, S> for ConnAcceptor<A>
 where
     A: axum_server::accept::Accept<I, S>,
     A::Future: Send + 'static,
     A::Stream: Send + 'static,
     A::Service: Send + 'static,
 {
-    type Stream = OciAnswers<A::Stream>;
+    type Stream = Conn<A::Stream>;
     type Service = A::Service;
     type Future =
         futures_util::future::BoxFuture<'static, std::io::Result<(Self::Stream, Self::Service)>>;
@@ -174,7 +224,7 @@ where
         let accepted = self.0.accept(stream, service);
         Box::pin(async move {
             let (stream, service) = accepted.await?;
-            Ok((OciAnswers::new(stream), service))
+            Ok((Conn::new(stream), service))
         })
     }
 }
