@@ -5,8 +5,9 @@ Both run side by side on loopback with equivalent settings (filesystem storage i
 auth, info logging). Every figure is measured for both, RUNS times, and reported as the median
 and the ratio Berth/Distribution. Benchmarks are not tests: nothing here asserts a speed.
 
-Usage: bench/run [--runs N] [--quick] [--only push,small,listing,startup] [--out FILE]
-(bench/run installs what it needs)
+Usage: bench/run [--runs N] [--quick] [--only push,small,auth,listing,startup] [--out FILE]
+(bench/run installs what it needs). The groups of `paths.py` (the machine's limits, TLS, idle
+connections, many small layers, a cold cache) run when named: `--only limits,tls,idle,layers,cold`.
 """
 
 import argparse
@@ -408,7 +409,8 @@ def main():
     ap.add_argument("--no-distribution", action="store_true",
                     help="measure Berth only (to compare two Berth builds run by run)")
     ap.add_argument("--only", default="push,small,auth,listing,startup",
-                    help="comma-separated groups to run: push, small, auth, listing, startup")
+                    help="comma-separated groups to run: push, small, auth, listing, startup, "
+                         "limits, tls, idle, layers, cold")
     a = ap.parse_args()
     only = set(a.only.split(","))
     global BERTH
@@ -501,6 +503,19 @@ def main():
             for n in range(a.runs if "startup" in only else 0):
                 record(reg, f"start-up with {startup_n} blobs stored (ms)", reg.start() * 1000)
                 reg.stop()
+        # The paths users run (issue 20): Berth alone unless the row compares registries.
+        sys.modules.setdefault("run", sys.modules[__name__])
+        import paths
+        if "limits" in only:
+            paths.limits(record, regs[0], work, a.runs)
+        if "tls" in only:
+            paths.tls(record, work, a.runs, load_s, big, digest, 20000 if a.quick else 100000)
+        if "idle" in only:
+            paths.idle(record, work, a.runs)
+        if "layers" in only:
+            paths.layers(record, regs, work, policy, a.runs)
+        if "cold" in only:
+            paths.cold(record, work, policy, a.runs)
     finally:
         for r in regs:
             r.stop()

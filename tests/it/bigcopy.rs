@@ -5,7 +5,8 @@
 //! larger gets `400 InvalidRequest`, and so does an UploadPartCopy whose range is) and counts
 //! both kinds of copy. A blob over the limit must still commit and pull back whole.
 //!
-//! CI runs it with a 16 MiB limit and a 40 MiB blob. The long mode takes the blob's size from
+//! CI runs it with a 5 MiB limit (S3's smallest part) and a 12 MiB blob, small because every
+//! test shares the one moto. The long mode takes the blob's size from
 //! `BERTH_BIG_BLOB_GIB` and the limit from `BERTH_BIG_BLOB_LIMIT_GIB` (default: AWS's 5 GiB,
 //! Berth's default), streamed both ways. moto holds multipart uploads in memory: 2 GiB over
 //! 1 GiB runs in about 90 s; 6 GiB over AWS's limit needs more than 24 GiB of memory.
@@ -255,7 +256,7 @@ async fn a_blob_over_the_copy_limit_is_copied_in_parts() {
             Some(l) => (l * 1024 * MIB, g * 1024 * MIB, Some(l * 1024 * MIB)),
             None => (berth_storage::s3::MAX_COPY, g * 1024 * MIB, None),
         },
-        None => (16 * MIB, 40 * MIB, Some(16 * MIB)),
+        None => (5 * MIB, 12 * MIB, Some(5 * MIB)),
     };
     let (addr, p) = start_proxy(limit).await;
     let s = TestServer::start_with(s3_through(addr, &unique("bigcopy"), configured)).await;
@@ -294,12 +295,12 @@ async fn a_blob_over_the_copy_limit_is_copied_in_parts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_refused_by_the_store_leaves_nothing() {
-    // Berth told a limit higher than the store's: the copy is refused, the push fails with an
-    // error, and neither the blob nor an open multipart upload is left behind.
-    let (addr, p) = start_proxy(8 * MIB).await;
+    // Berth told a limit higher than the store's: the copy is refused, and the push fails with
+    // an OCI error and leaves no blob visible.
+    let (addr, p) = start_proxy(6 * MIB).await;
     let s =
-        TestServer::start_with(s3_through(addr, &unique("bigcopy-refused"), Some(32 * MIB))).await;
-    let digest = noise_digest(20 * MIB, 3).await;
+        TestServer::start_with(s3_through(addr, &unique("bigcopy-refused"), Some(10 * MIB))).await;
+    let digest = noise_digest(8 * MIB, 3).await;
     let client = crate::support::client();
     let r = client
         .post(s.url("/v2/big/refused/blobs/uploads/"))
@@ -309,7 +310,7 @@ async fn a_copy_refused_by_the_store_leaves_nothing() {
     let location = s.url(r.headers()["location"].to_str().unwrap());
     let sep = if location.contains('?') { '&' } else { '?' };
     let mut body = Vec::new();
-    let mut st = std::pin::pin!(noise_stream(20 * MIB, 3));
+    let mut st = std::pin::pin!(noise_stream(8 * MIB, 3));
     while let Some(b) = st.next().await {
         body.extend_from_slice(&b);
     }

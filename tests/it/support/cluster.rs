@@ -189,14 +189,17 @@ pub(crate) fn blocking_fresh_database(what: &str) -> String {
 }
 
 /// haproxy in front of `servers`: round robin per request, `/readyz` checked every 300 ms,
-/// a connection that fails retried on another server.
+/// a connection that fails retried on another server. A check may take up to 5 s: without
+/// `timeout check` haproxy gives it only `inter`, and the test S3 server, shared by every test
+/// and answering one request at a time, can make a readiness probe slower than 300 ms, which
+/// would take every replica out of rotation (`503` from haproxy) with nothing wrong.
 pub(crate) fn spawn_haproxy(dir: &Path, servers: &[SocketAddr]) -> Proc {
     let bin = require("haproxy");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let mut cfg = format!(
         "global\n  maxconn 4096\n\
          defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n  \
-         timeout server 300s\n  retries 3\n  option redispatch 1\n\
+         timeout server 300s\n  timeout check 5s\n  retries 3\n  option redispatch 1\n\
          frontend registry\n  bind {addr}\n  default_backend replicas\n\
          backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n"
     );
