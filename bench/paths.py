@@ -187,7 +187,8 @@ def _pull_big(base, crt, digest):
 
 def idle(record, work, runs, conns=10_000):
     """`conns` kept-alive connections that made one request and then idle: Berth's RSS with
-    them open, and a new client's manifest GET p99 meanwhile."""
+    them open, and a new client's manifest GET p99 meanwhile. (Berth serves as many connections
+    as its open-file limit allows: on a machine whose hard limit is low, this needs it raised.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, conns + 1024)), hard))
     reg = r.Registry("berth", work, config=f"[limits]\nmax_connections = {conns + 1024}\n")

@@ -39,7 +39,7 @@ impl Limits {
     pub fn new(section: &LimitsSection, open_files: Option<u64>) -> Self {
         let mut max_connections = section.max_connections;
         if let Some(n) = open_files {
-            let fit = usize::try_from(n.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX);
+            let fit = connections_that_fit(n, section.max_uploads);
             if fit < max_connections {
                 tracing::warn!(
                     configured = max_connections,
@@ -67,6 +67,16 @@ impl Limits {
     pub fn upload(&self) -> Option<OwnedSemaphorePermit> {
         self.uploads.clone().try_acquire_owned().ok()
     }
+}
+
+/// How many connections `open_files` descriptors serve: one each, one more for each upload
+/// being written (a file; at most `max_uploads`, and never more than connections), and
+/// [`RESERVED_FDS`] for the rest of the process.
+fn connections_that_fit(open_files: u64, max_uploads: usize) -> usize {
+    let budget = open_files.saturating_sub(RESERVED_FDS);
+    let uploads = u64::try_from(max_uploads).unwrap_or(u64::MAX);
+    let fit = budget.saturating_sub(uploads).max(budget / 2);
+    usize::try_from(fit).unwrap_or(usize::MAX)
 }
 
 /// Raises the soft open-file limit to the hard one (as Go programs do at start) and returns
@@ -294,5 +304,21 @@ impl HttpBody for IdleTimeoutBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_the_descriptors_with_room_for_uploads() {
+        // Plenty: every connection one descriptor, the uploads their files.
+        assert_eq!(connections_that_fit(20_000, 512), 20_000 - 256 - 512);
+        // Few: uploads could be on every connection, two descriptors each.
+        assert_eq!(connections_that_fit(1024, 512), (1024 - 256) / 2);
+        assert_eq!(connections_that_fit(100, 512), 0);
+        let c = connections_that_fit(65_536, 4096);
+        assert!(c + 4096.min(c) <= 65_536 - 256);
     }
 }
