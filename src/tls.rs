@@ -89,3 +89,10 @@ pub fn stamp(tls: &TlsSection) -> Vec<Option<SystemTime>> {
         })
         .collect()
 }
+
+/// Picks rustls's ring provider for the process, once: reqwest (built without a default
+/// provider) panics when a client is built before one is chosen. Every place that builds an
+/// HTTP client calls this first.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -128,6 +128,7 @@ pub(super) struct Relay {
 
 impl Relay {
     pub(super) fn new(store: Arc<Store>) -> Result<Self, String> {
+        crate::tls::install_crypto();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)

@@ -164,7 +164,7 @@ impl Upstream {
             .clone()
             .map(|u| (u, password.unwrap_or_default()));
         let (prefixes, cache_prefix) = path_prefixes(cfg);
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_crypto();
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .read_timeout(cfg.timeout)
