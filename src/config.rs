@@ -532,7 +532,7 @@ pub struct LimitsSection {
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed at once. Lowered at start-up
-    /// to what the open-file limit allows (two descriptors per connection: socket, upload file).
+    /// to what the open-file limit allows (a descriptor per connection, one more per upload).
     pub max_connections: usize,
     /// Request bodies written to storage at once (blob uploads and manifest pushes); more are
     /// answered 429 TOOMANYREQUESTS with `Retry-After`.
@@ -540,7 +540,13 @@ pub struct LimitsSection {
     /// Space kept free in the data directory (a file released when the disk fills, so deletes
     /// and garbage collection can still write their metadata); 0 turns it off.
     pub disk_reserve: bytesize::ByteSize,
+    /// The most a request's line and headers may take; more is answered `431`. It is hyper's
+    /// read buffer, so it is also the largest piece of a body read at once (at least 8 KiB).
+    pub max_header_size: bytesize::ByteSize,
 }
+
+/// hyper's own default read buffer: 8 KiB plus 100 pages.
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 8192 + 4096 * 100;
 
 impl Default for LimitsSection {
     fn default() -> Self {
@@ -550,6 +556,7 @@ impl Default for LimitsSection {
             max_connections: 4096,
             max_uploads: 512,
             disk_reserve: bytesize::ByteSize::mib(64),
+            max_header_size: bytesize::ByteSize::b(DEFAULT_MAX_HEADER_SIZE),
         }
     }
 }
@@ -997,6 +1004,12 @@ impl Config {
             if n == 0 {
                 problems.push(format!("{key}: must be at least 1"));
             }
+        }
+        if !(8 * 1024..=64 * 1024 * 1024).contains(&l.max_header_size.as_u64()) {
+            problems.push(format!(
+                "limits.max_header_size: {} is outside 8KiB..=64MiB",
+                l.max_header_size
+            ));
         }
         self.validate_auth(&mut problems);
         self.validate_proxy(&mut problems);

@@ -95,7 +95,10 @@ fn configure(
     builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     limits: &limits::Limits,
 ) {
-    builder.http1().header_read_timeout(limits.header_timeout);
+    builder
+        .http1()
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_size);
 }
 
 async fn serve_tls(

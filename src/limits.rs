@@ -31,6 +31,8 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// See [`LimitsSection::header_timeout`].
     pub header_timeout: Duration,
+    /// See [`LimitsSection::max_header_size`].
+    pub max_header_size: usize,
 }
 
 impl Limits {
@@ -55,6 +57,9 @@ impl Limits {
             uploads: Arc::new(Semaphore::new(section.max_uploads)),
             body_timeout: section.body_timeout,
             header_timeout: section.header_timeout,
+            max_header_size: usize::try_from(section.max_header_size.as_u64())
+                .unwrap_or(usize::MAX)
+                .max(8192),
         }
     }
 

@@ -56,7 +56,7 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
         "414" => ("414 URI Too Long", "the request line is too long"),
         "431" => (
             "431 Request Header Fields Too Large",
-            "the request's headers are larger than the server accepts (about 400 KiB)",
+            "the request's headers are larger than the server accepts (limits.max_header_size)",
         ),
         _ => return None,
     };

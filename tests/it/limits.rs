@@ -63,8 +63,9 @@ fn clients_that_trickle_headers_or_idle_are_disconnected() {
     let dir = tempfile::tempdir().unwrap();
     let p = spawn_berth_with(&dir.path().join("data"), Some(LIMITS));
     let base = open_fds(&p);
-    // 300 clients send a request line, then one header line every 500 ms, never finishing.
-    let mut slow: Vec<TcpStream> = (0..300)
+    // 500 clients send a request line, then one header line every 500 ms, never finishing.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let mut slow: Vec<TcpStream> = (0..500)
         .map(|_| {
             let mut s = TcpStream::connect(p.addr).expect("connect");
             s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
@@ -80,7 +81,7 @@ fn clients_that_trickle_headers_or_idle_are_disconnected() {
     idle.read_exact(&mut first).expect("first answer");
     assert_eq!(&first, b"HTTP/1.1 200");
     assert!(
-        open_fds(&p) >= base + 300,
+        open_fds(&p) >= base + 500,
         "the slow clients hold descriptors"
     );
 
@@ -124,12 +125,18 @@ fn clients_that_trickle_headers_or_idle_are_disconnected() {
 #[test]
 fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let p = spawn_berth_with(&dir.path().join("data"), Some(LIMITS));
+    // 5 s of body silence: time to stall 200 uploads and push beside them before the first
+    // is cut off.
+    let p = spawn_berth_with(
+        &dir.path().join("data"),
+        Some("[limits]\nheader_timeout = \"2s\"\nbody_timeout = \"5s\"\n"),
+    );
     let base = open_fds(&p);
     let blob = crate::support::noise(3 << 20, 7);
     let mut stalled = Vec::new();
     let mut locations = Vec::new();
-    for _ in 0..100 {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    for _ in 0..200 {
         let answer = raw(
             p.addr,
             "POST /v2/slow/up/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -158,7 +165,7 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
     std::thread::sleep(Duration::from_millis(500));
     let held = open_fds(&p);
     assert!(
-        held >= base + 100,
+        held >= base + 200,
         "stalled uploads hold descriptors ({base} → {held})"
     );
     // Meanwhile another client pushes and pulls an image: the stalled uploads hold no
@@ -188,7 +195,7 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
         );
         s.set_nonblocking(false).ok();
     }
-    eprintln!("push and pull beside 100 stalled uploads: {took:?}");
+    eprintln!("push and pull beside 200 stalled uploads: {took:?}");
     // Each gets an answer, not silence: 400 BLOB_UPLOAD_INVALID naming the timeout.
     for s in &mut stalled {
         s.set_read_timeout(Some(Duration::from_secs(10))).ok();
@@ -342,6 +349,26 @@ async fn unparsable_requests_get_oci_error_bodies() {
         assert!(
             v["errors"][0]["message"].as_str().unwrap().contains(says),
             "{shown}"
+        );
+    }
+    // The limit is the configured one.
+    let small = crate::support::TestServer::start_with(|c| {
+        c.limits.max_header_size = bytesize::ByteSize::kib(16);
+    })
+    .await;
+    let addr16 = small.addr;
+    for (header, status) in [(4 * 1024, "200"), (200 * 1024, "431")] {
+        let request = format!(
+            "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+            "p".repeat(header)
+        );
+        let answer = tokio::task::spawn_blocking(move || raw(addr16, &request))
+            .await
+            .unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{header}-byte header under a 16 KiB limit: {}",
+            answer.chars().take(200).collect::<String>()
         );
     }
     // The connection-level answers leave ordinary ones alone.
