@@ -130,6 +130,9 @@ pub struct FsckReport {
     /// Upload objects of no session, older than the grace period (garbage collection removes
     /// them; not a problem).
     pub stale_upload_objects: u64,
+    /// Blob objects a collection marked garbage and was stopped before deleting (the next run
+    /// frees them; not a problem).
+    pub awaiting_sweep: u64,
     /// What `repair` did.
     pub repairs: Vec<String>,
     /// Problems found and not repaired (all of them without `repair`).
@@ -200,6 +203,13 @@ impl std::fmt::Display for FsckReport {
         }
         for (id, what) in &self.broken_uploads {
             writeln!(f, "broken upload session {id}: {what}")?;
+        }
+        if self.awaiting_sweep > 0 {
+            writeln!(
+                f,
+                "{} blob objects marked garbage by an interrupted collection (the next one frees them)",
+                self.awaiting_sweep
+            )?;
         }
         if self.stale_upload_objects > 0 {
             writeln!(
@@ -292,6 +302,10 @@ impl Store {
         // Objects without rows, old enough not to be a commit in progress.
         for (d, (size, age)) in objects {
             if age < opts.grace || self.meta.has_blob(&d).await? {
+                continue;
+            }
+            if self.meta.awaits_sweep(&d).await? {
+                report.awaiting_sweep += 1;
                 continue;
             }
             report.orphans.push((d, size));

@@ -925,6 +925,33 @@ async fn fsck_finds_what_is_wrong_and_repairs_it_safely(env: &Env) {
     t.blob("fsck/a", b"layer a").await;
     let r = t.s.fsck(&opts(false)).await.unwrap();
     assert!(r.is_clean(), "{r}");
+
+    // A collection that marked a blob and was stopped before deleting its object left no
+    // orphan: the object is garbage the next run frees.
+    let marked = t.blob("fsck/gone", b"marked, not swept").await;
+    t.s.delete_blob(&"fsck/gone".parse().unwrap(), &marked)
+        .await
+        .unwrap();
+    let policy = crate::GcPolicy {
+        grace: Duration::from_secs(60),
+        ..crate::GcPolicy::default()
+    };
+    // Marked an hour and a half from now, when the unlinked blob is past its grace.
+    let later = now() + 5400;
+    let marked_now = env
+        .meta
+        .mark(&policy, later, "stopped-run", false)
+        .await
+        .unwrap();
+    // (with it, the orphan that repair recorded above)
+    assert!(marked_now.blobs >= 1, "{marked_now}");
+    assert!(!env.meta.has_blob(&marked.to_string()).await.unwrap());
+    let r = t.s.fsck(&opts(false)).await.unwrap();
+    assert!(r.is_clean(), "{r}");
+    assert_eq!(r.awaiting_sweep, marked_now.blobs, "{r}");
+    t.s.gc(&policy, false).await.unwrap();
+    let r = t.s.fsck(&opts(false)).await.unwrap();
+    assert!(r.is_clean() && r.awaiting_sweep == 0, "{r}");
 }
 
 async fn a_blob_still_being_placed_cannot_be_mounted_or_linked(env: &Env) {

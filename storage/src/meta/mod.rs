@@ -378,6 +378,10 @@ pub trait FsckMeta {
     /// Whether a blob row exists.
     fn has_blob<'a>(&'a self, digest: &'a str) -> Fut<'a, bool>;
 
+    /// Whether a collection marked the blob garbage and has not swept its object yet (it was
+    /// stopped between the two; the next run frees it).
+    fn awaits_sweep<'a>(&'a self, digest: &'a str) -> Fut<'a, bool>;
+
     /// Manifest references whose target the repository does not hold (at most `limit`).
     fn dangling_references(&self, limit: usize) -> Fut<'_, Vec<Dangling>>;
 

@@ -41,6 +41,18 @@ impl FsckMeta for PgMeta {
         })
     }
 
+    fn awaits_sweep<'a>(&'a self, digest: &'a str) -> Fut<'a, bool> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            Ok(
+                c.query_opt("SELECT 1 FROM gc_pending WHERE digest = $1", &[&digest])
+                    .await
+                    .map_err(db)?
+                    .is_some(),
+            )
+        })
+    }
+
     fn dangling_references(&self, limit: usize) -> Fut<'_, Vec<Dangling>> {
         Box::pin(async move {
             let c = self.client().await?;

@@ -43,6 +43,19 @@ impl FsckMeta for SqliteMeta {
         }))
     }
 
+    fn awaits_sweep<'a>(&'a self, digest: &'a str) -> Fut<'a, bool> {
+        let d = digest.to_owned();
+        Box::pin(self.db.read(move |c| {
+            Ok(c.query_row(
+                "SELECT 1 FROM gc_pending WHERE digest = ?1",
+                [d],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+        }))
+    }
+
     fn dangling_references(&self, limit: usize) -> Fut<'_, Vec<Dangling>> {
         Box::pin(self.db.read(move |c| {
             let mut st = c.prepare(
