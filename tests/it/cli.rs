@@ -271,3 +271,100 @@ fn every_shipped_config_file_is_valid() {
     }
     assert!(n >= 2, "only {n} config files under deploy/config");
 }
+
+/// The keys a section accepts, as the config types say: `check-config` on a file with an unknown
+/// key in that section names every key it expected.
+fn accepted_keys(probe: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("probe.toml");
+    std::fs::write(&file, format!("{probe}\n__probe = 1\n")).unwrap();
+    let (ok, out) = berth(&["check-config", file.to_str().unwrap(), "--no-files"]);
+    assert!(!ok, "an unknown key was accepted in {probe:?}");
+    let (_, list) = out
+        .split_once("expected one of")
+        .or_else(|| out.split_once("expected"))
+        .unwrap_or_else(|| panic!("no list of expected keys for {probe:?}: {out}"));
+    list.lines()
+        .next()
+        .unwrap_or_default()
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every (section, key) the README's TOML examples show, commented-out ones included; a table
+/// header `[a.b]` documents `b` in `a` and `a` at the top.
+fn documented_keys() -> std::collections::BTreeSet<(String, String)> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    for block in readme.split("```toml\n").skip(1) {
+        let block = block.split("```").next().unwrap_or_default();
+        let mut section = String::new();
+        for line in block.lines() {
+            let line = line.trim().trim_start_matches('#').trim();
+            if let Some(header) = line.strip_prefix('[') {
+                let name: String = header
+                    .trim_start_matches('[')
+                    .chars()
+                    .take_while(|c| *c != ']')
+                    .collect();
+                let parts: Vec<&str> = name.split('.').collect();
+                for i in 0..parts.len() {
+                    keys.insert((parts[..i].join("."), parts[i].to_owned()));
+                }
+                section = name;
+            } else if let Some((key, _)) = line.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    keys.insert((section.clone(), key.to_owned()));
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// The README documents every configuration key the config types accept, in an example under
+/// its section: a key added without documentation fails here.
+#[test]
+fn the_readme_documents_every_configuration_key() {
+    let documented = documented_keys();
+    let probes = [
+        ("", ""),
+        ("storage", "[storage]\nbackend = \"filesystem\""),
+        ("storage", "[storage]\nbackend = \"s3\""),
+        ("storage", "[storage]\nbackend = \"azure\""),
+        ("storage", "[storage]\nbackend = \"gcs\""),
+        ("metadata", "[metadata]\nbackend = \"sqlite\""),
+        ("metadata", "[metadata]\nbackend = \"postgres\""),
+        ("registry", "[registry]"),
+        ("gc", "[gc]"),
+        ("log", "[log]"),
+        ("limits", "[limits]"),
+        ("tls", "[tls]"),
+        ("auth", "[auth]"),
+        ("auth.token", "[auth.token]"),
+        ("auth.token.trusted", "[[auth.token.trusted]]"),
+        ("auth.rule", "[[auth.rule]]"),
+        ("proxy", "[proxy]"),
+        ("proxy.upstream", "[[proxy.upstream]]"),
+    ];
+    let mut missing = Vec::new();
+    for (section, probe) in probes {
+        for key in accepted_keys(probe) {
+            // The storage and metadata backends are chosen by `backend`.
+            if !documented.contains(&(section.to_owned(), key.clone())) {
+                missing.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "configuration keys the README does not show in a TOML example: {missing:?}"
+    );
+}
