@@ -202,6 +202,7 @@ impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> fo
                     "connection refused: limits.max_connections reached",
                 ));
             };
+            metrics::counter!("berth_connections_accepted_total").increment(1);
             if !plain {
                 refuse_plain_http(&mut stream).await?;
             }

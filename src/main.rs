@@ -331,9 +331,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let peer_url = config.peer_url.clone().unwrap_or_default();
         // Its errors say what failed: storage, authentication, the cache.
         let state = berth::AppState::open(config).await?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
+        let listener = bind(listen).with_context(|| format!("binding {listen}"))?;
         tracing::info!(
             addr = %listener.local_addr()?,
             data,
@@ -370,4 +368,22 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+/// How many connections the kernel may queue before the server accepts them. tokio's `bind`
+/// asks for 1,024; a fleet of nodes starting at once can open more, and connections the queue
+/// drops wait seconds for the kernel's retransmits. The kernel caps it at `somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with address reuse (a restart does not wait out TIME_WAIT) and a
+/// [`LISTEN_BACKLOG`] queue.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

@@ -9,6 +9,7 @@
 //! | `berth_request_duration_seconds` | histogram | endpoint, method |
 //! | `berth_bytes_received_total` | counter | |
 //! | `berth_bytes_sent_total` | counter | |
+//! | `berth_connections_accepted_total`, `berth_connections_refused_total` | counter | (refused: over `limits.max_connections`) |
 //! | `berth_uploads_in_progress` | gauge | |
 //! | `berth_storage_errors_total` | counter | |
 //! | `berth_gc_last_run_timestamp_seconds`, `berth_gc_last_duration_seconds`, `berth_gc_last_removed_blobs`, `berth_gc_last_removed_bytes`, `berth_gc_last_removed_manifests` | gauge | (the latest run of any process sharing the database) |

@@ -128,12 +128,27 @@ pub(crate) fn requests_logged(dir: &Path) -> usize {
         .count()
 }
 
+/// A loopback port nothing listens on.
+///
+/// The kernel hands a port that was just freed to the next asker, so two tests asking at once
+/// could both start servers on it (a token server and another test's Distribution did): a port
+/// is given out at most once in this process.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts connections on `addr`.
