@@ -195,7 +195,7 @@ impl Store {
 
     /// Repositories holding at least one manifest, in byte order, strictly after `last`.
     pub async fn catalog(&self, last: Option<&str>, n: usize) -> Result<Page> {
-        self.meta.catalog(last, n).await
+        self.meta.repos("", last, n).await
     }
 
     /// Manifests in `repo` whose subject is `subject`, optionally only of `artifact_type`.

@@ -737,6 +737,53 @@ async fn listings_are_in_byte_order(env: &Env) {
     );
 }
 
+async fn browsing_finds_repositories_and_reads_tags_without_counting_pulls(env: &Env) {
+    let t = T::new(env);
+    for repo in ["team/web", "team/api", "tools/webhook", "xay", "x_y"] {
+        t.image(repo, "v1", repo, None).await;
+    }
+    let (d2, blobs) = t.image("team/web", "v2", "web 2", None).await;
+    // Plain text: `%` and `_` are not patterns; the cursor and `n` page the matches.
+    let found = t.s.find_repos("web", None, 10).await.unwrap();
+    assert_eq!(found.items, ["team/web", "tools/webhook"]);
+    assert!(t.s.find_repos("%", None, 10).await.unwrap().items.is_empty());
+    assert_eq!(t.s.find_repos("_", None, 10).await.unwrap().items, ["x_y"]);
+    let first = t.s.find_repos("e", None, 1).await.unwrap();
+    assert_eq!((first.items.as_slice(), first.more), (&["team/api".to_owned()][..], true));
+    let next = t.s.find_repos("e", Some("team/api"), 5).await.unwrap();
+    assert_eq!(next.items, ["team/web", "tools/webhook"]);
+
+    let repo: RepoName = "team/web".parse().unwrap();
+    assert_eq!(t.s.count_tags(&repo).await.unwrap(), 2);
+    assert_eq!(t.s.count_tags(&"no/such".parse().unwrap()).await.unwrap(), 0);
+    let rows = t.s.tag_rows(&repo, Some("v1"), 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].tag.as_str(), rows[0].digest.clone()), ("v2", d2.to_string()));
+    assert_eq!(rows[0].last_pulled, None);
+    let m = t.s.peek_manifest(&repo, &"v2".parse().unwrap()).await.unwrap();
+    assert_eq!(m.digest, d2);
+    assert_eq!(rows[0].content, m.bytes.to_vec());
+    // Peeking is no pull: the next flush writes nothing.
+    t.s.flush_access().await.unwrap();
+    let rows = t.s.tag_rows(&repo, Some("v1"), 10).await.unwrap();
+    assert_eq!(rows[0].last_pulled, None);
+    // A client's pull is shown.
+    t.s.record_manifest_pull(&repo, &d2);
+    t.s.flush_access().await.unwrap();
+    let rows = t.s.tag_rows(&repo, Some("v1"), 10).await.unwrap();
+    assert!(rows[0].last_pulled.is_some());
+    // A config within the limit is read; a larger one, or one the repository lacks, is not.
+    let config = t.s.peek_blob(&repo, &blobs[0], 1024).await.unwrap();
+    assert_eq!(config.as_deref(), Some(&b"config web 2"[..]));
+    assert_eq!(t.s.peek_blob(&repo, &blobs[0], 4).await.unwrap(), None);
+    let other: RepoName = "team/api".parse().unwrap();
+    assert_eq!(t.s.peek_blob(&other, &blobs[0], 1024).await.unwrap(), None);
+    assert!(matches!(
+        t.s.tag_rows(&"no/such".parse().unwrap(), None, 1).await,
+        Err(Error::NameUnknown(_))
+    ));
+}
+
 async fn confirmations_and_the_relay_secret_are_shared(env: &Env) {
     let t = T::new(env);
     assert_eq!(t.s.meta.confirmed_at("k").await.unwrap(), None);
@@ -817,6 +864,10 @@ const CHECKS: &[(&str, Check)] = &[
     ("listings_are_in_byte_order", |e| {
         listings_are_in_byte_order(e).boxed()
     }),
+    (
+        "browsing_finds_repositories_and_reads_tags_without_counting_pulls",
+        |e| browsing_finds_repositories_and_reads_tags_without_counting_pulls(e).boxed(),
+    ),
     ("confirmations_and_the_relay_secret_are_shared", |e| {
         confirmations_and_the_relay_secret_are_shared(e).boxed()
     }),

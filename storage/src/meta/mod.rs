@@ -107,6 +107,23 @@ impl Page {
     }
 }
 
+/// A tag with its manifest, as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRow {
+    /// The tag.
+    pub tag: String,
+    /// The manifest it points at.
+    pub digest: String,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// The manifest's exact bytes (small: what a page reads sizes and platforms from).
+    pub content: Vec<u8>,
+    /// When the tag was last pushed (unix seconds).
+    pub pushed: i64,
+    /// When the manifest was last pulled from this repository, if ever.
+    pub last_pulled: Option<i64>,
+}
+
 /// One entry of a referrers list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Referrer {
@@ -237,8 +254,21 @@ pub trait ManifestMeta {
     /// ([`crate::Error::NameUnknown`] for an unknown repository).
     fn tags<'a>(&'a self, repo: &'a str, last: Option<&'a str>, n: usize) -> Fut<'a, Page>;
 
-    /// Repositories holding a manifest, in byte order after `last`, at most `n`.
-    fn catalog<'a>(&'a self, last: Option<&'a str>, n: usize) -> Fut<'a, Page>;
+    /// Repositories holding a manifest whose names contain `needle` (plain text, not a
+    /// pattern; empty: all of them, the catalog), in byte order after `last`, at most `n`.
+    fn repos<'a>(&'a self, needle: &'a str, last: Option<&'a str>, n: usize) -> Fut<'a, Page>;
+
+    /// Tags of `repo` after `last` in byte order, at most `n`, with their manifests
+    /// ([`crate::Error::NameUnknown`] for an unknown repository). Reading them records no pull.
+    fn tag_rows<'a>(
+        &'a self,
+        repo: &'a str,
+        last: Option<&'a str>,
+        n: usize,
+    ) -> Fut<'a, Vec<TagRow>>;
+
+    /// How many tags `repo` has (0 for an unknown repository).
+    fn count_tags<'a>(&'a self, repo: &'a str) -> Fut<'a, u64>;
 
     /// Manifests of `repo` whose subject is `subject`, optionally of one artifact type.
     fn referrers<'a>(

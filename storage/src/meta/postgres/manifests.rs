@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use super::{PgMeta, db, ensure_repo, link_blob, repo_id};
 use crate::error::Error;
 use crate::manifest::{Manifest, RefKind};
-use crate::meta::{Fut, ManifestMeta, ManifestRow, Page, Referrer, Refs};
+use crate::meta::{Fut, ManifestMeta, ManifestRow, Page, Referrer, Refs, TagRow};
 use crate::names::{Reference, Tag};
 
 /// Protects manifest `digest` of repository `repo` from the untagged and orphan-referrer
@@ -320,25 +320,80 @@ impl ManifestMeta for PgMeta {
         })
     }
 
-    fn catalog<'a>(&'a self, last: Option<&'a str>, n: usize) -> Fut<'a, Page> {
+    fn repos<'a>(&'a self, needle: &'a str, last: Option<&'a str>, n: usize) -> Fut<'a, Page> {
         Box::pin(async move {
             let c = self.client().await?;
             let st = c
                 .prepare_cached(
-                    "SELECT name FROM repos r WHERE name > $1
+                    "SELECT name FROM repos r WHERE name > $1 AND strpos(name, $2) > 0
                      AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)
-                     ORDER BY name LIMIT $2",
+                     ORDER BY name LIMIT $3",
                 )
                 .await
                 .map_err(db)?;
             let items = c
-                .query(&st, &[&last.unwrap_or(""), &(n as i64).saturating_add(1)])
+                .query(
+                    &st,
+                    &[&last.unwrap_or(""), &needle, &(n as i64).saturating_add(1)],
+                )
                 .await
                 .map_err(db)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
             Ok(Page::of(items, n))
+        })
+    }
+
+    fn tag_rows<'a>(
+        &'a self,
+        repo: &'a str,
+        last: Option<&'a str>,
+        n: usize,
+    ) -> Fut<'a, Vec<TagRow>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let rid = repo_id(&c, repo)
+                .await?
+                .ok_or_else(|| Error::NameUnknown(repo.to_owned()))?;
+            let st = c
+                .prepare_cached(
+                    "SELECT t.name, t.digest, m.media_type, b.content, t.updated_at, m.last_pulled
+                     FROM tags t
+                     JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest
+                     JOIN manifest_bodies b ON b.digest = t.digest
+                     WHERE t.repo_id = $1 AND t.name > $2 ORDER BY t.name LIMIT $3",
+                )
+                .await
+                .map_err(db)?;
+            Ok(c.query(&st, &[&rid, &last.unwrap_or(""), &(n as i64)])
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| TagRow {
+                    tag: r.get(0),
+                    digest: r.get(1),
+                    media_type: r.get(2),
+                    content: r.get(3),
+                    pushed: r.get(4),
+                    last_pulled: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn count_tags<'a>(&'a self, repo: &'a str) -> Fut<'a, u64> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT count(*) FROM tags t JOIN repos r ON r.id = t.repo_id
+                     WHERE r.name = $1",
+                    &[&repo],
+                )
+                .await
+                .map_err(db)?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
         })
     }
 

@@ -5,7 +5,7 @@ use rusqlite::{OptionalExtension, params};
 use super::{SqliteMeta, ensure_repo, link_blob, repo_id};
 use crate::error::Error;
 use crate::manifest::{Manifest, RefKind};
-use crate::meta::{Fut, ManifestMeta, ManifestRow, Page, Referrer, Refs};
+use crate::meta::{Fut, ManifestMeta, ManifestRow, Page, Referrer, Refs, TagRow};
 use crate::names::{Reference, Tag};
 
 /// Protects manifest `digest` of repository `repo` from the untagged and orphan-referrer
@@ -234,18 +234,65 @@ impl ManifestMeta for SqliteMeta {
         }))
     }
 
-    fn catalog<'a>(&'a self, last: Option<&'a str>, n: usize) -> Fut<'a, Page> {
-        let last = last.unwrap_or("").to_owned();
+    fn repos<'a>(&'a self, needle: &'a str, last: Option<&'a str>, n: usize) -> Fut<'a, Page> {
+        let (needle, last) = (needle.to_owned(), last.unwrap_or("").to_owned());
         Box::pin(self.db.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT name FROM repos r WHERE name > ?1
+                "SELECT name FROM repos r WHERE name > ?1 AND instr(name, ?2) > 0
                  AND EXISTS (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)
-                 ORDER BY name LIMIT ?2",
+                 ORDER BY name LIMIT ?3",
             )?;
             let items = st
-                .query_map(params![last, (n as i64).saturating_add(1)], |r| r.get(0))?
+                .query_map(params![last, needle, (n as i64).saturating_add(1)], |r| {
+                    r.get(0)
+                })?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(Page::of(items, n))
+        }))
+    }
+
+    fn tag_rows<'a>(
+        &'a self,
+        repo: &'a str,
+        last: Option<&'a str>,
+        n: usize,
+    ) -> Fut<'a, Vec<TagRow>> {
+        let (name, last) = (repo.to_owned(), last.unwrap_or("").to_owned());
+        Box::pin(self.db.read(move |c| {
+            let rid = repo_id(c, &name)?.ok_or_else(|| Error::NameUnknown(name.clone()))?;
+            let mut st = c.prepare_cached(
+                "SELECT t.name, t.digest, m.media_type, b.content, t.updated_at, m.last_pulled
+                 FROM tags t
+                 JOIN manifests m ON m.repo_id = t.repo_id AND m.digest = t.digest
+                 JOIN manifest_bodies b ON b.digest = t.digest
+                 WHERE t.repo_id = ?1 AND t.name > ?2 ORDER BY t.name LIMIT ?3",
+            )?;
+            let rows = st
+                .query_map(params![rid, last, n as i64], |r| {
+                    Ok(TagRow {
+                        tag: r.get(0)?,
+                        digest: r.get(1)?,
+                        media_type: r.get(2)?,
+                        content: r.get(3)?,
+                        pushed: r.get(4)?,
+                        last_pulled: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        }))
+    }
+
+    fn count_tags<'a>(&'a self, repo: &'a str) -> Fut<'a, u64> {
+        let name = repo.to_owned();
+        Box::pin(self.db.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT count(*) FROM tags t JOIN repos r ON r.id = t.repo_id
+                     WHERE r.name = ?1",
+                )?
+                .query_row(params![name], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
         }))
     }
 
