@@ -4,7 +4,10 @@
 //! is decided; it returns a typed [`Decision`], which the HTTP side (`api::access`) renders as a
 //! challenge, a `403` or a `429`. The rules themselves live in the `berth-auth` crate.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request};
+use axum::http::HeaderMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -355,4 +358,62 @@ impl AuthService {
 /// Whether `caller` may do `required` with `auth` (no auth: always).
 pub fn permits(auth: Option<&AuthService>, caller: &Caller, required: &[Scope]) -> bool {
     auth.is_none_or(|a| a.permits(caller, required))
+}
+
+/// The client's address (for failed-login limiting): the peer, or, when the peer is a trusted
+/// proxy, the nearest address in `X-Forwarded-For` that is not one (entries further left
+/// could have been written by the client itself).
+pub fn client_ip(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    forwarded_client(peer, req.headers(), trusted)
+}
+
+fn forwarded_client(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .copied()
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderMap;
+
+    #[test]
+    fn forwarded_addresses_count_only_behind_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6, 203.0.113.7".parse().unwrap());
+        h.append("x-forwarded-for", "10.1.2.3".parse().unwrap());
+        let ingress: IpAddr = "10.0.0.5".parse().unwrap();
+        let outsider: IpAddr = "198.51.100.1".parse().unwrap();
+        // Behind the ingress: the nearest untrusted hop, not what the client wrote further left.
+        assert_eq!(
+            forwarded_client(ingress, &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        // A direct client cannot pick its address.
+        assert_eq!(forwarded_client(outsider, &h, &trusted), outsider);
+        assert_eq!(forwarded_client(ingress, &h, &[]), ingress);
+        assert_eq!(
+            forwarded_client(ingress, &HeaderMap::new(), &trusted),
+            ingress
+        );
+    }
 }

@@ -162,6 +162,8 @@ pub struct Config {
     pub proxy: ProxySection,
     /// What one client may hold: connections, uploads, time to send a request.
     pub limits: LimitsSection,
+    /// The web UI.
+    pub ui: UiSection,
 }
 
 impl Default for Config {
@@ -180,6 +182,7 @@ impl Default for Config {
             auth: AuthSection::default(),
             proxy: ProxySection::default(),
             limits: LimitsSection::default(),
+            ui: UiSection::default(),
         }
     }
 }
@@ -557,6 +560,26 @@ impl Default for LimitsSection {
             max_uploads: 512,
             disk_reserve: bytesize::ByteSize::mib(64),
             max_header_size: bytesize::ByteSize::b(DEFAULT_MAX_HEADER_SIZE),
+        }
+    }
+}
+
+/// `[ui]`: the pages at `/ui/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UiSection {
+    /// Serve the web UI (on the API's port, with the API's users and rights).
+    pub enabled: bool,
+    /// How long a sign-in lasts.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+}
+
+impl Default for UiSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            session_ttl: Duration::from_secs(12 * 3600),
         }
     }
 }

@@ -95,7 +95,8 @@ impl Jobs {
                 async move {
                     match s.store().evict_cache(p.evict_policy()).await {
                         Ok(r) => {
-                            metrics::gauge!("berth_proxy_cache_bytes").set(r.bytes_after as f64)
+                            metrics::gauge!("berth_proxy_cache_bytes").set(r.bytes_after as f64);
+                            p.evicted(r);
                         }
                         Err(berth_storage::Error::Busy { holder, .. }) => {
                             tracing::debug!(%holder, "cache eviction skipped: another process is evicting")

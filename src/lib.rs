@@ -19,6 +19,7 @@
 //! - [`state`]: shared handler state.
 //! - [`telemetry`]: logging set-up.
 //! - [`tls`]: HTTPS configuration and certificate reloading.
+//! - [`ui`]: the web UI at `/ui/`.
 //!
 //! Persistence and the registry's invariants live in the `berth-storage` crate; this crate
 //! only speaks HTTP and to upstreams. [`serve`] takes its listener and shutdown signal from the
@@ -38,15 +39,33 @@ pub mod registry;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod ui;
 pub mod wire;
 
 use std::future::Future;
 
+use axum::response::IntoResponse as _;
+
 pub use state::AppState;
 
-/// The router for `state`.
+/// The router for `state`: the API, and the web UI unless `[ui] enabled = false` (a
+/// browser asking for `/` is sent there).
 pub fn app(state: AppState) -> axum::Router {
-    api::router(state)
+    let ui_on = state.config.ui.enabled;
+    ui::router(state.clone())
+        .merge(api::router(state))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                if ui_on
+                    && req.uri().path() == "/"
+                    && req.method() == axum::http::Method::GET
+                    && ui::wants_html(req.headers())
+                {
+                    return axum::response::Redirect::to("/ui/").into_response();
+                }
+                next.run(req).await
+            },
+        ))
 }
 
 /// How often the TLS files are looked at for rotation.

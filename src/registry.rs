@@ -197,7 +197,14 @@ impl Registry {
     pub async fn manifest(&self, at: At<'_>, reference: &Reference) -> Result<StoredManifest> {
         let s = self.source(at, Call::Manifest).await?;
         let (m, repo) = match (s, &self.proxy) {
-            (Source::Cache(t), Some(p)) => (p.manifest(&t, reference).await?, t.local),
+            (Source::Cache(t), Some(p)) => {
+                let m = p.manifest(&t, reference).await?;
+                // Images by tag: a client then reads children and layers by digest.
+                if let Reference::Tag(tag) = reference {
+                    t.upstream.stats.pulled(&format!("{}:{tag}", t.local));
+                }
+                (m, t.local)
+            }
             (s, _) => {
                 let repo = self.local(s)?;
                 (self.store.get_manifest(&repo, reference).await?, repo)

@@ -161,7 +161,7 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
         drain(req.into_body()).await;
         return ApiError::from(e).into_response();
     }
-    let ip = access::client_ip(&req, &state.config.auth.trusted_proxies);
+    let ip = crate::auth::client_ip(&req, &state.config.auth.trusted_proxies);
     match access::authorize(&state, &op, req.headers(), ip).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);

@@ -19,8 +19,9 @@ use berth_auth::{Challenge, Credentials, Scope};
 use berth_storage::RepoName;
 use serde_json::json;
 
-use super::access::{client_ip, too_many};
+use super::access::too_many;
 use super::headers::query;
+use crate::auth::client_ip;
 use crate::auth::{AuthService, Rejection};
 use crate::state::AppState;
 

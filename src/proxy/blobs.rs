@@ -312,6 +312,7 @@ async fn fill(
         };
         metrics::counter!("berth_proxy_upstream_bytes_total", "upstream" => t.upstream.name.clone())
             .increment(chunk.len() as u64);
+        t.upstream.stats.fetched(chunk.len() as u64);
         if let Err(e) = spool.write_all(&chunk).await {
             failure = Some(CacheError::Storage(format!("spool: {e}")));
             break;

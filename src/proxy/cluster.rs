@@ -24,7 +24,6 @@ use berth_storage::{ByteStream, Digest, Error as StoreError, Store};
 use futures_util::StreamExt as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::sync::OnceCell;
 
 use super::{CacheError, UpstreamError};
 
@@ -122,7 +121,6 @@ where
 /// a blob from the replica that is downloading it.
 pub(super) struct Relay {
     store: Arc<Store>,
-    secret: OnceCell<Vec<u8>>,
     client: reqwest::Client,
 }
 
@@ -134,23 +132,11 @@ impl Relay {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("relay client: {e}"))?;
-        Ok(Self {
-            store,
-            secret: OnceCell::new(),
-            client,
-        })
+        Ok(Self { store, client })
     }
 
     async fn mac(&self) -> Result<Hmac<Sha256>, CacheError> {
-        let secret = self
-            .secret
-            .get_or_try_init(|| async {
-                let candidate = uuid::Uuid::new_v4().simple().to_string()
-                    + &uuid::Uuid::new_v4().simple().to_string();
-                let s = self.store.meta().shared_secret(&candidate).await?;
-                Ok::<_, StoreError>(s.into_bytes())
-            })
-            .await?;
+        let secret = self.store.shared_secret().await?;
         Hmac::<Sha256>::new_from_slice(secret)
             .map_err(|e| CacheError::Storage(format!("relay secret: {e}")))
     }

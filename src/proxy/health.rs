@@ -175,6 +175,20 @@ impl Health {
         }
     }
 
+    /// The endpoint's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// What failed last (a refusal of our credentials first), if anything has.
+    pub fn last_error(&self) -> Option<String> {
+        let s = self.lock();
+        [&s.refusal, &s.last_error]
+            .into_iter()
+            .find(|e| !e.is_empty())
+            .cloned()
+    }
+
     fn labels(&self) -> [(&'static str, String); 2] {
         [
             ("upstream", self.upstream.clone()),

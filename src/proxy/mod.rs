@@ -26,6 +26,7 @@ mod blobs;
 mod cluster;
 pub mod health;
 pub mod prefetch;
+pub mod stats;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -144,6 +145,8 @@ struct Inner {
     blobs: blobs::Inflight,
     /// Streams from the replica fetching a blob.
     relay: Arc<cluster::Relay>,
+    /// This process's latest eviction: when (unix seconds) and what it found.
+    evicted: Mutex<Option<(i64, berth_storage::EvictReport)>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -207,6 +210,7 @@ impl Proxy {
                 flights: Mutex::new(HashMap::new()),
                 blobs: blobs::Inflight::default(),
                 relay: Arc::new(cluster::Relay::new(store.clone())?),
+                evicted: Mutex::new(None),
                 store,
             }),
         }))
@@ -229,6 +233,21 @@ impl Proxy {
     /// What eviction keeps.
     pub fn evict_policy(&self) -> &berth_storage::EvictPolicy {
         &self.inner.evict
+    }
+
+    /// Records what an eviction in this process found.
+    pub fn evicted(&self, report: berth_storage::EvictReport) {
+        *self.inner.evicted.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((berth_storage::meta::now(), report));
+    }
+
+    /// This process's latest eviction, if one ran: when and what it found.
+    pub fn last_eviction(&self) -> Option<(i64, berth_storage::EvictReport)> {
+        self.inner
+            .evicted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The upstream `ns` (containerd's `?ns=`) names, if configured.
@@ -264,11 +283,13 @@ impl Proxy {
     }
 
     fn hit(t: &Target, kind: &'static str) {
+        t.upstream.stats.hit();
         metrics::counter!("berth_proxy_hits_total", "upstream" => t.upstream.name.clone(), "kind" => kind)
             .increment(1);
     }
 
     fn miss(t: &Target, kind: &'static str) {
+        t.upstream.stats.miss();
         metrics::counter!("berth_proxy_misses_total", "upstream" => t.upstream.name.clone(), "kind" => kind)
             .increment(1);
     }
@@ -391,6 +412,9 @@ impl Proxy {
         let store = &self.inner.store;
         if let Some(size) = self.stored_size(t, digest).await? {
             Self::hit(t, "blob");
+            if !head {
+                t.upstream.stats.served(size);
+            }
             return Ok(BlobAnswer::Local { size });
         }
         if head {

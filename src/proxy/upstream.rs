@@ -88,6 +88,8 @@ pub struct Upstream {
     pub max_stale: Option<Duration>,
     /// Images kept warm (`repository:tag`, the tag may hold `*` and `?`).
     pub prefetch: Vec<String>,
+    /// What this process's cache did for it (the web UI's cache page).
+    pub stats: super::stats::Stats,
     endpoints: Vec<Endpoint>,
     hub: bool,
     credentials: Option<(String, String)>,
@@ -179,6 +181,7 @@ impl Upstream {
             tag_ttl: cfg.tag_ttl,
             max_stale: cfg.max_stale,
             prefetch: cfg.prefetch.clone(),
+            stats: super::stats::Stats::default(),
             endpoints,
             hub,
             credentials,
@@ -200,6 +203,11 @@ impl Upstream {
         } else {
             repo.to_owned()
         }
+    }
+
+    /// Its endpoints' health, in the order they are tried.
+    pub fn health(&self) -> impl Iterator<Item = &Health> {
+        self.endpoints.iter().map(|e| &*e.health)
     }
 
     /// The URLs of its endpoints, in the order they are tried.

@@ -4,11 +4,11 @@
 
 use futures_util::TryStreamExt as _;
 
+use crate::StoredManifest;
 use crate::error::{Error, Result};
 use crate::meta::{Page, TagRow, now};
 use crate::names::{Digest, Reference, RepoName};
 use crate::store::Store;
-use crate::StoredManifest;
 
 impl Store {
     /// Repositories holding a manifest whose names contain `needle` (plain text), after

@@ -38,6 +38,8 @@ pub struct Store {
     pub(crate) instance: String,
     /// Collections in this process run one at a time (the lease keeps other processes out).
     pub(crate) gc_turn: tokio::sync::Mutex<()>,
+    /// The secret the processes sharing the metadata agree on, once read.
+    pub(crate) secret: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -116,7 +118,25 @@ impl Store {
             s3: None,
             instance: crate::instance::instance_id(),
             gc_turn: tokio::sync::Mutex::new(()),
+            secret: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// A secret every process sharing this metadata holds (the first to ask stores a random
+    /// one): what replicas sign for each other with (relayed blobs, UI sessions). Read once
+    /// per process.
+    pub async fn shared_secret(&self) -> Result<&[u8]> {
+        let s = self
+            .secret
+            .get_or_try_init(|| async {
+                let candidate = uuid::Uuid::new_v4().simple().to_string()
+                    + &uuid::Uuid::new_v4().simple().to_string();
+                Ok::<_, crate::error::Error>(
+                    self.meta.shared_secret(&candidate).await?.into_bytes(),
+                )
+            })
+            .await?;
+        Ok(s.as_slice())
     }
 
     /// Says where other replicas reach this process (`http://10.0.0.7:5000`): it becomes

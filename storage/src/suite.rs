@@ -746,21 +746,39 @@ async fn browsing_finds_repositories_and_reads_tags_without_counting_pulls(env: 
     // Plain text: `%` and `_` are not patterns; the cursor and `n` page the matches.
     let found = t.s.find_repos("web", None, 10).await.unwrap();
     assert_eq!(found.items, ["team/web", "tools/webhook"]);
-    assert!(t.s.find_repos("%", None, 10).await.unwrap().items.is_empty());
+    assert!(
+        t.s.find_repos("%", None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
     assert_eq!(t.s.find_repos("_", None, 10).await.unwrap().items, ["x_y"]);
     let first = t.s.find_repos("e", None, 1).await.unwrap();
-    assert_eq!((first.items.as_slice(), first.more), (&["team/api".to_owned()][..], true));
+    assert_eq!(
+        (first.items.as_slice(), first.more),
+        (&["team/api".to_owned()][..], true)
+    );
     let next = t.s.find_repos("e", Some("team/api"), 5).await.unwrap();
     assert_eq!(next.items, ["team/web", "tools/webhook"]);
 
     let repo: RepoName = "team/web".parse().unwrap();
     assert_eq!(t.s.count_tags(&repo).await.unwrap(), 2);
-    assert_eq!(t.s.count_tags(&"no/such".parse().unwrap()).await.unwrap(), 0);
+    assert_eq!(
+        t.s.count_tags(&"no/such".parse().unwrap()).await.unwrap(),
+        0
+    );
     let rows = t.s.tag_rows(&repo, Some("v1"), 10).await.unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].tag.as_str(), rows[0].digest.clone()), ("v2", d2.to_string()));
+    assert_eq!(
+        (rows[0].tag.as_str(), rows[0].digest.clone()),
+        ("v2", d2.to_string())
+    );
     assert_eq!(rows[0].last_pulled, None);
-    let m = t.s.peek_manifest(&repo, &"v2".parse().unwrap()).await.unwrap();
+    let m =
+        t.s.peek_manifest(&repo, &"v2".parse().unwrap())
+            .await
+            .unwrap();
     assert_eq!(m.digest, d2);
     assert_eq!(rows[0].content, m.bytes.to_vec());
     // Peeking is no pull: the next flush writes nothing.

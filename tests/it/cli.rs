@@ -344,6 +344,7 @@ fn the_readme_documents_every_configuration_key() {
         ("gc", "[gc]"),
         ("log", "[log]"),
         ("limits", "[limits]"),
+        ("ui", "[ui]"),
         ("tls", "[tls]"),
         ("auth", "[auth]"),
         ("auth.token", "[auth.token]"),

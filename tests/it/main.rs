@@ -24,3 +24,4 @@ mod replicas;
 mod structure;
 mod support;
 mod tls;
+mod ui;
