@@ -21,6 +21,8 @@ use crate::state::AppState;
 
 /// Rows per listing page.
 const PAGE: usize = 50;
+/// Database pages the repository list reads at most for one page of visible names.
+const SCAN: usize = 20;
 /// The largest config a page reads.
 const MAX_CONFIG: u64 = 4 << 20;
 /// Referrers shown at most, over every level of the tree.
@@ -80,43 +82,45 @@ pub(super) async fn repositories(
     let p = params(q.as_deref());
     let needle = p.get("q").map_or("", |s| s.trim());
     let mut after = p.get("after").cloned();
-    // Filtering by rights may thin a page: read on, up to 20 database pages.
-    let mut shown = Vec::new();
-    let mut more = false;
-    for _ in 0..20 {
+    // Filtering by rights may thin a page: read on, up to SCAN database pages, then offer to
+    // continue from the last name read (a page never reads the whole registry).
+    let mut shown: Vec<String> = Vec::new();
+    let mut resume: Option<String> = None;
+    'scan: for _ in 0..SCAN {
         let page = state
             .store()
             .find_repos(needle, after.as_deref(), PAGE)
             .await?;
-        after = page.items.last().cloned();
-        for name in page.items {
+        for name in &page.items {
             let visible = match state.auth.as_deref() {
                 None => true,
-                Some(a) => a.may_list(&v.caller, &name),
+                Some(a) => a.may_list(&v.caller, name),
             };
-            if visible && shown.len() < PAGE {
-                shown.push(name);
-            } else if visible {
-                more = true;
-                break;
+            if !visible {
+                continue;
             }
+            if shown.len() == PAGE {
+                resume = shown.last().cloned();
+                break 'scan;
+            }
+            shown.push(name.clone());
         }
-        more |= page.more && shown.len() >= PAGE;
-        if !page.more || shown.len() >= PAGE {
+        after = page.items.last().cloned();
+        if !page.more {
             break;
         }
+        resume = after.clone();
     }
-    let next = shown
-        .last()
-        .filter(|_| more)
-        .map(|last| format!("/ui/?q={}&after={}", enc(needle), enc(last)));
+    let next = resume.map(|last| format!("/ui/?q={}&after={}", enc(needle), enc(&last)));
     let body = html! {
         h1 { "Repositories" }
         form.search method="get" action="/ui/" {
             input type="search" name="q" id="q" value=(needle) placeholder="Search by name" autofocus;
             button type="submit" { "Search" }
         }
-        @if shown.is_empty() {
+        @if shown.is_empty() && next.is_some() {
+            p.empty { "None of the repositories read so far is one you may see; the next page reads on." }
+        } @else if shown.is_empty() {
             p.empty { "No repositories" @if !needle.is_empty() { " match " code { (needle) } } "." }
         } @else {
             table id="repositories" {

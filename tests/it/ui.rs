@@ -486,6 +486,25 @@ async fn rights_sessions_and_forged_requests_follow_the_api_policy() {
         get(&s, "/ui/repo?name=public/base", None).await.0,
         StatusCode::OK
     );
+    // 1,100 private repositories sort before it: a page reads at most 1,000 names, shows what
+    // anonymous may see of them (nothing) and links on from the last name read.
+    fill_many(&s, 1_100, 0).await;
+    let (_, list, _) = get(&s, "/ui/", None).await;
+    assert!(
+        !list.contains("public/base") && !list.contains("many/"),
+        "{list}"
+    );
+    let next = list
+        .split("id=\"next\" href=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a link on past the names read")
+        .replace("&amp;", "&");
+    let (_, list, _) = get(&s, &next, None).await;
+    assert!(
+        list.contains(">public/base<") && !list.contains("many/"),
+        "{list}"
+    );
 
     // Sign-in: a wrong password is refused; the cookie is HttpOnly, SameSite=Strict, for /ui.
     assert_eq!(
@@ -500,7 +519,7 @@ async fn rights_sessions_and_forged_requests_follow_the_api_policy() {
         !set.contains("Secure"),
         "plain HTTP: a Secure cookie would never come back"
     );
-    let (_, list, _) = get(&s, "/ui/", Some(&bob)).await;
+    let (_, list, _) = get(&s, "/ui/?q=team", Some(&bob)).await;
     assert!(
         list.contains(">team/app<") && list.contains("id=\"user\">bob<"),
         "{list}"
@@ -580,7 +599,7 @@ async fn rights_sessions_and_forged_requests_follow_the_api_policy() {
     let mut parts: Vec<String> = alice_cookie.split('.').map(str::to_owned).collect();
     parts[1] = base64_url("bob");
     let forged = parts.join(".");
-    let (_, list, _) = get(&s, "/ui/", Some(&forged)).await;
+    let (_, list, _) = get(&s, "/ui/?q=team", Some(&forged)).await;
     assert!(
         !list.contains("team/app"),
         "a session whose user was changed is refused"
@@ -625,7 +644,7 @@ async fn rights_sessions_and_forged_requests_follow_the_api_policy() {
     std::fs::write(&htpasswd, changed).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let (_, list, _) = get(&s, "/ui/", Some(&bob)).await;
+        let (_, list, _) = get(&s, "/ui/?q=team", Some(&bob)).await;
         if !list.contains("team/app") {
             break;
         }
@@ -834,4 +853,121 @@ async fn the_cache_page_shows_health_hits_bytes_and_the_most_pulled_images() {
         page.contains("Last run") && page.contains("Runs every 1h"),
         "{page}"
     );
+}
+
+/// Issue 21's browser checks, in headless Chromium (`tests/browser/ui.py`): search among
+/// 10,000 repositories, the image page against `skopeo inspect`, an index's platforms, the
+/// referrers tree, compare, the cache page, a delete by a user with the right (after a
+/// confirmation) and none by one without, anonymous views, a cross-site form refused.
+/// Screenshots go to `target/ui-screenshots/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_clients_in_chromium_browse_search_compare_and_delete() {
+    let skopeo = crate::support::require("skopeo");
+    crate::support::require("chromium");
+    crate::support::require("chromedriver");
+    let upstream = TestServer::start().await;
+    let cached = Image::new(41, &[30_000]);
+    cached
+        .push(&upstream.root(), "library/cached", "1", Auth::None)
+        .await;
+    let s = guarded(|c| {
+        c.auth.rule.push(rule(
+            &["web/**", "many/**", "docker.io/**"],
+            &["anonymous", "*"],
+            &["pull"],
+        ));
+        c.proxy.upstream = vec![crate::proxy::upstream(
+            "docker.io",
+            &upstream.root(),
+            |_| {},
+        )];
+    })
+    .await;
+    let alice = Auth::Basic("alice", "alice-pw");
+    let f = fill(&s.root(), alice).await;
+    for tag in ["1", "2"] {
+        Image::new(tag.parse().unwrap(), &[1000])
+            .push(&s.root(), "team/app", tag, alice)
+            .await;
+    }
+    fill_many(&s, 10_000, 0).await;
+    cached
+        .pull(&s.root(), "docker.io/library/cached", "1", "")
+        .await
+        .unwrap();
+
+    let host = s.addr.to_string();
+    let inspect = |args: &[&str]| -> Value {
+        let out = std::process::Command::new(&skopeo)
+            .arg("inspect")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let at = format!("docker://{host}/web/app:1.0");
+    let creds = ["--tls-verify=false", "--creds", "alice:alice-pw"];
+    let image = json!({
+        "raw": inspect(&[&creds[..], &["--raw", &at]].concat()),
+        "config": inspect(&[&creds[..], &["--config", &at]].concat()),
+    });
+    let index = inspect(&[
+        "--tls-verify=false",
+        "--creds",
+        "alice:alice-pw",
+        "--raw",
+        &format!("docker://{host}/web/multi:latest"),
+    ]);
+    let (l1, l2) = (layers(&f.v1), layers(&f.v2));
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
+    let cfg = json!({
+        "base": s.root(),
+        "screenshots": shots,
+        "search": {"needle": "repo-04321", "expect": "many/repo-04321"},
+        "image": {"repo": "web/app", "tag": "1.0", "skopeo": image},
+        "index": {"repo": "web/multi", "tag": "latest", "raw": index},
+        "referrers": {
+            "top": [f.signature.digest(), f.sbom.digest()],
+            "nested": f.sbom_signature.digest(),
+        },
+        "compare": {
+            "repo": "web/app", "a": "1.0", "b": "1.1",
+            "shared": [l1[0].0.clone(), l1[1].0.clone()],
+            "removed": [l1[2].0.clone()],
+            "added": [l2[2].0.clone()],
+        },
+        "cached": "docker.io/library/cached:1",
+    });
+    let file = s.dir.path().join("ui-checks.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/ui.py");
+    // Five minutes at most (coreutils' timeout), off the runtime the server runs on.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .args(["300", "python3"])
+            .arg(&script)
+            .arg(&file)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "browser checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in ["repositories", "repository", "image", "compare", "cache"] {
+        assert!(
+            shots.join(format!("{page}.png")).exists(),
+            "a screenshot of {page}"
+        );
+    }
 }
