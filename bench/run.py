@@ -7,7 +7,8 @@ and the ratio Berth/Distribution. Benchmarks are not tests: nothing here asserts
 
 Usage: bench/run [--runs N] [--quick] [--only push,small,auth,listing,startup] [--out FILE]
 (bench/run installs what it needs). The groups of `paths.py` (the machine's limits, TLS, idle
-connections, many small layers, a cold cache) run when named: `--only limits,tls,idle,layers,cold`.
+connections, many small layers, a cold cache) run when named: `--only limits,tls,idle,layers,cold`;
+`--only ui` times the web UI's pages over 10,000 repositories and tags (Berth only).
 """
 
 import argparse
@@ -358,6 +359,55 @@ def populate_listing(reg, repos, tags):
         list(ex.map(tag_batch, range(0, tags, 500)))
 
 
+def ui_server_p99(reg, path, n=100):
+    """p99 of the server time a UI page took (its Server-Timing header), and of the whole
+    request as the client saw it, in ms."""
+    c = conn(reg)
+    server, wall = [], []
+    for _ in range(n):
+        t = time.monotonic()
+        st, h, _ = request(c, "GET", path)
+        wall.append((time.monotonic() - t) * 1000)
+        assert st == 200, (st, path)
+        server.append(float(h["server-timing"].split("dur=")[1]))
+    server.sort()
+    wall.sort()
+    return server[int(n * 0.99) - 1], wall[int(n * 0.99) - 1]
+
+
+def ui_pages(record, reg, listing_n, runs, load_s, cd):
+    """The web UI's pages over `listing_n` repositories and tags (Berth only), and the API's
+    small-request figures with the UI on and off."""
+    pages = [
+        ("search among repositories", "/ui/?q=r04321"),
+        ("repositories, first page", "/ui/"),
+        ("repositories, page after r09000", "/ui/?q=&after=many%2Fr09000"),
+        (f"repository of {listing_n} tags", "/ui/repo?name=tagged/repo"),
+        (f"repository of {listing_n} tags, deep page", "/ui/repo?name=tagged/repo&after=t09000"),
+        ("image", "/ui/image?name=tagged/repo&ref=t00500"),
+        ("compare", "/ui/compare?name=tagged/repo&a=t00001&b=t00002"),
+        ("cache", "/ui/cache"),
+    ]
+    for _ in range(runs):
+        for label, path in pages:
+            server, wall = ui_server_p99(reg, path)
+            record(reg, f"UI {label}: server p99 (ms)", server)
+            record(reg, f"UI {label}: request p99 (ms)", wall)
+    for _ in range(runs):
+        rps, _, _ = wrk(reg.url(f"/v2/bench/small/blobs/{cd}"), load_s)
+        record(reg, "blob GET with the UI on, 32 conns (req/s)", rps)
+    off = Registry("berth", tempfile.mkdtemp(dir=os.path.dirname(reg.dir)), config="[ui]\nenabled = false\n")
+    off.start()
+    try:
+        cfg = b'{"architecture":"amd64","os":"linux","bench":true}'
+        d = push_small(off, "bench/small", cfg)
+        for _ in range(runs):
+            rps, _, _ = wrk(off.url(f"/v2/bench/small/blobs/{d}"), load_s)
+            record(reg, "blob GET with the UI off, 32 conns (req/s)", rps)
+    finally:
+        off.stop()
+
+
 def populate_blobs(reg, n):
     def batch(start):
         c = conn(reg)
@@ -410,7 +460,7 @@ def main():
                     help="measure Berth only (to compare two Berth builds run by run)")
     ap.add_argument("--only", default="push,small,auth,listing,startup",
                     help="comma-separated groups to run: push, small, auth, listing, startup, "
-                         "limits, tls, idle, layers, cold")
+                         "limits, tls, idle, layers, cold, ui")
     a = ap.parse_args()
     only = set(a.only.split(","))
     global BERTH
@@ -490,8 +540,10 @@ def main():
                     record(reg, "blob HEAD, token auth, 32 conns (req/s)", rps)
                     record(reg, "blob HEAD, token auth, p99 (ms)", p99)
                 areg.stop()
-            if "listing" in only:
+            if "listing" in only or ("ui" in only and reg.name == "berth"):
                 populate_listing(reg, listing_n, listing_n)
+            if "ui" in only and reg.name == "berth":
+                ui_pages(record, reg, listing_n, a.runs, load_s, cd)
             for n in range(a.runs if "listing" in only else 0):
                 # Distribution refuses n > 1000 on the catalog: walk it in pages of 1000.
                 record(reg, f"catalog of {listing_n} repos, pages of 1000, p99 (ms)", latency_p99(reg, "/v2/_catalog?n=1000"))

@@ -180,7 +180,8 @@ pub(super) async fn repository(
     let more = rows.len() > PAGE;
     let rows = &rows[..rows.len().min(PAGE)];
     let total = state.store().count_tags(&repo).await?;
-    let may_delete = may(&state, &v, repo.as_str(), Actions::DELETE);
+    let may_delete =
+        may(&state, &v, repo.as_str(), Actions::DELETE) && !cached(&state, repo.as_str());
     // The configs of the page's images, read at most 8 at a time.
     let facts: Vec<Facts> = rows
         .iter()
@@ -819,10 +820,25 @@ pub(super) async fn delete_tag(
         .get("tag")
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| UiError::BadRequest("no valid tag given".into()))?;
-    state
-        .store()
-        .delete_manifest(&repo, &Reference::Tag(tag.clone()))
-        .await?;
+    // Through the façade, as the API deletes: a cache of an upstream is read-only.
+    let at = crate::registry::At {
+        name: repo.as_str(),
+        ns: None,
+    };
+    match state
+        .registry
+        .delete_manifest(at, &Reference::Tag(tag.clone()))
+        .await
+    {
+        Ok(()) => {}
+        Err(crate::registry::Error::ReadOnly(_)) => {
+            return Err(UiError::Forbidden(
+                "a cache of an upstream registry is read-only",
+            ));
+        }
+        Err(crate::registry::Error::Storage(e)) => return Err(e.into()),
+        Err(e) => return Err(UiError::BadRequest(e.to_string())),
+    }
     tracing::info!(repo = %repo, tag = %tag, user = v.user.as_deref().unwrap_or(""), "tag deleted from the web UI");
     Ok(Redirect::to(&format!("/ui/repo?name={}", enc(name))).into_response())
 }

@@ -833,6 +833,35 @@ async fn the_cache_page_shows_health_hits_bytes_and_the_most_pulled_images() {
         "{list}"
     );
 
+    // A cache of an upstream is read-only here as through the API: no delete button, and a
+    // delete posted anyway is refused.
+    let (_, page, _) = get(&s, "/ui/repo?name=docker.io/library/app", None).await;
+    assert!(
+        page.contains("data-tag=\"1\"") && !page.contains("form class=\"delete\""),
+        "{page}"
+    );
+    // A valid token, from a local repository's page (auth is off: anyone may delete there).
+    Image::new(33, &[100])
+        .push(&s.root(), "local/app", "1", Auth::None)
+        .await;
+    let (_, local, _) = get(&s, "/ui/repo?name=local/app", None).await;
+    let r = no_redirects()
+        .post(s.url("/ui/delete"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "csrf={}&name=docker.io%2Flibrary%2Fapp&tag=1",
+            csrf(&local)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (_, page, _) = get(&s, "/ui/repo?name=docker.io/library/app", None).await;
+    assert!(
+        page.contains("data-tag=\"1\""),
+        "the cached tag is still there"
+    );
+
     // The upstream goes away: the next miss marks it down, with what failed.
     drop(upstream);
     let _ = client()
