@@ -44,28 +44,11 @@ pub mod wire;
 
 use std::future::Future;
 
-use axum::response::IntoResponse as _;
-
 pub use state::AppState;
 
-/// The router for `state`: the API, and the web UI unless `[ui] enabled = false` (a
-/// browser asking for `/` is sent there).
+/// The router for `state`: the API, and the web UI unless `[ui] enabled = false`.
 pub fn app(state: AppState) -> axum::Router {
-    let ui_on = state.config.ui.enabled;
-    ui::router(state.clone())
-        .merge(api::router(state))
-        .layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
-                if ui_on
-                    && req.uri().path() == "/"
-                    && req.method() == axum::http::Method::GET
-                    && ui::wants_html(req.headers())
-                {
-                    return axum::response::Redirect::to("/ui/").into_response();
-                }
-                next.run(req).await
-            },
-        ))
+    ui::router(state.clone()).merge(api::router(state))
 }
 
 /// How often the TLS files are looked at for rotation.

@@ -148,6 +148,14 @@ async fn dispatch(State(state): State<AppState>, mut req: Request) -> Response {
             .into_response();
         }
         Classified::NotFound | Classified::Other(_) => {
+            // A browser asking for the root is sent to the web UI.
+            if state.config.ui.enabled
+                && req.uri().path() == "/"
+                && req.method() == axum::http::Method::GET
+                && crate::ui::wants_html(req.headers())
+            {
+                return axum::response::Redirect::to("/ui/").into_response();
+            }
             return ApiError::new(Code::NameUnknown, "no such API path")
                 .with_status(StatusCode::NOT_FOUND)
                 .into_response();
