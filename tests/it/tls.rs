@@ -266,3 +266,36 @@ async fn oversized_headers_over_tls_get_an_oci_error_body() {
     let v: serde_json::Value = r.json().await.expect("a JSON body");
     assert_eq!(v["errors"][0]["code"], "UNSUPPORTED", "{v}");
 }
+
+/// Under TLS the web UI's session cookie is `Secure` (a browser never sends it over plain
+/// HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_session_cookie_is_secure_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let leaf = ca.server(&dir.path().join("tls.crt"), &dir.path().join("tls.key"));
+    let s = tls_server(&leaf, |c| {
+        crate::support::with_users(c, berth::config::AuthMode::Basic, &[("alice", "alice-pw")]);
+    })
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca.cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let r = client
+        .post(https(&s, "/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("user=alice&password=alice-pw")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SEE_OTHER);
+    let set = r.headers()["set-cookie"].to_str().unwrap();
+    for attr in ["Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(set.contains(attr), "{set}");
+    }
+}

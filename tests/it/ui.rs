@@ -1000,3 +1000,79 @@ async fn real_clients_in_chromium_browse_search_compare_and_delete() {
         );
     }
 }
+
+/// Replicas sign sessions with the secret they share through the metadata: a session made on
+/// one replica is valid on another, and so is its form token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_from_one_replica_is_valid_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!(
+            "alice:{}\n",
+            berth_auth::htpasswd::hash("alice-pw", 4).unwrap()
+        ),
+    )
+    .unwrap();
+    let extra = format!(
+        "[auth]\nmode = \"basic\"\nhtpasswd = \"{}\"\nadmins = [\"alice\"]\n",
+        htpasswd.display()
+    );
+    let cluster = crate::support::cluster::Cluster::start("ui-session", 2, &extra);
+    let alice = Auth::Basic("alice", "alice-pw");
+    for tag in ["1", "2"] {
+        Image::new(tag.parse().unwrap(), &[1000])
+            .push(&cluster.root(), "team/app", tag, alice)
+            .await;
+    }
+    let r = no_redirects()
+        .post(format!("{}/ui/login", cluster.replica(0)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("user=alice&password=alice-pw")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = |i: usize| {
+        let (url, cookie) = (cluster.replica(i), cookie.clone());
+        async move {
+            no_redirects()
+                .get(format!("{url}/ui/repo?name=team/app"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let (on_0, on_1) = (page(0).await, page(1).await);
+    assert!(
+        on_1.contains("id=\"user\">alice<") && on_1.contains("data-tag=\"1\""),
+        "{on_1}"
+    );
+    // The token of replica 0's page deletes through replica 1.
+    let r = no_redirects()
+        .post(format!("{}/ui/delete", cluster.replica(1)))
+        .header("cookie", cookie.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={}&name=team%2Fapp&tag=1", csrf(&on_0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let after = page(0).await;
+    assert!(
+        !after.contains("data-tag=\"1\"") && after.contains("data-tag=\"2\""),
+        "{after}"
+    );
+}
