@@ -5,12 +5,11 @@
 //! challenge, a `403` or a `429`. The rules themselves live in the `berth-auth` crate.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
-use axum::extract::{ConnectInfo, Request};
-use axum::http::HeaderMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::extract::{ConnectInfo, Request};
+use axum::http::HeaderMap;
 use berth_auth::{
     Actions, ChallengeError, Credentials, Issuer, LoginLimiter, Policy, Scope, SigningKey,
     TokenError, Users, Verifier,
@@ -393,7 +392,6 @@ fn forwarded_client(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderMap;
 
     #[test]
     fn forwarded_addresses_count_only_behind_trusted_proxies() {

@@ -28,15 +28,18 @@ pub enum SessionError {
     /// The shared secret could not be read from the metadata.
     #[error("session key: {0}")]
     Key(#[from] berth_storage::Error),
+    /// The HMAC refused the key (it takes any length; kept typed rather than a panic).
+    #[error("session key: {0}")]
+    Mac(#[from] hmac::digest::InvalidLength),
 }
 
 /// The key sessions are signed with, derived from the replicas' shared secret.
 async fn key(state: &AppState) -> Result<Hmac<Sha256>, SessionError> {
     let secret = state.store().shared_secret().await?;
-    let mut derive = Hmac::<Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    let mut derive = Hmac::<Sha256>::new_from_slice(secret)?;
     derive.update(b"berth ui session v1");
     let k = derive.finalize().into_bytes();
-    Ok(Hmac::<Sha256>::new_from_slice(&k).unwrap_or_else(|_| unreachable!()))
+    Ok(Hmac::<Sha256>::new_from_slice(&k)?)
 }
 
 fn stamp(state: &AppState, user: &str) -> Option<String> {
