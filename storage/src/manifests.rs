@@ -8,7 +8,6 @@ use crate::manifest::Manifest;
 use crate::meta::{Page, Referrer, Refs, now};
 use crate::names::{Digest, Reference, RepoName, Tag};
 use crate::store::Store;
-use crate::uploads::Chunk;
 
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
@@ -92,9 +91,7 @@ impl Store {
         digest: &Digest,
         body: crate::ByteStream,
     ) -> Result<u64> {
-        let s = self.start_upload(repo).await?;
-        self.finish_upload(repo, &s.id, digest, Some(Chunk::new(body)))
-            .await
+        self.put_blob_once(repo, digest, body).await
     }
 
     /// What routing a read of a plain name needs to know, in one query: whether anything was

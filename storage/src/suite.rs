@@ -802,6 +802,35 @@ async fn browsing_finds_repositories_and_reads_tags_without_counting_pulls(env: 
     ));
 }
 
+async fn a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing(env: &Env) {
+    let t = T::new(env);
+    let repo: RepoName = "cache.example/lib/app".parse().unwrap();
+    let data = b"layer from an upstream".to_vec();
+    let d = Digest::sha256(&data);
+    let size =
+        t.s.put_cached_blob(&repo, &d, body(data.clone()))
+            .await
+            .unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(t.s.stat_blob(&repo, &d).await.unwrap(), size);
+    assert_eq!(
+        t.s.uploads_in_progress().await.unwrap(),
+        0,
+        "no session was opened"
+    );
+    // Bytes that do not match their digest: refused, nothing visible, no temporary left.
+    let claimed = Digest::sha256(b"something else");
+    let wrong = t.s.put_cached_blob(&repo, &claimed, body(data)).await;
+    assert!(
+        matches!(wrong, Err(Error::DigestMismatch { .. })),
+        "{wrong:?}"
+    );
+    assert!(t.s.stat_blob(&repo, &claimed).await.is_err());
+    let prefix = object_store::path::Path::from(crate::blob::UPLOADS);
+    let left: Vec<_> = t.s.objects.list(Some(&prefix)).collect().await;
+    assert!(left.is_empty(), "temporary objects left: {left:?}");
+}
+
 async fn confirmations_and_the_relay_secret_are_shared(env: &Env) {
     let t = T::new(env);
     assert_eq!(t.s.meta.confirmed_at("k").await.unwrap(), None);
@@ -882,6 +911,10 @@ const CHECKS: &[(&str, Check)] = &[
     ("listings_are_in_byte_order", |e| {
         listings_are_in_byte_order(e).boxed()
     }),
+    (
+        "a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing",
+        |e| a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing(e).boxed(),
+    ),
     (
         "browsing_finds_repositories_and_reads_tags_without_counting_pulls",
         |e| browsing_finds_repositories_and_reads_tags_without_counting_pulls(e).boxed(),

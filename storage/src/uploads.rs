@@ -184,31 +184,80 @@ impl Store {
                 return Err(e);
             }
         };
-        self.meta
-            .commit_blob(repo.as_str(), id, &digest.to_string(), size, now())
+        self.commit_placed(repo, id, digest, size, source.as_ref())
             .await?;
-        // Garbage collection may have swept an identical, unreferenced blob between placing the
-        // object and the row above; the row now protects it, so put the bytes back if needed.
-        match self.objects.head(&blob::blob_key(digest)).await {
-            Ok(_) => {}
-            Err(object_store::Error::NotFound { .. }) => {
-                warn!(digest = %digest, "blob swept while committing; placing it again");
-                area::place(
-                    &self.objects,
-                    self.s3.as_deref(),
-                    source.as_ref(),
-                    digest,
-                    size,
-                )
-                .await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
         let mut leftovers: Vec<Path> = parts.iter().map(|p| Path::from(p.as_str())).collect();
         leftovers.extend(source.filter(|s| !leftovers.contains(s)));
         self.forget_upload_objects(id, leftovers).await;
         info!(repo = %repo, digest = %digest, size, "blob committed");
         Ok(size)
+    }
+
+    /// Links the placed blob `digest` into `repo` (ending session `id`, if there is one).
+    /// Garbage collection may have swept an identical, unreferenced blob between placing the
+    /// object and this commit; the row now protects it, so the bytes are put back if needed.
+    async fn commit_placed(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        size: u64,
+        source: Option<&Path>,
+    ) -> Result<()> {
+        self.meta
+            .commit_blob(repo.as_str(), id, &digest.to_string(), size, now())
+            .await?;
+        match self.objects.head(&blob::blob_key(digest)).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                warn!(digest = %digest, "blob swept while committing; placing it again");
+                area::place(&self.objects, self.s3.as_deref(), source, digest, size).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores a blob from an upstream in one pass, without an upload session: nothing needs
+    /// resuming (a failed fill is fetched again), so the bytes go to a temporary object while
+    /// they are hashed, and two metadata writes (reserve, commit) make them visible, where a
+    /// session takes five. The temporary object lives under `uploads/` with no session row: a
+    /// crash leaves it to garbage collection's sweep of chunk objects no session owns.
+    pub(crate) async fn put_blob_once(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
+        let id = new_id();
+        let mut hasher = digest.algorithm().hasher();
+        let (key, written) = self
+            .area
+            .write_chunk(&self.objects, &id, 0, body, Some(&mut hasher))
+            .await;
+        let outcome = async {
+            let size = written?;
+            let computed = hasher.finish();
+            if &computed != digest {
+                return Err(Error::DigestMismatch {
+                    expected: digest.to_string(),
+                    computed: computed.to_string(),
+                });
+            }
+            self.meta
+                .reserve_blob(&digest.to_string(), size, now())
+                .await?;
+            let source = (size > 0).then_some(&key);
+            area::place(&self.objects, self.s3.as_deref(), source, digest, size).await?;
+            self.commit_placed(repo, &id, digest, size, source).await?;
+            Ok(size)
+        }
+        .await;
+        self.delete_quietly(&key).await;
+        match &outcome {
+            Ok(size) => info!(repo = %repo, digest = %digest, size, "blob committed"),
+            Err(e) => info!(repo = %repo, digest = %digest, error = %e, "blob rejected"),
+        }
+        outcome
     }
 
     /// Cancels upload `id` in `repo`.

@@ -97,22 +97,45 @@ impl BlobMeta for SqliteMeta {
 
     fn link_cached_blob(&self, repo: &str, digest: &str, t: i64) -> Fut<'_, bool> {
         let (name, d) = (repo.to_owned(), digest.to_owned());
-        Box::pin(self.db.write(move |tx| {
-            let Some(rid) = repo_id(tx, &name)? else {
+        Box::pin(async move {
+            // Most calls are misses (a blob about to be fetched, asked three times on the way):
+            // a read connection answers those, leaving the one writer to writes.
+            let (n, dd) = (name.clone(), d.clone());
+            let possible = self
+                .db
+                .read(move |c| match repo_id(c, &n)? {
+                    Some(rid) => linkable(c, rid, &dd),
+                    None => Ok(false),
+                })
+                .await?;
+            if !possible {
                 return Ok(false);
-            };
-            let ok: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
-                                WHERE rb.digest = ?2)
-                    AND EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1
-                                AND child_digest = ?2 AND kind = 'blob')",
-                params![rid, d],
-                |r| r.get(0),
-            )?;
-            if ok {
-                link_blob(tx, rid, &d, t)?;
             }
-            Ok(ok)
-        }))
+            self.db
+                .write(move |tx| {
+                    let Some(rid) = repo_id(tx, &name)? else {
+                        return Ok(false);
+                    };
+                    let ok = linkable(tx, rid, &d)?;
+                    if ok {
+                        link_blob(tx, rid, &d, t)?;
+                    }
+                    Ok(ok)
+                })
+                .await
+        })
     }
+}
+
+/// Whether cache repository `rid` may link blob `d`: some repository holds the blob and a
+/// manifest of `rid` names it.
+fn linkable(c: &rusqlite::Connection, rid: i64, d: &str) -> crate::error::Result<bool> {
+    Ok(c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest
+                        WHERE rb.digest = ?2)
+            AND EXISTS (SELECT 1 FROM manifest_refs WHERE repo_id = ?1
+                        AND child_digest = ?2 AND kind = 'blob')",
+        params![rid, d],
+        |r| r.get(0),
+    )?)
 }
