@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use axum::body::Bytes;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -715,10 +714,7 @@ pub(super) async fn login(State(state): State<AppState>, req: Request) -> Page {
         return Err(UiError::Forbidden("cross-site request refused"));
     }
     let ip = crate::auth::client_ip(&req, &state.config.auth.trusted_proxies);
-    let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
-        .await
-        .map_err(|_| UiError::BadRequest("form too large".into()))?;
-    let form = params(std::str::from_utf8(&body).ok());
+    let form = read_form(&state, req).await?;
     let v = session::viewer(&state, &headers).await?;
     let Some(auth) = state.auth.as_deref() else {
         return Ok(Redirect::to("/ui/").into_response());
@@ -773,16 +769,30 @@ pub(super) async fn login(State(state): State<AppState>, req: Request) -> Page {
 }
 
 /// Reads a change's form and checks that it comes from this site with the viewer's token.
+/// The largest form the UI reads.
+const MAX_FORM: usize = 64 * 1024;
+
+/// A POSTed form: at most [`MAX_FORM`] bytes, sent within `limits.body_timeout` (the API's
+/// bodies have the same bound on silence; a form is small, so this bounds it whole).
+async fn read_form(state: &AppState, req: Request) -> Result<HashMap<String, String>, UiError> {
+    let read = axum::body::to_bytes(req.into_body(), MAX_FORM);
+    let body = tokio::time::timeout(state.limits.body_timeout, read)
+        .await
+        .map_err(|_| UiError::BadRequest("the form was not sent in time".into()))?
+        .map_err(|_| UiError::BadRequest("the form is too large".into()))?;
+    Ok(params(std::str::from_utf8(&body).ok()))
+}
+
 async fn change(
     state: &AppState,
-    headers: &HeaderMap,
-    body: &Bytes,
+    req: Request,
 ) -> Result<(Viewer, HashMap<String, String>), UiError> {
-    if !session::same_site(headers) {
+    let headers = req.headers().clone();
+    if !session::same_site(&headers) {
         return Err(UiError::Forbidden("cross-site request refused"));
     }
-    let v = session::viewer(state, headers).await?;
-    let form = params(std::str::from_utf8(body).ok());
+    let v = session::viewer(state, &headers).await?;
+    let form = read_form(state, req).await?;
     if !session::csrf_ok(&v, form.get("csrf").map_or("", String::as_str)) {
         return Err(UiError::Forbidden(
             "missing or wrong form token: reload the page and try again",
@@ -792,8 +802,8 @@ async fn change(
 }
 
 /// `POST /ui/logout`.
-pub(super) async fn logout(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Page {
-    change(&state, &headers, &body).await?;
+pub(super) async fn logout(State(state): State<AppState>, req: Request) -> Page {
+    change(&state, req).await?;
     Ok((
         StatusCode::SEE_OTHER,
         [
@@ -805,12 +815,8 @@ pub(super) async fn logout(State(state): State<AppState>, headers: HeaderMap, bo
 }
 
 /// `POST /ui/delete` (name, tag, csrf): deletes a tag, for a viewer the API would let.
-pub(super) async fn delete_tag(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Page {
-    let (v, form) = change(&state, &headers, &body).await?;
+pub(super) async fn delete_tag(State(state): State<AppState>, req: Request) -> Page {
+    let (v, form) = change(&state, req).await?;
     let name = form.get("name").map_or("", String::as_str);
     let repo: RepoName = name.parse().map_err(|_| UiError::NotFound)?;
     if !may(&state, &v, repo.as_str(), Actions::DELETE) {
