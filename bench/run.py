@@ -172,23 +172,48 @@ def push_monolithic(reg, path, digest):
     return SIZE / dt / 1e6
 
 
+def chunk_files(path, chunk):
+    """`path` cut into files of `chunk` bytes beside it (made once, outside any timing)."""
+    parts = []
+    with open(path, "rb") as f:
+        i = 0
+        while True:
+            part = f"{path}.part{i:03d}"
+            if not os.path.exists(part):
+                data = f.read(chunk)
+                if not data:
+                    break
+                with open(part, "wb") as out:
+                    out.write(data)
+            else:
+                f.seek(os.path.getsize(part), 1)
+            parts.append(part)
+            i += 1
+            if f.tell() >= os.path.getsize(path):
+                break
+    return parts
+
+
 def push_chunked(reg, path, digest, chunk=64 << 20):
+    """Chunked PATCHes sent by curl, as the monolithic push is (Python's http.client would
+    measure itself: with it this figure was half the monolithic one, with curl the two match)."""
+    parts = chunk_files(path, chunk)
     c = conn(reg)
     _, h, _ = request(c, "POST", "/v2/bench/chunked/blobs/uploads/")
     loc = h["location"]
     t = time.monotonic()
-    with open(path, "rb") as f:
-        off = 0
-        while True:
-            data = f.read(chunk)
-            if not data:
-                break
-            st, h, body = request(c, "PATCH", loc, data, {
-                "Content-Type": "application/octet-stream",
-                "Content-Range": f"{off}-{off + len(data) - 1}"})
-            assert st == 202, (st, body)
-            loc = h["location"]
-            off += len(data)
+    off = 0
+    for part in parts:
+        n = os.path.getsize(part)
+        out = subprocess.run(["curl", "-sS", "-D", "-", "-o", "/dev/null", "-X", "PATCH",
+                              "-H", "Content-Type: application/octet-stream",
+                              "-H", f"Content-Range: {off}-{off + n - 1}", "-T", part,
+                              reg.url(loc)], capture_output=True, text=True)
+        head = out.stdout.lower()
+        assert " 202 " in head.split("\r\n", 1)[0] + " ", (out.stdout, out.stderr)
+        loc = next(l.split(":", 1)[1].strip() for l in out.stdout.splitlines()
+                   if l.lower().startswith("location:"))
+        off += n
     sep = "&" if "?" in loc else "?"
     st, _, body = request(c, "PUT", f"{loc}{sep}digest={digest}")
     assert st == 201, (st, body)
