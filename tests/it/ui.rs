@@ -9,10 +9,7 @@ use berth::config::{AuthMode, RuleSection};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Auth, Image, TestServer, client, digest};
-
-pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+use crate::support::{Auth, Image, OCI_INDEX, OCI_MANIFEST, TestServer, client, digest};
 
 fn no_redirects() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -42,7 +39,7 @@ async fn get(s: &TestServer, path: &str, cookie: Option<&str>) -> (StatusCode, S
 
 /// An image whose config has history (one entry made no layer), env, labels, ports and an
 /// entrypoint; `layers` are the layer blobs.
-pub(crate) fn built_image(arch: &str, layers: &[Vec<u8>], env: &[&str], label: &str) -> Image {
+fn built_image(arch: &str, layers: &[Vec<u8>], env: &[&str], label: &str) -> Image {
     let mut history = vec![json!({"created_by": "ENV LANG=C.UTF-8", "empty_layer": true})];
     history.extend(
         (0..layers.len())
@@ -65,7 +62,7 @@ pub(crate) fn built_image(arch: &str, layers: &[Vec<u8>], env: &[&str], label: &
 }
 
 /// An artifact of `artifact_type` about `subject` (a manifest descriptor).
-pub(crate) fn artifact(artifact_type: &str, subject: &Value, payload: &[u8]) -> Image {
+fn artifact(artifact_type: &str, subject: &Value, payload: &[u8]) -> Image {
     let empty = b"{}".to_vec();
     let manifest = json!({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
@@ -82,21 +79,21 @@ fn descriptor(i: &Image) -> Value {
 }
 
 /// What the test images are, for checking pages against.
-pub(crate) struct Fixture {
-    pub v1: Image,
-    pub v2: Image,
-    pub amd64: Image,
-    pub arm64: Image,
-    pub index: Image,
-    pub signature: Image,
-    pub sbom: Image,
-    pub sbom_signature: Image,
+struct Fixture {
+    v1: Image,
+    v2: Image,
+    amd64: Image,
+    arm64: Image,
+    index: Image,
+    signature: Image,
+    sbom: Image,
+    sbom_signature: Image,
 }
 
 /// Pushes the test images to `root`: `web/app:1.0` and `:1.1` (two shared layers, one
 /// changed), `web/multi:latest` (an index over amd64 and arm64), and referrers of `1.0`: a
 /// signature, an SBOM, and a signature of the SBOM.
-pub(crate) async fn fill(root: &str, auth: Auth<'_>) -> Fixture {
+async fn fill(root: &str, auth: Auth<'_>) -> Fixture {
     let layer = |seed: u64, n: usize| crate::support::noise(n, seed);
     let (l1, l2, l3, l4) = (
         layer(1, 120_000),
@@ -372,7 +369,7 @@ fn rule(repos: &[&str], users: &[&str], actions: &[&str]) -> RuleSection {
 }
 
 /// A server where alice is an admin, bob may pull `team/**`, anyone may pull `public/**`.
-pub(crate) async fn guarded(tweak: impl FnOnce(&mut berth::config::Config)) -> TestServer {
+async fn guarded(tweak: impl FnOnce(&mut berth::config::Config)) -> TestServer {
     TestServer::start_with(|c| {
         crate::support::with_users(c, AuthMode::Basic, USERS);
         c.auth.admins = vec!["alice".into()];
@@ -679,7 +676,7 @@ async fn the_ui_can_be_turned_off() {
 
 /// Fills `s` with `repos` repositories and `tags` tags of one repository (`big/tags`), through
 /// the storage API (a push each would take minutes); all share one small image.
-pub(crate) async fn fill_many(s: &TestServer, repos: usize, tags: usize) {
+async fn fill_many(s: &TestServer, repos: usize, tags: usize) {
     let store = s.state.store().clone();
     let image = Image::new(77, &[100]);
     let body = bytes::Bytes::from(image.manifest.clone());
