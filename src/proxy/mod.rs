@@ -357,9 +357,13 @@ impl Proxy {
             if t.upstream.availability() != Availability::Up && within_max_stale {
                 // A probe runs in the background when one is due; nobody waits for it.
                 t.upstream.probe_if_due();
+                Self::hit(t, "manifest");
                 return Ok(Self::stale(t, tag, m.clone(), "upstream is down"));
             }
         }
+        // Asked of the upstream (a revalidation that finds the tag unchanged counts too: the
+        // client waited for the upstream).
+        Self::miss(t, "manifest");
         let have = cached.as_ref().map(|m| m.digest.clone());
         match self.revalidation(t, tag, key, have).await {
             Ok(()) => Ok(store.get_manifest(&t.local, reference).await?),
@@ -417,6 +421,7 @@ impl Proxy {
             }
             return Ok(BlobAnswer::Local { size });
         }
+        Self::miss(t, "blob");
         if head {
             let r = t
                 .upstream

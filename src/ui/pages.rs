@@ -620,14 +620,21 @@ pub(super) async fn cache(State(state): State<AppState>, headers: HeaderMap) -> 
             Some(proxy) => {
                 @let policy = proxy.evict_policy();
                 p id="cache-size" {
-                    "Cached images hold "
-                    @match proxy.last_eviction() {
-                        Some((_, r)) => { (view::size(r.bytes_after)) }
-                        None => { "(measured at the first eviction)" }
+                    @match (proxy.last_eviction(), policy.max_bytes.is_some() || policy.max_age.is_some()) {
+                        (Some((at, r)), _) => {
+                            "Cached images hold " (view::size(r.bytes_after))
+                            @if let Some(max) = policy.max_bytes { " of a " (view::size(max)) " cap (max_size)" }
+                            " (measured " (view::time(at)) ")."
+                        }
+                        (None, true) => {
+                            "Cache size: measured by the first eviction run, a few minutes after start."
+                            @if let Some(max) = policy.max_bytes { " The cap (max_size) is " (view::size(max)) "." }
+                        }
+                        (None, false) => {
+                            "No max_size or max_age is set: nothing is evicted and the size is not measured."
+                        }
                     }
-                    @if let Some(max) = policy.max_bytes { " of a " (view::size(max)) " cap (max_size)" }
-                    @if let Some(age) = policy.max_age { "; images unpulled for " (humantime::format_duration(age)) " go" }
-                    "."
+                    @if let Some(age) = policy.max_age { " Images unpulled for " (humantime::format_duration(age)) " go." }
                 }
                 p.note { "Counts are this process's, since it started." }
                 @for u in proxy.upstreams() {

@@ -813,8 +813,19 @@ async fn the_cache_page_shows_health_hits_bytes_and_the_most_pulled_images() {
         )),
         "{section}"
     );
+    // Misses: each image's manifest and blobs the first time (1 + 3, 1 + 2); hits: the second
+    // and third pulls of the first (2 × (1 + 3)).
+    assert!(
+        section.contains("data-hits=\"8\" data-misses=\"7\""),
+        "{section}"
+    );
+    assert!(section.contains("53 % (8 of 15)"), "{section}");
     assert!(section.contains("badge up"), "{section}");
     assert!(section.contains(&upstream.root()), "{section}");
+    assert!(
+        page.contains("No max_size or max_age is set"),
+        "the size is not measured without eviction: {page}"
+    );
     let top = &section[section.find("Most pulled").unwrap()..];
     let (app, tool) = (
         top.find("docker.io/library/app:1")
