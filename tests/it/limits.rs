@@ -28,17 +28,35 @@ fn settle_fds(p: &Proc, n: usize, within: Duration) -> usize {
     }
 }
 
-/// Connections the server has accepted (its `berth_connections_accepted_total`, counting
-/// the one that asks).
-fn accepted(p: &Proc) -> u64 {
+/// The value of metric `name` (without labels) in the server's `/metrics`; 0 when absent.
+fn metric(p: &Proc, name: &str) -> u64 {
     let text = raw(
         p.addr,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
+    let prefix = format!("{name} ");
     text.lines()
-        .find_map(|l| l.strip_prefix("berth_connections_accepted_total "))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64)
+}
+
+/// Connections the server has accepted (its `berth_connections_accepted_total`, counting
+/// the one that asks).
+fn accepted(p: &Proc) -> u64 {
+    metric(p, "berth_connections_accepted_total")
+}
+
+/// Waits until `p` holds at least `n` descriptors, or `within` passes; returns the last count.
+fn settle_up_fds(p: &Proc, n: usize, within: Duration) -> usize {
+    let until = Instant::now() + within;
+    loop {
+        let now = open_fds(p);
+        if now >= n || Instant::now() > until {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// True when the server has closed `s` (a read sees EOF or a reset, possibly after an answer).
@@ -60,6 +78,20 @@ fn closed_by_server(mut s: &TcpStream) -> bool {
             Err(_) => return true,
         }
     }
+}
+
+/// `p`'s descriptor count once it has not changed for 250 ms (connections the test closed
+/// are closed on the server's side too), waiting at most 5 s.
+fn steady_fds(p: &Proc) -> usize {
+    let until = Instant::now() + Duration::from_secs(5);
+    let (mut last, mut same) = (open_fds(p), 0);
+    while same < 5 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = open_fds(p);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
 }
 
 fn raw(addr: SocketAddr, request: &str) -> String {
@@ -194,8 +226,9 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
         stalled.push(s);
         locations.push(location);
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let held = open_fds(&p);
+    // Written is not accepted: the kernel's buffers can take a 1 MiB part before the server
+    // takes the connection. Wait (well within the 5 s body timeout) until it holds them all.
+    let held = settle_up_fds(&p, base + 200, Duration::from_secs(3));
     assert!(
         held >= base + 200,
         "stalled uploads hold descriptors ({base} → {held})"
@@ -274,7 +307,17 @@ fn connections_and_uploads_over_the_limits_are_refused_with_oci_errors() {
         .expect("send");
         stalled.push(s);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Both must hold their places before a third asks: a third that came first would take a
+    // place and leave a stalled one refused. A session is opened after the place is taken.
+    let until = Instant::now() + Duration::from_secs(10);
+    while metric(&p, "berth_uploads_in_progress") < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        metric(&p, "berth_uploads_in_progress"),
+        2,
+        "both stalled uploads hold a place"
+    );
     let third = raw(
         p.addr,
         "PATCH /v2/busy/up/blobs/uploads/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
@@ -312,12 +355,24 @@ fn connections_and_uploads_over_the_limits_are_refused_with_oci_errors() {
         .starts_with("HTTP/1.1 200")
     );
 
-    // Connections: 18 more idle ones fill the 20 places; the next is told 503 and closed.
-    let mut idle: Vec<TcpStream> = (0..18)
-        .map(|_| TcpStream::connect(p.addr).expect("connect"))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let over = raw(p.addr, "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Connections: 18 more idle ones fill the 20 places; the next is told 503 and closed. One
+    // at a time, each accepted (its descriptor open) before the next: connections racing for
+    // the last place could leave an idle one refused and the next one served.
+    let before = steady_fds(&p);
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for _ in 0..18 {
+        idle.push(TcpStream::connect(p.addr).expect("connect"));
+        let held = settle_up_fds(&p, before + idle.len(), Duration::from_secs(10));
+        assert!(
+            held >= before + idle.len(),
+            "idle connection {} was taken in: {before} → {held}",
+            idle.len()
+        );
+    }
+    let over = raw(
+        p.addr,
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert!(over.starts_with("HTTP/1.1 503"), "{over}");
     assert!(over.contains("TOOMANYREQUESTS"), "{over}");
     // Places come back when connections close.
