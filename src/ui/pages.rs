@@ -53,6 +53,19 @@ fn may(state: &AppState, v: &Viewer, repo: &str, actions: Actions) -> bool {
     )
 }
 
+/// A repository page's start: who is looking, the query's parameters, and the repository
+/// its `name` names when the viewer may pull it.
+async fn open_repo(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(Viewer, HashMap<String, String>, RepoName), UiError> {
+    let v = session::viewer(state, headers).await?;
+    let p = params(query);
+    let repo = readable(state, &v, p.get("name"))?;
+    Ok((v, p, repo))
+}
+
 /// The repository named by `name`, when the viewer may pull it.
 fn readable(state: &AppState, v: &Viewer, name: Option<&String>) -> Result<RepoName, UiError> {
     let name = name.ok_or_else(|| UiError::BadRequest("no repository named".into()))?;
@@ -171,9 +184,7 @@ pub(super) async fn repository(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Page {
-    let v = session::viewer(&state, &headers).await?;
-    let p = params(q.as_deref());
-    let repo = readable(&state, &v, p.get("name"))?;
+    let (v, p, repo) = open_repo(&state, &headers, q.as_deref()).await?;
     let after = p.get("after").map(String::as_str);
     let rows = state.store().tag_rows(&repo, after, PAGE + 1).await?;
     let more = rows.len() > PAGE;
@@ -380,21 +391,12 @@ pub(super) async fn image(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Page {
-    let v = session::viewer(&state, &headers).await?;
-    let p = params(q.as_deref());
-    let repo = readable(&state, &v, p.get("name"))?;
+    let (v, p, repo) = open_repo(&state, &headers, q.as_deref()).await?;
     let r = reference(&p, "ref")?;
     let m = state.store().peek_manifest(&repo, &r).await?;
     let mut facts = Facts::of(&m.media_type, &m.bytes);
-    let config = match (&facts.kind, &facts.config) {
-        (Kind::Image, Some((d, _))) => match d.parse::<Digest>() {
-            Ok(d) => state
-                .store()
-                .peek_blob(&repo, &d, MAX_CONFIG)
-                .await?
-                .map(|b| Config::of(&b)),
-            Err(_) => None,
-        },
+    let config = match facts.kind {
+        Kind::Image => read_config(&state, &repo, &facts).await?,
         _ => None,
     };
     if let Some(c) = &config {
@@ -493,9 +495,7 @@ pub(super) async fn raw(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Page {
-    let v = session::viewer(&state, &headers).await?;
-    let p = params(q.as_deref());
-    let repo = readable(&state, &v, p.get("name"))?;
+    let (_, p, repo) = open_repo(&state, &headers, q.as_deref()).await?;
     let m = state
         .store()
         .peek_manifest(&repo, &reference(&p, "ref")?)
@@ -511,6 +511,24 @@ pub(super) async fn raw(
         m.bytes,
     )
         .into_response())
+}
+
+/// The config a manifest names, when the repository holds it and it is at most
+/// [`MAX_CONFIG`] bytes.
+async fn read_config(
+    state: &AppState,
+    repo: &RepoName,
+    facts: &Facts,
+) -> Result<Option<Config>, UiError> {
+    let Some(d) = facts
+        .config
+        .as_ref()
+        .and_then(|(d, _)| d.parse::<Digest>().ok())
+    else {
+        return Ok(None);
+    };
+    let bytes = state.store().peek_blob(repo, &d, MAX_CONFIG).await?;
+    Ok(bytes.map(|b| Config::of(&b)))
 }
 
 /// An image to compare: the manifest itself, or for an index the image for `platform` (or
@@ -537,18 +555,7 @@ async fn comparable(
         digest = m.digest.to_string();
         facts = Facts::of(&m.media_type, &m.bytes);
     }
-    let config = match &facts.config {
-        Some((d, _)) => match d.parse::<Digest>() {
-            Ok(d) => state
-                .store()
-                .peek_blob(repo, &d, MAX_CONFIG)
-                .await?
-                .map(|b| Config::of(&b))
-                .unwrap_or_default(),
-            Err(_) => Config::default(),
-        },
-        None => Config::default(),
-    };
+    let config = read_config(state, repo, &facts).await?.unwrap_or_default();
     facts.attach_history(&config);
     Ok((digest, facts, config))
 }
@@ -570,9 +577,7 @@ pub(super) async fn compare(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Page {
-    let v = session::viewer(&state, &headers).await?;
-    let p = params(q.as_deref());
-    let repo = readable(&state, &v, p.get("name"))?;
+    let (v, p, repo) = open_repo(&state, &headers, q.as_deref()).await?;
     let (ra, rb) = (reference(&p, "a")?, reference(&p, "b")?);
     let (da, fa, ca) = comparable(&state, &repo, &ra, None).await?;
     let (db, fb, cb) = comparable(&state, &repo, &rb, Some(ca.platform.as_str())).await?;

@@ -243,11 +243,8 @@ impl Store {
                     computed: computed.to_string(),
                 });
             }
-            self.meta
-                .reserve_blob(&digest.to_string(), size, now())
-                .await?;
             let source = (size > 0).then_some(&key);
-            area::place(&self.objects, self.s3.as_deref(), source, digest, size).await?;
+            self.reserve_and_place(digest, size, source).await?;
             self.commit_placed(repo, &id, digest, size, source).await?;
             Ok(size)
         }
@@ -333,21 +330,26 @@ impl Store {
                 computed: computed.to_string(),
             });
         }
-        // A row first (unlinked, invisible): a crash before the commit leaves collection
-        // something to free the object by.
+        self.reserve_and_place(digest, size, source.as_ref())
+            .await?;
+        Ok(source)
+    }
+
+    /// Puts verified bytes (`source`; none for an empty blob) at blob `digest`'s key, after a
+    /// row for it: unlinked and invisible, so that a crash before the commit leaves collection
+    /// something to free the object by.
+    async fn reserve_and_place(
+        &self,
+        digest: &Digest,
+        size: u64,
+        source: Option<&Path>,
+    ) -> Result<()> {
         self.meta
             .reserve_blob(&digest.to_string(), size, now())
             .await?;
-        area::place(
-            &self.objects,
-            self.s3.as_deref(),
-            source.as_ref(),
-            digest,
-            size,
-        )
-        .await?;
+        area::place(&self.objects, self.s3.as_deref(), source, digest, size).await?;
         debug!(size, digest = %digest, "blob object in place");
-        Ok(source)
+        Ok(())
     }
 
     pub(crate) async fn drop_upload(&self, id: &str) -> Result<()> {
