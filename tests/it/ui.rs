@@ -19,6 +19,26 @@ fn no_redirects() -> reqwest::Client {
         .unwrap()
 }
 
+/// POSTs the form `body` to `url` with an optional session cookie and further headers.
+async fn post_form(
+    url: String,
+    cookie: Option<&str>,
+    body: String,
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = no_redirects()
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body);
+    if let Some(c) = cookie {
+        req = req.header("cookie", format!("berth_session={c}"));
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
 /// GET `path` with an optional session cookie: status, body, server time (ms).
 async fn get(s: &TestServer, path: &str, cookie: Option<&str>) -> (StatusCode, String, f64) {
     let mut req = no_redirects().get(s.url(path));
@@ -388,13 +408,13 @@ async fn sign_in(
     user: &str,
     password: &str,
 ) -> Result<(String, String), StatusCode> {
-    let r = no_redirects()
-        .post(s.url("/ui/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("user={user}&password={password}"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        s.url("/ui/login"),
+        None,
+        format!("user={user}&password={password}"),
+        &[],
+    )
+    .await;
     if r.status() != StatusCode::SEE_OTHER {
         return Err(r.status());
     }
@@ -424,15 +444,14 @@ async fn delete(
     tag: &str,
     extra: &[(&str, &str)],
 ) -> StatusCode {
-    let mut req = no_redirects()
-        .post(s.url("/ui/delete"))
-        .header("cookie", format!("berth_session={cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("csrf={token}&name=team%2Fapp&tag={tag}"));
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    req.send().await.unwrap().status()
+    post_form(
+        s.url("/ui/delete"),
+        Some(cookie),
+        format!("csrf={token}&name=team%2Fapp&tag={tag}"),
+        extra,
+    )
+    .await
+    .status()
 }
 
 async fn tag_exists(s: &TestServer, tag: &str) -> bool {
@@ -601,14 +620,13 @@ async fn rights_sessions_and_forged_requests_follow_the_api_policy() {
         !list.contains("team/app"),
         "a session whose user was changed is refused"
     );
-    let r = no_redirects()
-        .post(s.url("/ui/logout"))
-        .header("cookie", format!("berth_session={alice_cookie}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("csrf={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        s.url("/ui/logout"),
+        Some(&alice_cookie),
+        format!("csrf={token}"),
+        &[],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert!(
         r.headers()["set-cookie"]
@@ -853,16 +871,13 @@ async fn the_cache_page_shows_health_hits_bytes_and_the_most_pulled_images() {
         .push(&s.root(), "local/app", "1", Auth::None)
         .await;
     let (_, local, _) = get(&s, "/ui/repo?name=local/app", None).await;
-    let r = no_redirects()
-        .post(s.url("/ui/delete"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "csrf={}&name=docker.io%2Flibrary%2Fapp&tag=1",
-            csrf(&local)
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        s.url("/ui/delete"),
+        None,
+        format!("csrf={}&name=docker.io%2Flibrary%2Fapp&tag=1", csrf(&local)),
+        &[],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let (_, page, _) = get(&s, "/ui/repo?name=docker.io/library/app", None).await;
     assert!(
@@ -1034,13 +1049,13 @@ async fn a_session_from_one_replica_is_valid_on_another() {
             .push(&cluster.root(), "team/app", tag, alice)
             .await;
     }
-    let r = no_redirects()
-        .post(format!("{}/ui/login", cluster.replica(0)))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("user=alice&password=alice-pw")
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(
+        format!("{}/ui/login", cluster.replica(0)),
+        None,
+        "user=alice&password=alice-pw".to_owned(),
+        &[],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let cookie = r.headers()["set-cookie"]
         .to_str()
@@ -1069,14 +1084,14 @@ async fn a_session_from_one_replica_is_valid_on_another() {
         "{on_1}"
     );
     // The token of replica 0's page deletes through replica 1.
-    let r = no_redirects()
-        .post(format!("{}/ui/delete", cluster.replica(1)))
-        .header("cookie", cookie.clone())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("csrf={}&name=team%2Fapp&tag=1", csrf(&on_0)))
-        .send()
-        .await
-        .unwrap();
+    let session = cookie.strip_prefix("berth_session=").unwrap();
+    let r = post_form(
+        format!("{}/ui/delete", cluster.replica(1)),
+        Some(session),
+        format!("csrf={}&name=team%2Fapp&tag=1", csrf(&on_0)),
+        &[],
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let after = page(0).await;
     assert!(
