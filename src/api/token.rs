@@ -21,8 +21,7 @@ use serde_json::json;
 
 use super::access::too_many;
 use super::headers::query;
-use crate::auth::client_ip;
-use crate::auth::{AuthService, Rejection};
+use crate::auth::{AuthService, Rejection, client_ip};
 use crate::state::AppState;
 
 /// Largest POST form accepted.

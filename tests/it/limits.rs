@@ -16,15 +16,16 @@ fn open_fds(p: &Proc) -> usize {
         .unwrap_or(0)
 }
 
-/// Waits until `p` holds at most `n` descriptors, or `within` passes; returns the last count.
-fn settle_fds(p: &Proc, n: usize, within: Duration) -> usize {
+/// Waits until `p`'s descriptor count satisfies `done`, or `within` passes; returns the last
+/// count.
+fn wait_fds(p: &Proc, done: impl Fn(usize) -> bool, within: Duration) -> usize {
     let until = Instant::now() + within;
     loop {
         let now = open_fds(p);
-        if now <= n || Instant::now() > until {
+        if done(now) || Instant::now() > until {
             return now;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -45,18 +46,6 @@ fn metric(p: &Proc, name: &str) -> u64 {
 /// the one that asks).
 fn accepted(p: &Proc) -> u64 {
     metric(p, "berth_connections_accepted_total")
-}
-
-/// Waits until `p` holds at least `n` descriptors, or `within` passes; returns the last count.
-fn settle_up_fds(p: &Proc, n: usize, within: Duration) -> usize {
-    let until = Instant::now() + within;
-    loop {
-        let now = open_fds(p);
-        if now >= n || Instant::now() > until {
-            return now;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// True when the server has closed `s` (a read sees EOF or a reset, possibly after an answer).
@@ -171,7 +160,7 @@ fn clients_that_trickle_headers_or_idle_are_disconnected() {
         "an idle kept-alive connection is closed"
     );
     drop(slow);
-    let left = settle_fds(&p, base + 5, Duration::from_secs(5));
+    let left = wait_fds(&p, |n| n <= base + 5, Duration::from_secs(5));
     assert!(
         left <= base + 5,
         "descriptors released: {base} before, {left} after"
@@ -228,7 +217,7 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
     }
     // Written is not accepted: the kernel's buffers can take a 1 MiB part before the server
     // takes the connection. Wait (well within the 5 s body timeout) until it holds them all.
-    let held = settle_up_fds(&p, base + 200, Duration::from_secs(3));
+    let held = wait_fds(&p, |n| n >= base + 200, Duration::from_secs(3));
     assert!(
         held >= base + 200,
         "stalled uploads hold descriptors ({base} → {held})"
@@ -274,7 +263,7 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
         );
     }
     drop(stalled);
-    let left = settle_fds(&p, base + 5, Duration::from_secs(5));
+    let left = wait_fds(&p, |n| n <= base + 5, Duration::from_secs(5));
     assert!(
         left <= base + 5,
         "descriptors released: {base} before, {held} stalled, {left} after"
@@ -362,7 +351,7 @@ fn connections_and_uploads_over_the_limits_are_refused_with_oci_errors() {
     let mut idle: Vec<TcpStream> = Vec::new();
     for _ in 0..18 {
         idle.push(TcpStream::connect(p.addr).expect("connect"));
-        let held = settle_up_fds(&p, before + idle.len(), Duration::from_secs(10));
+        let held = wait_fds(&p, |n| n >= before + idle.len(), Duration::from_secs(10));
         assert!(
             held >= before + idle.len(),
             "idle connection {} was taken in: {before} → {held}",
