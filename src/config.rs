@@ -417,6 +417,9 @@ pub struct GcsSection {
     /// Service account key file.
     #[serde(default)]
     pub service_account_key: Option<PathBuf>,
+    /// Allow plain HTTP to `endpoint`.
+    #[serde(default)]
+    pub allow_http: bool,
     /// Redirect blob downloads to presigned URLs (default on).
     #[serde(default)]
     pub redirect: Option<bool>,
@@ -961,7 +964,7 @@ impl Config {
         let (endpoint, allow_http) = match st {
             StorageSection::S3(c) => (&c.endpoint, Some(c.allow_http)),
             StorageSection::Azure(c) => (&c.endpoint, Some(c.allow_http)),
-            StorageSection::Gcs(c) => (&c.endpoint, None),
+            StorageSection::Gcs(c) => (&c.endpoint, Some(c.allow_http)),
             _ => (&None, None),
         };
         if let Some(e) = endpoint {
@@ -1270,6 +1273,7 @@ impl Config {
                 prefix: c.prefix.clone(),
                 endpoint: c.endpoint.clone(),
                 service_account_key: c.service_account_key.clone(),
+                allow_http: c.allow_http,
                 ..CloudConfig::default()
             }),
         };

@@ -226,13 +226,19 @@ impl StorageConfig {
                         GoogleConfigKey::Client(ClientConfigKey::ReadTimeout),
                         READ_TIMEOUT,
                     )
+                    .with_config(
+                        GoogleConfigKey::Client(ClientConfigKey::AllowHttp),
+                        if c.allow_http { "true" } else { "false" },
+                    )
                     .with_retry(retry_config())
                     .with_bucket_name(&c.bucket);
                 if let Some(v) = &c.service_account_key {
                     b = b.with_service_account_path(v.to_string_lossy());
                 }
                 if let Some(v) = &c.endpoint {
-                    b = b.with_url(v);
+                    // The endpoint is the API's base URL (an emulator, a private endpoint);
+                    // `with_url` would read it as a `gs://bucket` location.
+                    b = b.with_base_url(v);
                 }
                 Backend::cloud(Arc::new(b.build().map_err(|e| cloud_err("gcs", e))?), c)
             }

@@ -1,11 +1,14 @@
 //! The same registry on every blob backend: local disk and memory (elsewhere), S3 against a
-//! real S3-protocol server (moto) and Azure against Azurite, both started by `./scripts/test`
-//! on loopback, which passes their endpoints in `BERTH_TEST_S3_ENDPOINT` and
-//! `BERTH_TEST_AZURE_ENDPOINT`. GCS has no emulator in the registries this project can reach.
+//! real S3-protocol server (moto), Azure against Azurite, and GCS against fake-gcs-server
+//! behind `tests/gcs/gateway.py` (which serves the XML API object_store's GCS client speaks,
+//! and checks its service-account tokens and signed URLs). `./scripts/test` starts them on
+//! loopback and passes their endpoints in `BERTH_TEST_S3_ENDPOINT`,
+//! `BERTH_TEST_AZURE_ENDPOINT` and `BERTH_TEST_GCS_ENDPOINT` (with the service account key in
+//! `BERTH_TEST_GCS_KEY`).
 
 use std::process::Command;
 
-use berth::config::{AzureSection, Config, S3Section, StorageSection};
+use berth::config::{AzureSection, Config, GcsSection, S3Section, StorageSection};
 use berth_conformance::run;
 use reqwest::{Client, StatusCode};
 
@@ -19,7 +22,9 @@ const AZURITE_KEY: &str =
 
 pub(crate) fn endpoint(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: ./scripts/test starts the S3 and Azure test servers and sets it")
+        panic!(
+            "{var} is not set: ./scripts/test starts the S3, Azure and GCS test servers and sets it"
+        )
     })
 }
 
@@ -27,6 +32,7 @@ pub(crate) fn endpoint(var: &str) -> String {
 pub(crate) enum Cloud {
     S3,
     Azure,
+    Gcs,
 }
 
 /// Points `c` at the test server for `cloud`, under a fresh prefix.
@@ -54,6 +60,15 @@ pub(crate) fn configure(cloud: Cloud, prefix: &str, redirect: bool) -> impl FnOn
                 allow_http: true,
                 redirect: Some(redirect),
                 ..AzureSection::default()
+            }),
+            Cloud::Gcs => StorageSection::Gcs(GcsSection {
+                bucket: "registry".into(),
+                prefix: Some(prefix),
+                endpoint: Some(endpoint("BERTH_TEST_GCS_ENDPOINT")),
+                service_account_key: Some(endpoint("BERTH_TEST_GCS_KEY").into()),
+                allow_http: true,
+                redirect: Some(redirect),
+                ..GcsSection::default()
             }),
         };
     }
@@ -108,9 +123,41 @@ async fn conformance_on_azure_streaming_through_berth() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_on_gcs_with_redirects() {
+    let before = gcs_gateway_count("signed_url").await;
+    conformance(Cloud::Gcs, true).await;
+    // The redirected downloads went to URLs the gateway checked against the account's key.
+    assert!(gcs_gateway_count("signed_url").await > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_on_gcs_streaming_through_berth() {
+    conformance(Cloud::Gcs, false).await;
+}
+
+/// What the GCS gateway has served so far, by kind (`signed_url`, `multipart_complete`, ...).
+pub(crate) async fn gcs_gateway_count(what: &str) -> u64 {
+    let stats: serde_json::Value = reqwest::get(format!(
+        "{}/_gateway/stats",
+        endpoint("BERTH_TEST_GCS_ENDPOINT")
+    ))
+    .await
+    .expect("gateway stats")
+    .json()
+    .await
+    .expect("gateway stats json");
+    stats[what].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_gets_redirect_to_presigned_urls_or_stream() {
-    for redirect in [true, false] {
-        let s = TestServer::start_with(configure(Cloud::S3, &unique("redirect"), redirect)).await;
+    for (cloud, redirect) in [
+        (Cloud::S3, true),
+        (Cloud::S3, false),
+        (Cloud::Gcs, true),
+        (Cloud::Gcs, false),
+    ] {
+        let s = TestServer::start_with(configure(cloud, &unique("redirect"), redirect)).await;
         let _ = crate::support::client();
         let c = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -132,13 +179,21 @@ async fn blob_gets_redirect_to_presigned_urls_or_stream() {
             .unwrap();
         if redirect {
             assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
-            let loc = r.headers()["location"].to_str().unwrap().to_owned();
-            assert!(
-                loc.starts_with(&endpoint("BERTH_TEST_S3_ENDPOINT")),
-                "{loc}"
-            );
+            let mut loc = r.headers()["location"].to_str().unwrap().to_owned();
+            let store = match cloud {
+                Cloud::Gcs => endpoint("BERTH_TEST_GCS_ENDPOINT"),
+                _ => endpoint("BERTH_TEST_S3_ENDPOINT"),
+            };
+            assert!(loc.starts_with(&store), "{cloud:?}: {loc}");
             let body = c.get(&loc).send().await.unwrap().bytes().await.unwrap();
-            assert_eq!(digest(&body), d);
+            assert_eq!(digest(&body), d, "{cloud:?}");
+            if let Cloud::Gcs = cloud {
+                // The gateway checks signatures as GCS does: one changed digit is refused.
+                let last = loc.pop().unwrap();
+                loc.push(if last == '0' { '1' } else { '0' });
+                let r = c.get(&loc).send().await.unwrap();
+                assert_eq!(r.status(), StatusCode::FORBIDDEN, "tampered URL: {loc}");
+            }
             // HEAD and ranged reads are answered by Berth itself.
             let r = c
                 .head(s.url(&format!("/v2/r/blobs/{d}")))
@@ -197,9 +252,14 @@ async fn a_chunked_upload_resumes_on_s3_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn skopeo_multi_arch_round_trip_on_s3() {
-    for redirect in [true, false] {
-        let s = TestServer::start_with(configure(Cloud::S3, &unique("skopeo"), redirect)).await;
+async fn skopeo_multi_arch_round_trip_on_s3_and_gcs() {
+    for (cloud, redirect) in [
+        (Cloud::S3, true),
+        (Cloud::S3, false),
+        (Cloud::Gcs, true),
+        (Cloud::Gcs, false),
+    ] {
+        let s = TestServer::start_with(configure(cloud, &unique("skopeo"), redirect)).await;
         let tmp = tempfile::tempdir().unwrap();
         let mut l = Layout::new(&tmp.path().join("src"));
         let a = l.image("amd64", &[300_000, 200_000], 11);
@@ -230,14 +290,14 @@ async fn skopeo_multi_arch_round_trip_on_s3() {
                 .unwrap();
             assert!(
                 st.status.success(),
-                "redirect={redirect}: {}",
+                "{cloud:?} redirect={redirect}: {}",
                 String::from_utf8_lossy(&st.stderr)
             );
         }
         assert_eq!(
             Layout::tagged_digest(&out, "v1").unwrap(),
             idx["digest"].as_str().unwrap(),
-            "redirect={redirect}"
+            "{cloud:?} redirect={redirect}"
         );
     }
 }
@@ -266,36 +326,115 @@ async fn a_1gib_push_to_s3_keeps_memory_bounded() {
 #[test]
 fn an_unusable_bucket_fails_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("berth.toml");
+    // A service account the store does not know: a key of its own, made here.
+    let pem = dir.path().join("stranger.pem");
+    let st = Command::new("openssl")
+        .args(["genrsa", "-out"])
+        .arg(&pem)
+        .arg("2048")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl genrsa");
+    let stranger = dir.path().join("stranger.json");
     std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\n[storage]\nbackend = \"s3\"\nbucket = \"no-such-bucket\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
-            endpoint("BERTH_TEST_S3_ENDPOINT")
-        ),
+        &stranger,
+        serde_json::json!({
+            "type": "service_account",
+            "private_key_id": "stranger",
+            "private_key": std::fs::read_to_string(&pem).unwrap(),
+            "client_email": "stranger@elsewhere.iam.gserviceaccount.com",
+        })
+        .to_string(),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["serve", "--data"])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    for (name, storage, expect) in [
+        (
+            "s3, a missing bucket",
+            format!(
+                "backend = \"s3\"\nbucket = \"no-such-bucket\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
+                endpoint("BERTH_TEST_S3_ENDPOINT")
+            ),
+            "s3 storage is not usable",
+        ),
+        (
+            "gcs, an unknown service account",
+            format!(
+                "backend = \"gcs\"\nbucket = \"registry\"\nendpoint = \"{}\"\nservice_account_key = \"{}\"\nallow_http = true\n",
+                endpoint("BERTH_TEST_GCS_ENDPOINT"),
+                stranger.display()
+            ),
+            "gcs storage is not usable",
+        ),
+    ] {
+        let config = dir.path().join("berth.toml");
+        std::fs::write(
+            &config,
+            format!("listen = \"127.0.0.1:0\"\n[storage]\n{storage}"),
+        )
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["serve", "--data"])
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name}: berth kept running with an unusable bucket");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{name}");
+        assert!(err.contains(expect), "{name}: {err}");
+    }
+}
+
+/// A fresh [`Env`](berth_storage::suite::Env) for the storage suite: blobs on `cloud` under a
+/// prefix of their own, metadata in SQLite.
+fn cloud_suite_env(
+    cloud: Cloud,
+) -> futures_util::future::BoxFuture<'static, berth_storage::suite::Env> {
+    use futures_util::FutureExt as _;
+    async move {
+        let mut config = Config::default();
+        configure(cloud, &unique("suite"), false)(&mut config);
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = config.storage_config().expect("storage config");
+        storage.metadata = berth_storage::backend::MetadataBackend::Sqlite(dir.path().join("m.db"));
+        let objects = storage.backend().expect("backend").objects;
+        let meta = storage.metadata.open().await.expect("metadata");
+        let sibling = storage.metadata.open().await.expect("metadata");
+        berth_storage::suite::Env {
+            objects,
+            meta,
+            sibling,
+            guard: Box::new(dir),
         }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("berth kept running with an unusable bucket");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
-    assert!(err.contains("s3 storage is not usable"), "{err}");
+    }
+    .boxed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_storage_suite_passes_on_gcs() {
+    berth_storage::suite::run("gcs", &|| cloud_suite_env(Cloud::Gcs)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_storage_suite_passes_on_s3() {
+    berth_storage::suite::run("s3", &|| cloud_suite_env(Cloud::S3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_storage_suite_passes_on_azure() {
+    berth_storage::suite::run("azure", &|| cloud_suite_env(Cloud::Azure)).await;
 }
