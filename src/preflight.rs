@@ -4,8 +4,8 @@
 //! Beyond [`Config::validate`] (values that cannot work together): the data directory and a
 //! storage root are directories (or can be made), secret files can be read, the TLS
 //! certificate, key and client CA load and match, the htpasswd file, the access rules and the
-//! keys of trusted token issuers load (and the token key, if it exists), and upstream password
-//! files can be read. Nothing is written and nothing is contacted: object stores, PostgreSQL and
+//! keys of trusted token issuers load (and the token key, if it exists), a GCS service account
+//! key reads as one, and upstream password files can be read. Nothing is written and nothing is contacted: object stores, PostgreSQL and
 //! upstreams are checked when the server starts.
 
 use std::path::Path;
@@ -28,6 +28,15 @@ pub fn check(config: &Config) -> Vec<String> {
     if let Err(e) = config.storage_config() {
         problems.push(e.to_string());
     }
+    if let StorageSection::Gcs(g) = &config.storage
+        && let Some(key) = &g.service_account_key
+        && let Err(e) = service_account_key(key)
+    {
+        problems.push(format!(
+            "storage.service_account_key: {}: {e}",
+            key.display()
+        ));
+    }
     if config.tls.enabled()
         && let Err(e) = crate::tls::server_config(&config.tls)
     {
@@ -48,6 +57,25 @@ pub fn check(config: &Config) -> Vec<String> {
         }
     }
     problems
+}
+
+/// A GCS service account key file as the client reads it: JSON with the key and the account.
+fn service_account_key(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let key: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    let missing: Vec<_> = ["private_key", "private_key_id", "client_email"]
+        .into_iter()
+        .filter(|k| !key[*k].is_string())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "not a service account key: no {} (create a JSON key for the account)",
+            missing.join(", ")
+        ))
+    }
 }
 
 /// `path` is a directory, or does not exist yet (it is created at start).
