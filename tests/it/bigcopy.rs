@@ -8,8 +8,10 @@
 //! CI runs it with a 5 MiB limit (S3's smallest part) and a 12 MiB blob, small because every
 //! test shares the one moto. The long mode takes the blob's size from
 //! `BERTH_BIG_BLOB_GIB` and the limit from `BERTH_BIG_BLOB_LIMIT_GIB` (default: AWS's 5 GiB,
-//! Berth's default), streamed both ways. moto holds multipart uploads in memory: 2 GiB over
-//! 1 GiB runs in about 90 s; 6 GiB over AWS's limit needs more than 24 GiB of memory.
+//! Berth's default), streamed both ways. moto holds multipart uploads in memory (6 GiB over
+//! AWS's limit needs more than 24 GiB), so the 6 GiB run points `BERTH_TEST_S3_ENDPOINT` at
+//! s3s-fs (crates.io: an S3 server over a directory, which checks signatures and streams
+//! parts and part copies to disk); see the README.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use berth::config::{S3Section, StorageSection};
 use berth_storage::GcPolicy;
 use berth_storage::s3::S3Native;
 use futures_util::StreamExt;
+use object_store::ObjectStoreExt as _;
 use object_store::aws::AmazonS3Builder;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
@@ -37,7 +40,12 @@ const MIB: u64 = 1024 * 1024;
 struct CopyLimit {
     upstream: String,
     limit: u64,
+    /// How long the store takes, in silence, to join a copy in parts (S3 sends blanks while
+    /// it joins; some S3-compatible servers send nothing).
+    join_silence: std::time::Duration,
     client: reqwest::Client,
+    /// The store itself, for the size of a copy's source.
+    store: Arc<object_store::aws::AmazonS3>,
     whole_copies: Arc<AtomicU64>,
     part_copies: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
@@ -65,6 +73,10 @@ fn range_len(v: &str) -> Option<u64> {
 async fn proxy(State(p): State<CopyLimit>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().unwrap_or("");
+    if parts.method == "POST" && query.contains("uploadId=") && parts.uri.path().contains("/blobs/")
+    {
+        tokio::time::sleep(p.join_silence).await;
+    }
     if parts.method == "PUT"
         && let Some(source) = parts.headers.get("x-amz-copy-source")
     {
@@ -79,24 +91,15 @@ async fn proxy(State(p): State<CopyLimit>, req: Request) -> Response {
                 _ => return refuse(&p, "part copy"),
             };
         } else {
+            // The source's size, asked of the store with credentials (a store that checks
+            // signatures refuses an unsigned HEAD).
             let source = source.to_str().unwrap_or_default().trim_start_matches('/');
-            let head = p
-                .client
-                .head(format!("{}/{source}", p.upstream))
-                .send()
-                .await;
-            // Not `content_length()`: for a HEAD that is the (empty) body's.
-            let size = head
-                .ok()
-                .and_then(|r| {
-                    r.headers()
-                        .get("content-length")?
-                        .to_str()
-                        .ok()?
-                        .parse()
-                        .ok()
-                })
-                .unwrap_or(u64::MAX);
+            let key = source.strip_prefix("registry/").unwrap_or(source);
+            let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+            let size = match p.store.head(&Path::from(key.as_ref())).await {
+                Ok(meta) => meta.size,
+                Err(_) => u64::MAX,
+            };
             if size > p.limit {
                 return refuse(&p, "CopyObject");
             }
@@ -108,14 +111,29 @@ async fn proxy(State(p): State<CopyLimit>, req: Request) -> Response {
         p.upstream,
         parts.uri.path_and_query().map_or("/", |q| q.as_str())
     );
-    let mut out = p
-        .client
-        .request(parts.method, url)
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
-    for (k, v) in &parts.headers {
-        if k != "host" {
-            out = out.header(k, v);
+    // A body whose length was declared (or an absent one) goes on with that length (held whole:
+    // Berth's requests carry parts of a few MiB); a store may refuse a chunked body (s3s-fs
+    // wants Content-Length).
+    let sized = parts.headers.contains_key("content-length")
+        || !parts.headers.contains_key("transfer-encoding");
+    let body = if sized {
+        match axum::body::to_bytes(body, 256 * MIB as usize).await {
+            Ok(b) => reqwest::Body::from(b),
+            Err(_) => {
+                return Response::builder()
+                    .status(400)
+                    .body(Body::empty())
+                    .unwrap_or_default();
+            }
         }
+    } else {
+        reqwest::Body::wrap_stream(body.into_data_stream())
+    };
+    let mut out = p.client.request(parts.method, url).body(body);
+    // Every header, Host too: the request is signed for the proxy's address, and a store that
+    // checks signatures (s3s-fs in the long mode) must see the host it was signed for.
+    for (k, v) in &parts.headers {
+        out = out.header(k, v);
     }
     let Ok(r) = out.send().await else {
         return Response::builder()
@@ -132,10 +150,19 @@ async fn proxy(State(p): State<CopyLimit>, req: Request) -> Response {
 }
 
 async fn start_proxy(limit: u64) -> (SocketAddr, CopyLimit) {
+    start_proxy_with(limit, std::time::Duration::ZERO).await
+}
+
+async fn start_proxy_with(
+    limit: u64,
+    join_silence: std::time::Duration,
+) -> (SocketAddr, CopyLimit) {
     let p = CopyLimit {
         upstream: endpoint("BERTH_TEST_S3_ENDPOINT"),
         limit,
+        join_silence,
         client: crate::support::client(),
+        store: Arc::new(raw_s3().build().expect("store")),
         whole_copies: Arc::new(AtomicU64::new(0)),
         part_copies: Arc::new(AtomicU64::new(0)),
         refused: Arc::new(AtomicU64::new(0)),
@@ -291,6 +318,22 @@ async fn a_blob_over_the_copy_limit_is_copied_in_parts() {
         started.elapsed()
     );
     assert_eq!(pull_digest(&s, "big/blob", &small).await, (small, MIB));
+}
+
+/// A store that joins a copy in parts in silence for longer than the object-store client
+/// allows a request to be silent (30 s): the commit waits for it instead of failing the push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_silent_join_of_part_copies_is_waited_for() {
+    let (addr, p) = start_proxy_with(5 * MIB, std::time::Duration::from_secs(35)).await;
+    let s = TestServer::start_with(s3_through(addr, &unique("slowjoin"), Some(5 * MIB))).await;
+    let started = std::time::Instant::now();
+    let big = push_noise(&s, "big/slow", 12 * MIB, 3).await;
+    assert!(started.elapsed() >= std::time::Duration::from_secs(35));
+    assert_eq!(p.part_copies.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        pull_digest(&s, "big/slow", &big).await,
+        (big.clone(), 12 * MIB)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
