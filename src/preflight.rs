@@ -5,8 +5,8 @@
 //! storage root are directories (or can be made), secret files can be read, the TLS
 //! certificate, key and client CA load and match, the htpasswd file, the access rules and the
 //! keys of trusted token issuers load (and the token key, if it exists), a GCS service account
-//! key reads as one, and upstream password files can be read. Nothing is written and nothing is contacted: object stores, PostgreSQL and
-//! upstreams are checked when the server starts.
+//! key reads as one, and upstream password files can be read. Nothing is written and nothing
+//! is contacted: object stores, PostgreSQL and upstreams are checked when the server starts.
 
 use std::path::Path;
 
