@@ -780,7 +780,6 @@ pub(super) async fn login(State(state): State<AppState>, req: Request) -> Page {
         .into_response())
 }
 
-/// Reads a change's form and checks that it comes from this site with the viewer's token.
 /// The largest form the UI reads.
 const MAX_FORM: usize = 64 * 1024;
 
@@ -795,6 +794,7 @@ async fn read_form(state: &AppState, req: Request) -> Result<HashMap<String, Str
     Ok(params(std::str::from_utf8(&body).ok()))
 }
 
+/// Reads a change's form and checks that it comes from this site with the viewer's token.
 async fn change(
     state: &AppState,
     req: Request,

@@ -149,14 +149,17 @@ pub(crate) async fn gcs_gateway_count(what: &str) -> u64 {
     stats[what].as_u64().unwrap_or(0)
 }
 
+/// The stores that presign downloads, each with redirects on and off.
+const S3_AND_GCS: [(Cloud, bool); 4] = [
+    (Cloud::S3, true),
+    (Cloud::S3, false),
+    (Cloud::Gcs, true),
+    (Cloud::Gcs, false),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_gets_redirect_to_presigned_urls_or_stream() {
-    for (cloud, redirect) in [
-        (Cloud::S3, true),
-        (Cloud::S3, false),
-        (Cloud::Gcs, true),
-        (Cloud::Gcs, false),
-    ] {
+    for (cloud, redirect) in S3_AND_GCS {
         let s = TestServer::start_with(configure(cloud, &unique("redirect"), redirect)).await;
         let _ = crate::support::client();
         let c = Client::builder()
@@ -253,12 +256,7 @@ async fn a_chunked_upload_resumes_on_s3_after_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_multi_arch_round_trip_on_s3_and_gcs() {
-    for (cloud, redirect) in [
-        (Cloud::S3, true),
-        (Cloud::S3, false),
-        (Cloud::Gcs, true),
-        (Cloud::Gcs, false),
-    ] {
+    for (cloud, redirect) in S3_AND_GCS {
         let s = TestServer::start_with(configure(cloud, &unique("skopeo"), redirect)).await;
         let tmp = tempfile::tempdir().unwrap();
         let mut l = Layout::new(&tmp.path().join("src"));
