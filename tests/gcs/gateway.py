@@ -102,7 +102,9 @@ class State:
         self.signed_host = args.signed_host
         self.parts_dir = tempfile.mkdtemp(prefix="gcs-gateway-")
         self.uploads = {}  # upload id -> (bucket, object)
-        self.lock = threading.Lock()  # conditional writes: check and act as one step
+        # Conditional writes check and act as one step under it; re-entrant, as counting
+        # takes it too.
+        self.lock = threading.RLock()
         self.stats = {}
 
     def count(self, what):
@@ -126,30 +128,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # ---- plumbing -------------------------------------------------------------------------
 
+    def read_exactly(self, left):
+        """The next `left` bytes of the body, a chunk at a time."""
+        while left:
+            b = self.rfile.read(min(left, CHUNK))
+            if not b:
+                raise Refused(400, "IncompleteBody", "body ended early")
+            left -= len(b)
+            yield b
+
     def body_chunks(self):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return
-                left = size
-                while left:
-                    b = self.rfile.read(min(left, CHUNK))
-                    if not b:
-                        raise Refused(400, "IncompleteBody", "body ended early")
-                    left -= len(b)
-                    yield b
-                self.rfile.readline()
-        else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                b = self.rfile.read(min(left, CHUNK))
-                if not b:
-                    raise Refused(400, "IncompleteBody", "body ended early")
-                left -= len(b)
-                yield b
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            yield from self.read_exactly(int(self.headers.get("Content-Length") or 0))
+            return
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return
+            yield from self.read_exactly(size)
+            self.rfile.readline()
 
     def drain(self):
         for _ in self.body_chunks():
@@ -324,19 +323,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return meta
 
     def put(self, bucket, name):
-        length = int(self.headers.get("Content-Length") or 0)
         conditional = self.headers.get("x-goog-if-generation-match") == "0"
-        if conditional:
-            # Spool first so the check and the write are one step under the lock.
+        if not conditional and "Content-Length" in self.headers:
+            length = int(self.headers["Content-Length"])
+            meta = self.upload(bucket, name, self.body_chunks(), length)
+        else:
+            # Spooled first: a chunked body's length is known only at its end, and a
+            # conditional write checks and writes as one step under the lock.
             with tempfile.TemporaryFile(dir=self.state.parts_dir) as f:
                 for b in self.body_chunks():
                     f.write(b)
+                length = f.tell()
                 with self.state.lock:
-                    self.must_not_exist(bucket, name)
+                    if conditional:
+                        self.must_not_exist(bucket, name)
                     f.seek(0)
                     meta = self.upload(bucket, name, iter(lambda: f.read(CHUNK), b""), length)
-        else:
-            meta = self.upload(bucket, name, self.body_chunks(), length)
         self.state.count("put")
         self.reply(200, b"", self.object_headers(meta))
 
