@@ -280,9 +280,14 @@ fn a_client_that_stops_mid_upload_gets_an_error_releases_what_it_held_and_can_re
 #[test]
 fn connections_and_uploads_over_the_limits_are_refused_with_oci_errors() {
     let dir = tempfile::tempdir().unwrap();
+    // Nothing may time out while the test runs: a stalled upload or an idle connection cut
+    // off would give its place back, and the connection meant to be refused would be served
+    // (CI once took long enough here for the 30 s body timeout this test had to expire).
     let p = spawn_berth_with(
         &dir.path().join("data"),
-        Some("[limits]\nmax_connections = 20\nmax_uploads = 2\nbody_timeout = \"30s\"\n"),
+        Some(
+            "[limits]\nmax_connections = 20\nmax_uploads = 2\nbody_timeout = \"10m\"\nheader_timeout = \"10m\"\n",
+        ),
     );
     // Two uploads stall in their bodies and hold both upload places.
     let mut stalled = Vec::new();
