@@ -4,6 +4,7 @@
 //! - [`api`]: the HTTP API (axum). [`api::operation`] classifies each request once (the
 //!   operation table); handlers render what the registry façade answers; [`api::error`] is the
 //!   one error table.
+//! - `server`: the accept loop; idle plain connections wait without hyper's buffers.
 //! - [`registry`]: the façade handlers call: local storage, and the cache where configured;
 //!   decides once per request whether it is local or goes to an upstream.
 //! - [`proxy`]: the pull-through cache of upstream registries (health, credentials, prefetch).
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod preflight;
 pub mod proxy;
 pub mod registry;
+mod server;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
@@ -60,9 +62,10 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(25);
 /// then lets in-flight requests finish (for up to [`DRAIN`]), stops the jobs and writes what
 /// they hold. Serves HTTPS when `[tls]` names a certificate.
 ///
-/// Every connection passes the connection gate and gets TCP_NODELAY; hyper closes one whose
-/// client takes longer than `limits.header_timeout` to send a request's headers (which also
-/// bounds how long a kept-alive connection idles).
+/// Every connection passes the connection gate and gets TCP_NODELAY; one whose client takes
+/// longer than `limits.header_timeout` to send a request's headers, or idles longer than that
+/// between requests, is closed. A plain connection holds no HTTP buffers while it idles (see
+/// `server`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -70,48 +73,32 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     metrics::install();
     let jobs = jobs::Jobs::start(&state);
-    let make = app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let handle = axum_server::Handle::new();
-    let h = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        h.graceful_shutdown(Some(DRAIN));
-    });
+    let router = app(state.clone());
     let gate = limits::GateAcceptor::new(state.limits.clone(), !state.config.tls.enabled());
     let listener = listener.into_std()?;
     let served = if state.config.tls.enabled() {
-        serve_tls(listener, &state, make, gate, handle).await
+        serve_tls(listener, &state, router, gate, shutdown).await
     } else {
-        let mut server = axum_server::from_tcp(listener)?
-            .acceptor(wire::ConnAcceptor(gate))
-            .handle(handle);
-        configure(server.http_builder(), &state.limits);
-        server.serve(make).await
+        server::run(
+            listener,
+            router,
+            &state.limits,
+            wire::ConnAcceptor(gate),
+            server::drive_plain,
+            shutdown,
+        )
+        .await
     };
     jobs.stop().await;
     served
 }
 
-/// The HTTP settings both listeners share.
-fn configure(
-    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    limits: &limits::Limits,
-) {
-    builder
-        .http1()
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_size);
-}
-
 async fn serve_tls(
     listener: std::net::TcpListener,
     state: &AppState,
-    make: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<
-        axum::Router,
-        std::net::SocketAddr,
-    >,
+    router: axum::Router,
     gate: limits::GateAcceptor,
-    handle: axum_server::Handle<std::net::SocketAddr>,
+    shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let tls_section = state.config.tls.clone();
     let server_config = tls::server_config(&tls_section).map_err(std::io::Error::other)?;
@@ -139,11 +126,17 @@ async fn serve_tls(
             }
         }
     });
-    let mut server = axum_server::from_tcp_rustls(listener, rustls)?
-        .map(|tls| wire::ConnAcceptor(tls.acceptor(gate)))
-        .handle(handle);
-    configure(server.http_builder(), &state.limits);
-    let served = server.serve(make).await;
+    let acceptor =
+        wire::ConnAcceptor(axum_server::tls_rustls::RustlsAcceptor::new(rustls).acceptor(gate));
+    let served = server::run(
+        listener,
+        router,
+        &state.limits,
+        acceptor,
+        server::drive_whole,
+        shutdown,
+    )
+    .await;
     watcher.abort();
     served
 }

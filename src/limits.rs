@@ -111,6 +111,11 @@ impl<S> Gated<S> {
             _permit: permit,
         }
     }
+
+    /// The stream inside.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {

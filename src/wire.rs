@@ -91,6 +91,11 @@ impl<S> Conn<S> {
             linger: None,
         }
     }
+
+    /// The stream inside.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {

@@ -14,6 +14,7 @@ mod faults;
 mod fsck;
 mod garbage;
 mod gc;
+mod keepalive;
 mod limits;
 mod load;
 
