@@ -316,29 +316,107 @@ def layers(record, regs, work, policy, runs):
             reg.stop()
 
 
+class DelayProxy:
+    """A TCP proxy on loopback that holds the bytes of each direction `rtt / 2` seconds before
+    passing them on: an upstream a round trip of `rtt` away, as Docker Hub is from a cluster,
+    without touching the machine's network settings."""
+
+    def __init__(self, target_port, rtt):
+        import asyncio
+        self.port = r.free_port()
+        self.loop = asyncio.new_event_loop()
+        half = rtt / 2
+
+        async def pipe(reader, writer):
+            q = asyncio.Queue()
+
+            async def feed():
+                while True:
+                    data = await reader.read(256 * 1024)
+                    await q.put((self.loop.time() + half, data))
+                    if not data:
+                        return
+
+            async def send():
+                while True:
+                    due, data = await q.get()
+                    if due > self.loop.time():
+                        await asyncio.sleep(due - self.loop.time())
+                    if not data:
+                        if writer.can_write_eof():
+                            writer.write_eof()
+                        return
+                    writer.write(data)
+                    await writer.drain()
+
+            try:
+                await asyncio.gather(feed(), send())
+            except (ConnectionError, OSError):
+                pass
+
+        async def handle(cr, cw):
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", target_port)
+            except OSError:
+                cw.close()
+                return
+            await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+            cw.close()
+            uw.close()
+
+        async def serve():
+            self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+
+        self.loop.run_until_complete(serve())
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
 def cold(record, work, policy, runs):
     """The 40-layer image pulled through a cold Berth cache from a loopback upstream (another
-    Berth), against pulling it from the upstream directly; a fresh cache each run."""
+    Berth), against pulling it from the upstream directly; a fresh cache each run. Then the
+    same with the upstream 20 ms away (a delaying proxy in front of it, for the direct pull
+    too), with the cache's read-ahead of layers on and off."""
     layout = small_layer_image(work, seed=2)
     up = r.Registry("berth", work)
     up.start()
+
+    def through_cache(port, label, extra=""):
+        mirror = r.Registry("berth", work, config=(
+            f'[[proxy.upstream]]\nname = "127.0.0.1:{port}"\nurl = "http://127.0.0.1:{port}"\n'
+            f"default = true\n{extra}"))
+        mirror.start()
+        try:
+            record(up, f"pull 40 small layers through a cold cache{label}, skopeo (s)",
+                   skopeo_pull_s(mirror.port, "bench/layers", work, policy))
+            if not extra:
+                record(up, f"pull 40 small layers through the warm cache{label}, skopeo (s)",
+                       skopeo_pull_s(mirror.port, "bench/layers", work, policy))
+        finally:
+            mirror.stop()
+            shutil.rmtree(mirror.dir, ignore_errors=True)
+
+    far = None
     try:
         r.skopeo(["copy", "--dest-tls-verify=false", f"oci:{layout}:v1",
                   f"docker://127.0.0.1:{up.port}/bench/layers:v1"], policy)
         for n in range(runs):
             record(up, "pull 40 small layers from the upstream directly, skopeo (s)",
                    skopeo_pull_s(up.port, "bench/layers", work, policy))
-            mirror = r.Registry("berth", work, config=(
-                f'[[proxy.upstream]]\nname = "127.0.0.1:{up.port}"\nurl = "http://127.0.0.1:{up.port}"\n'
-                f"default = true\n"))
-            mirror.start()
-            try:
-                record(up, "pull 40 small layers through a cold cache, skopeo (s)",
-                       skopeo_pull_s(mirror.port, "bench/layers", work, policy))
-                record(up, "pull 40 small layers through the warm cache, skopeo (s)",
-                       skopeo_pull_s(mirror.port, "bench/layers", work, policy))
-            finally:
-                mirror.stop()
-                shutil.rmtree(mirror.dir, ignore_errors=True)
+            through_cache(up.port, "")
+        far = DelayProxy(up.port, 0.020)
+        for n in range(runs):
+            record(up, "pull 40 small layers from the upstream 20 ms away directly, skopeo (s)",
+                   skopeo_pull_s(far.port, "bench/layers", work, policy))
+            through_cache(far.port, " (upstream 20 ms away)")
+            through_cache(far.port, " (upstream 20 ms away, read_ahead = false)",
+                          "read_ahead = false\n")
     finally:
+        if far:
+            far.stop()
         up.stop()

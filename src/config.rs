@@ -89,6 +89,7 @@
 //! # username = "..."            # credentials for the upstream (password or password_file)
 //! # tag_ttl = "5m"              # how long a tag is trusted before a HEAD revalidates it
 //! # max_stale = "7d"            # serve cached tags this long past the TTL when upstream fails
+//! # read_ahead = true           # a manifest fetched on a GET starts fetching its layers too
 //!
 //! # [auth.groups]
 //! # dev = ["alice", "bob"]
@@ -819,6 +820,9 @@ pub struct UpstreamSection {
     /// Timeout to connect and to get response headers.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// A manifest GET the cache had to fetch starts fetching the image's config and layers
+    /// it lacks, in the background, before the client asks for them.
+    pub read_ahead: bool,
 }
 
 impl Default for UpstreamSection {
@@ -836,6 +840,7 @@ impl Default for UpstreamSection {
             tag_ttl: Duration::from_secs(300),
             max_stale: None,
             timeout: Duration::from_secs(30),
+            read_ahead: true,
         }
     }
 }

@@ -193,12 +193,18 @@ impl Registry {
     // ------------------------------------------------------------------ reads
 
     /// A manifest by tag or digest. The pull is recorded (in memory, written in batches) for
-    /// eviction, against the repository that answered.
-    pub async fn manifest(&self, at: At<'_>, reference: &Reference) -> Result<StoredManifest> {
+    /// eviction, against the repository that answered. `get` for a client's GET (a cache then
+    /// reads the image's blobs ahead when it had to fetch the manifest).
+    pub async fn manifest(
+        &self,
+        at: At<'_>,
+        reference: &Reference,
+        get: bool,
+    ) -> Result<StoredManifest> {
         let s = self.source(at, Call::Manifest).await?;
         let (m, repo) = match (s, &self.proxy) {
             (Source::Cache(t), Some(p)) => {
-                let m = p.manifest(&t, reference).await?;
+                let m = p.manifest(&t, reference, get).await?;
                 // Images by tag: a client then reads children and layers by digest.
                 if let Reference::Tag(tag) = reference {
                     t.upstream.stats.pulled(&format!("{}:{tag}", t.local));

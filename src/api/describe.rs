@@ -24,7 +24,7 @@ pub(super) async fn describe(state: AppState, op: Operation, _req: Request) -> A
         .map_err(|_| ApiError::new(Code::ManifestUnknown, "manifest unknown"))?;
     let m = state
         .registry
-        .manifest(super::at(&op), &reference)
+        .manifest(super::at(&op), &reference, false)
         .await
         .map_err(|e| ApiError::missing(e, Code::ManifestUnknown))?;
     let v: Value = serde_json::from_slice(&m.bytes).unwrap_or(Value::Null);

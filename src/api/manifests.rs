@@ -31,7 +31,7 @@ pub(super) async fn get(state: AppState, op: Operation, req: Request) -> ApiResu
     };
     let m = state
         .registry
-        .manifest(super::at(&op), &reference)
+        .manifest(super::at(&op), &reference, !op.is_head())
         .await
         .map_err(|e| ApiError::missing(e, Code::ManifestUnknown))?;
     Ok(respond(m, &op, &req))

@@ -126,7 +126,8 @@ pub struct Target {
     pub remote: String,
 }
 
-/// The pull-through cache.
+/// The pull-through cache (a handle: clones share it).
+#[derive(Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
 }
@@ -301,10 +302,14 @@ impl Proxy {
     /// at a time, see [`cluster`]); while the upstream is down it is served at once (up to
     /// `max_stale` past its TTL), and when a probe is due the revalidation runs in the
     /// background while the client gets the cached answer.
+    ///
+    /// With `read_ahead` (a client's GET) a manifest the upstream had to supply starts the
+    /// fetch of the blobs it names (see [`Proxy::read_ahead`]).
     pub async fn manifest(
         &self,
         t: &Target,
         reference: &Reference,
+        read_ahead: bool,
     ) -> Result<StoredManifest, CacheError> {
         let store = &self.inner.store;
         let cached = store.get_manifest(&t.local, reference).await.ok();
@@ -333,7 +338,11 @@ impl Proxy {
                         }
                     })
                     .await?;
-                return Ok(store.get_manifest(&t.local, reference).await?);
+                let m = store.get_manifest(&t.local, reference).await?;
+                if read_ahead {
+                    self.read_ahead(t, &m);
+                }
+                return Ok(m);
             }
             Reference::Tag(tag) => tag,
         };
@@ -365,8 +374,14 @@ impl Proxy {
         // client waited for the upstream).
         Self::miss(t, "manifest");
         let have = cached.as_ref().map(|m| m.digest.clone());
-        match self.revalidation(t, tag, key, have).await {
-            Ok(()) => Ok(store.get_manifest(&t.local, reference).await?),
+        match self.revalidation(t, tag, key, have.clone()).await {
+            Ok(()) => {
+                let m = store.get_manifest(&t.local, reference).await?;
+                if read_ahead && have.as_ref() != Some(&m.digest) {
+                    self.read_ahead(t, &m);
+                }
+                Ok(m)
+            }
             Err(CacheError::Upstream(e)) if e.cache_may_answer() && within_max_stale => {
                 match cached {
                     Some(m) => Ok(Self::stale(t, tag, m, &e.to_string())),

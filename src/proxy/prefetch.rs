@@ -11,14 +11,26 @@
 //! The server runs it every `proxy.prefetch_interval` under the `prefetch` lease (one run at a
 //! time across processes sharing the metadata); `berth prefetch` runs it once and prints its
 //! progress.
+//!
+//! Read-ahead ([`Proxy::read_ahead`]) is the same warming for one image, started by a client:
+//! a manifest GET the cache had to ask the upstream for starts the fetch of the config and
+//! layers it names, [`READ_AHEAD_PARALLEL`] at a time, in the background. The client asks for
+//! them next; each of its blob GETs then joins a fetch already under way, or finds the blob
+//! stored, instead of waiting for its own round trip through the cache to the upstream. A
+//! HEAD of a manifest (how containerd and kubelets check a tag) reads nothing ahead, nor does
+//! an index (the platform manifest the client picks does). `read_ahead = false` per upstream
+//! turns it off, for clients that read manifests without pulling.
 
 use std::time::Duration;
 
 use berth_storage::manifest::{Manifest, RefKind};
-use berth_storage::{Digest, Reference, Tag};
+use berth_storage::{Digest, Reference, StoredManifest, Tag};
 use futures_util::StreamExt as _;
 
 use super::{Availability, BlobAnswer, CacheError, Proxy, Target, upstream_tags};
+
+/// Blobs one read-ahead fetches at once.
+pub const READ_AHEAD_PARALLEL: usize = 8;
 
 /// The lease that keeps prefetch runs to one at a time.
 pub const LEASE: &str = "prefetch";
@@ -177,7 +189,7 @@ impl Proxy {
                             .get_manifest(&t.local, &reference)
                             .await
                             .is_ok();
-                        let child = self.manifest(t, &reference).await?;
+                        let child = self.manifest(t, &reference, false).await?;
                         if !known {
                             p.manifests += 1;
                         }
@@ -186,6 +198,52 @@ impl Proxy {
                     RefKind::Blob if r.required => self.warm_blob(t, &r.digest, p).await?,
                     RefKind::Blob => {} // non-distributable layers are not fetched
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts fetching the blobs image manifest `m` names that the cache lacks, in the
+    /// background (see the module docs).
+    pub(super) fn read_ahead(&self, t: &Target, m: &StoredManifest) {
+        let Ok(parsed) = Manifest::parse(m.bytes.clone(), &m.media_type, m.digest.clone()) else {
+            return;
+        };
+        let blobs: Vec<Digest> = parsed
+            .references
+            .into_iter()
+            .filter(|r| r.kind == RefKind::Blob && r.required)
+            .map(|r| r.digest)
+            .collect();
+        if !t.upstream.read_ahead || blobs.is_empty() {
+            return;
+        }
+        let (cache, t) = (self.clone(), t.clone());
+        tokio::spawn(async move {
+            futures_util::stream::iter(blobs)
+                .for_each_concurrent(READ_AHEAD_PARALLEL, |d| {
+                    let (cache, t) = (&cache, &t);
+                    async move {
+                        if let Err(e) = cache.fetch_blob(t, &d).await {
+                            tracing::debug!(upstream = %t.upstream.name, repo = %t.local, digest = %d, error = %e, "read-ahead of a blob failed; a client's GET fetches it");
+                        }
+                    }
+                })
+                .await;
+        });
+    }
+
+    /// Fetches `d` into the cache unless it is there, without counting a hit or a miss (the
+    /// client's own GET counts).
+    async fn fetch_blob(&self, t: &Target, d: &Digest) -> Result<(), CacheError> {
+        if self.stored_size(t, d).await?.is_some() {
+            return Ok(());
+        }
+        let i = &self.inner;
+        if let Some((_, mut body)) = i.blobs.get(&i.store, &i.relay, &i.spool, t, d).await? {
+            // Read to the end: the fetch stores while it streams, and verifies at the end.
+            while let Some(chunk) = body.next().await {
+                chunk.map_err(|e| CacheError::Storage(format!("blob {d}: {e}")))?;
             }
         }
         Ok(())

@@ -88,6 +88,8 @@ pub struct Upstream {
     pub max_stale: Option<Duration>,
     /// Images kept warm (`repository:tag`, the tag may hold `*` and `?`).
     pub prefetch: Vec<String>,
+    /// Whether a manifest GET the cache had to fetch starts fetching the image's blobs.
+    pub read_ahead: bool,
     /// What this process's cache did for it (the web UI's cache page).
     pub stats: super::stats::Stats,
     endpoints: Vec<Endpoint>,
@@ -181,6 +183,7 @@ impl Upstream {
             tag_ttl: cfg.tag_ttl,
             max_stale: cfg.max_stale,
             prefetch: cfg.prefetch.clone(),
+            read_ahead: cfg.read_ahead,
             stats: super::stats::Stats::default(),
             endpoints,
             hub,

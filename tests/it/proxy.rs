@@ -623,3 +623,94 @@ async fn rate_limited_upstreams_serve_the_cache_within_max_stale() {
         "{m}"
     );
 }
+
+/// Waits up to `within` for the cache's repository `local` to hold every blob of `image`;
+/// how many it holds at the end.
+async fn cached_blobs(s: &TestServer, local: &str, image: &Image, within: Duration) -> usize {
+    let local: berth_storage::RepoName = local.parse().unwrap();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let mut n = 0;
+        for b in &image.blobs {
+            let d: berth_storage::Digest = digest(b).parse().unwrap();
+            if s.state.store().stat_blob(&local, &d).await.is_ok() {
+                n += 1;
+            }
+        }
+        if n == image.blobs.len() || std::time::Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_get_the_cache_fetched_reads_the_images_layers_ahead_and_a_head_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let dist = spawn_distribution(dir.path());
+    let read = Image::new(31, &[300 << 10, 200 << 10, 100 << 10]);
+    read.push(&dist.root(), "ahead/read", "1", Auth::None).await;
+    let headed = Image::new(32, &[100 << 10]);
+    headed
+        .push(&dist.root(), "ahead/head", "1", Auth::None)
+        .await;
+    let s = cache(vec![upstream("quay.io", &dist.root(), |_| {})], |_| {}).await;
+
+    // A GET of the manifest alone: every blob arrives in the cache without being asked for,
+    // each fetched from the upstream once.
+    let r = client()
+        .get(s.url("/v2/quay.io/ahead/read/manifests/1"))
+        .header("Accept", read.media_type)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let n = cached_blobs(&s, "quay.io/ahead/read", &read, Duration::from_secs(20)).await;
+    assert_eq!(n, read.blobs.len(), "blobs read ahead into the cache");
+    for b in &read.blobs {
+        let path = format!("/v2/ahead/read/blobs/{}", digest(b));
+        assert_eq!(logged(dir.path(), "GET", &path), 1, "{path}");
+        // The client's own GET is then a hit.
+        let got = client()
+            .get(s.url(&format!("/v2/quay.io/ahead/read/blobs/{}", digest(b))))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(digest(&got), digest(b));
+        assert_eq!(logged(dir.path(), "GET", &path), 1, "{path} again");
+    }
+
+    // A HEAD (how containerd checks a tag) reads nothing ahead.
+    let r = client()
+        .head(s.url("/v2/quay.io/ahead/head/manifests/1"))
+        .header("Accept", headed.media_type)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(logged(dir.path(), "GET", "/v2/ahead/head/blobs/"), 0);
+
+    // Nor does a cache with `read_ahead = false`.
+    let off = cache(
+        vec![upstream("quay.io", &dist.root(), |u| u.read_ahead = false)],
+        |_| {},
+    )
+    .await;
+    let r = client()
+        .get(off.url("/v2/quay.io/ahead/head/manifests/1"))
+        .header("Accept", headed.media_type)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(logged(dir.path(), "GET", "/v2/ahead/head/blobs/"), 0);
+    assert_eq!(
+        cached_blobs(&off, "quay.io/ahead/head", &headed, Duration::ZERO).await,
+        0
+    );
+}
