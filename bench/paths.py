@@ -360,9 +360,13 @@ class DelayProxy:
             except OSError:
                 cw.close()
                 return
-            await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
-            cw.close()
-            uw.close()
+            try:
+                await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+            except asyncio.CancelledError:
+                pass  # stopped while the connection was open
+            finally:
+                cw.close()
+                uw.close()
 
         async def serve():
             self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
@@ -372,7 +376,16 @@ class DelayProxy:
         self.thread.start()
 
     def stop(self):
-        self.loop.call_soon_threadsafe(self.server.close)
+        import asyncio
+
+        async def close():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
