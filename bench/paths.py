@@ -296,9 +296,22 @@ class Containerd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def cpu_s(pid):
+    """User + system CPU seconds process `pid` has used (10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s():
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
 def layers(record, regs, work, policy, runs):
     """A 40-layer image of small layers pulled with skopeo and containerd's ctr (a fresh
-    content store each time), wall time."""
+    content store each time), wall time; and for skopeo the CPU the registry and skopeo
+    itself used during the pull, which tells how much of the wall time the server can move."""
     layout = small_layer_image(work)
     for reg in regs:
         reg.start()
@@ -306,10 +319,15 @@ def layers(record, regs, work, policy, runs):
             r.skopeo(["copy", "--dest-tls-verify=false", f"oci:{layout}:v1",
                       f"docker://127.0.0.1:{reg.port}/bench/layers:v1"], policy)
             for _ in range(runs):
+                server, client = cpu_s(reg.proc.pid), children_cpu_s()
                 record(reg, "pull 40 small layers, skopeo (s)", skopeo_pull_s(reg.port, "bench/layers", work, policy))
+                record(reg, "  the registry's CPU during it (s)", cpu_s(reg.proc.pid) - server)
+                record(reg, "  skopeo's own CPU during it (s)", children_cpu_s() - client)
                 c = Containerd(work)
                 try:
+                    server = cpu_s(reg.proc.pid)
                     record(reg, "pull 40 small layers, ctr content fetch (s)", c.fetch_s(reg.port, "bench/layers"))
+                    record(reg, "  the registry's CPU during the ctr fetch (s)", cpu_s(reg.proc.pid) - server)
                 finally:
                     c.stop()
         finally:
