@@ -148,6 +148,8 @@ struct Inner {
     relay: Arc<cluster::Relay>,
     /// This process's latest eviction: when (unix seconds) and what it found.
     evicted: Mutex<Option<(i64, berth_storage::EvictReport)>>,
+    /// Places for read-ahead blob fetches, shared by every image being read ahead.
+    read_ahead: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -212,6 +214,7 @@ impl Proxy {
                 blobs: blobs::Inflight::default(),
                 relay: Arc::new(cluster::Relay::new(store.clone())?),
                 evicted: Mutex::new(None),
+                read_ahead: Arc::new(tokio::sync::Semaphore::new(prefetch::READ_AHEAD_PROCESS)),
                 store,
             }),
         }))

@@ -14,12 +14,13 @@
 //!
 //! Read-ahead ([`Proxy::read_ahead`]) is the same warming for one image, started by a client:
 //! a manifest GET the cache had to ask the upstream for starts the fetch of the config and
-//! layers it names, [`READ_AHEAD_PARALLEL`] at a time, in the background. The client asks for
-//! them next; each of its blob GETs then joins a fetch already under way, or finds the blob
-//! stored, instead of waiting for its own round trip through the cache to the upstream. A
-//! HEAD of a manifest (how containerd and kubelets check a tag) reads nothing ahead, nor does
-//! an index (the platform manifest the client picks does). `read_ahead = false` per upstream
-//! turns it off, for clients that read manifests without pulling.
+//! layers it names, in the background, [`READ_AHEAD_PARALLEL`] at a time per image and
+//! [`READ_AHEAD_PROCESS`] for all images at once. The client asks for them next; each of its
+//! blob GETs then joins a fetch already under way, or finds the blob stored, instead of
+//! waiting for its own round trip through the cache to the upstream. A HEAD of a manifest (how
+//! containerd and kubelets check a tag) reads nothing ahead, nor does an index (the platform
+//! manifest the client picks does), nor an upstream marked down. `read_ahead = false` per
+//! upstream turns it off, for clients that read manifests without pulling.
 
 use std::time::Duration;
 
@@ -31,6 +32,9 @@ use super::{Availability, BlobAnswer, CacheError, Proxy, Target, upstream_tags};
 
 /// Blobs one read-ahead fetches at once.
 pub const READ_AHEAD_PARALLEL: usize = 8;
+/// Blobs all read-aheads of a process fetch at once: many images pulled at the same time do
+/// not multiply the cache's load on the upstream (clients' own GETs are not counted here).
+pub const READ_AHEAD_PROCESS: usize = 32;
 
 /// The lease that keeps prefetch runs to one at a time.
 pub const LEASE: &str = "prefetch";
@@ -215,7 +219,10 @@ impl Proxy {
             .filter(|r| r.kind == RefKind::Blob && r.required)
             .map(|r| r.digest)
             .collect();
-        if !t.upstream.read_ahead || blobs.is_empty() {
+        if !t.upstream.read_ahead
+            || blobs.is_empty()
+            || t.upstream.availability() == Availability::Down
+        {
             return;
         }
         let (cache, t) = (self.clone(), t.clone());
@@ -224,6 +231,10 @@ impl Proxy {
                 .for_each_concurrent(READ_AHEAD_PARALLEL, |d| {
                     let (cache, t) = (&cache, &t);
                     async move {
+                        let Ok(_place) = cache.inner.read_ahead.clone().acquire_owned().await
+                        else {
+                            return;
+                        };
                         if let Err(e) = cache.fetch_blob(t, &d).await {
                             tracing::debug!(upstream = %t.upstream.name, repo = %t.local, digest = %d, error = %e, "read-ahead of a blob failed; a client's GET fetches it");
                         }
