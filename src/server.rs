@@ -10,11 +10,13 @@
 //! of a next request. The connection then waits on the bare socket, holding no buffer, and
 //! starts a fresh hyper connection when bytes arrive. An idle connection is a socket, its
 //! place in the connection gate and a small task (what hyper holds is boxed apart from it):
-//! about 3 KiB of RSS measured, against about 20 with hyper's buffers. nginx treats its kept-alive connections the same way.
+//! about 3 KiB of RSS measured, against about 20 with hyper's buffers. nginx treats its
+//! kept-alive connections the same way.
 //!
 //! A connection is closed rather than kept when the client asked for that, when hyper ended it
-//! on its own (a parse error, a broken connection) or when a request's body was not read to
-//! its end (what is left of it would read as the next request). A connection idle for
+//! on its own (a parse error, a broken connection) or when a request was answered before its
+//! body was read to its end (what is left of it would read as the next request; that answer
+//! says `connection: close`, so that no client reuses the connection). A connection idle for
 //! `limits.header_timeout` is closed.
 //!
 //! On the TLS port hyper keeps the connection for its whole life: rustls holds its own buffers
@@ -350,7 +352,17 @@ impl hyper::service::Service<http::Request<Incoming>> for OneRequest {
         let router = self.router.clone();
         let exchange = self.exchange.clone();
         Box::pin(async move {
-            let response = router.oneshot(request).await?;
+            let mut response = router.oneshot(request).await?;
+            if exchange.open_bodies.load(Ordering::Acquire) > 0 {
+                // Answered before its body was read: what is left of the body would read as
+                // the next request, so the connection ends here, and the answer says so. A
+                // client that reused it (as after any keep-alive answer) would race the close
+                // and lose the request it sent meanwhile.
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             if closes(response.headers()) {
                 exchange.keep_alive.store(false, Ordering::Release);
             }

@@ -172,12 +172,12 @@ fn pipelined_requests_are_all_answered_in_order() {
 }
 
 #[test]
-fn a_request_body_left_unread_is_never_read_as_a_request() {
+fn a_request_body_left_unread_is_never_read_as_a_request_and_its_answer_closes() {
     let dir = tempfile::tempdir().unwrap();
     let p = spawn_berth_with(&dir.path().join("data"), None);
     let mut s = connect(&p);
     // The body of a PATCH to an upload that does not exist is itself a request: answered
-    // without reading it, the connection must not go on to serve it.
+    // without reading it, the connection must not go on to serve it, and must say it closes.
     let inner = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
     let head = format!(
         "PATCH /v2/a/blobs/uploads/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nHost: x\r\n\
@@ -186,8 +186,10 @@ fn a_request_body_left_unread_is_never_read_as_a_request() {
     );
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(inner).unwrap();
-    let (status, _, _) = answer(&mut s, false);
+    let (status, head, _) = answer(&mut s, false);
     assert_eq!(status, 404);
+    // The answer says the connection ends, so that no client sends its next request on it.
+    assert!(head.contains("connection: close"), "{head}");
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(
