@@ -684,31 +684,27 @@ async fn a_manifest_get_the_cache_fetched_reads_the_images_layers_ahead_and_a_he
     }
 
     // A HEAD (how containerd checks a tag) reads nothing ahead.
-    let r = client()
-        .head(s.url("/v2/quay.io/ahead/head/manifests/1"))
-        .header("Accept", headed.media_type)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(logged(dir.path(), "GET", "/v2/ahead/head/blobs/"), 0);
+    let upstream_dir = dir.path();
+    let reads_nothing_ahead = |server: &TestServer, method: Method| {
+        let r = client()
+            .request(method, server.url("/v2/quay.io/ahead/head/manifests/1"))
+            .header("Accept", headed.media_type)
+            .send();
+        async move {
+            assert_eq!(r.await.unwrap().status(), StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(logged(upstream_dir, "GET", "/v2/ahead/head/blobs/"), 0);
+        }
+    };
+    reads_nothing_ahead(&s, Method::HEAD).await;
 
-    // Nor does a cache with `read_ahead = false`.
+    // Nor does a GET from a cache with `read_ahead = false`.
     let off = cache(
         vec![upstream("quay.io", &dist.root(), |u| u.read_ahead = false)],
         |_| {},
     )
     .await;
-    let r = client()
-        .get(off.url("/v2/quay.io/ahead/head/manifests/1"))
-        .header("Accept", headed.media_type)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(logged(dir.path(), "GET", "/v2/ahead/head/blobs/"), 0);
+    reads_nothing_ahead(&off, Method::GET).await;
     assert_eq!(
         cached_blobs(&off, "quay.io/ahead/head", &headed, Duration::ZERO).await,
         0
