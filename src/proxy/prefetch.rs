@@ -251,11 +251,8 @@ impl Proxy {
             return Ok(());
         }
         let i = &self.inner;
-        if let Some((_, mut body)) = i.blobs.get(&i.store, &i.relay, &i.spool, t, d).await? {
-            // Read to the end: the fetch stores while it streams, and verifies at the end.
-            while let Some(chunk) = body.next().await {
-                chunk.map_err(|e| CacheError::Storage(format!("blob {d}: {e}")))?;
-            }
+        if let Some((_, body)) = i.blobs.get(&i.store, &i.relay, &i.spool, t, d).await? {
+            drain(d, body).await?;
         }
         Ok(())
     }
@@ -269,20 +266,25 @@ impl Proxy {
         match self.blob(t, d, false).await? {
             BlobAnswer::Local { .. } => p.cached += 1,
             BlobAnswer::Head { .. } => {}
-            BlobAnswer::Stream { mut body, .. } => {
-                // Read to the end: the fetch stores while it streams, and verifies at the end.
-                let mut n = 0u64;
-                while let Some(chunk) = body.next().await {
-                    n += chunk
-                        .map_err(|e| CacheError::Storage(format!("blob {d}: {e}")))?
-                        .len() as u64;
-                }
+            BlobAnswer::Stream { body, .. } => {
+                p.bytes += drain(d, body).await?;
                 p.blobs += 1;
-                p.bytes += n;
             }
         }
         Ok(())
     }
+}
+
+/// Reads the stream of a cache fill of `d` to its end (the fill stores while it streams and
+/// verifies at the end); its length.
+async fn drain(d: &Digest, mut body: berth_storage::ByteStream) -> Result<u64, CacheError> {
+    let mut n = 0u64;
+    while let Some(chunk) = body.next().await {
+        n += chunk
+            .map_err(|e| CacheError::Storage(format!("blob {d}: {e}")))?
+            .len() as u64;
+    }
+    Ok(n)
 }
 
 fn failed(upstream: &str, image: &str, error: String) -> Prefetched {
