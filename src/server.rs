@@ -45,7 +45,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -169,12 +169,15 @@ where
 
 /// Serves a plain connection, waiting between requests on the bare socket (see the module
 /// docs).
-pub(crate) async fn drive_plain(io: Conn<Gated<TcpStream>>, remote: SocketAddr, shared: Shared) {
-    let mut io = Rewound::new(io);
+pub(crate) async fn drive_plain(
+    mut io: Conn<Gated<TcpStream>>,
+    remote: SocketAddr,
+    shared: Shared,
+) {
     let mut first = true;
     loop {
-        if io.ahead.is_empty() {
-            let tcp = io.inner.get_ref().get_ref();
+        if !io.has_read_ahead() {
+            let tcp = io.get_ref().get_ref();
             let readable = tokio::select! {
                 biased;
                 () = shared.stop.cancelled() => false,
@@ -201,13 +204,17 @@ pub(crate) async fn drive_plain(io: Conn<Gated<TcpStream>>, remote: SocketAddr, 
         }
     }
     // Closing sends FIN and lingers (see `wire`), for a bounded time.
-    let _ = io.inner.shutdown().await;
+    let _ = io.shutdown().await;
 }
 
 /// Serves the requests that come on `io` back to back, until an answer is out and no request
 /// followed for [`PARK_AFTER`]; the connection back, with what hyper read of a next request,
 /// and whether it may wait for one.
-async fn serve_burst(io: Rewound, remote: SocketAddr, shared: &Shared) -> (Rewound, bool) {
+async fn serve_burst(
+    io: Conn<Gated<TcpStream>>,
+    remote: SocketAddr,
+    shared: &Shared,
+) -> (Conn<Gated<TcpStream>>, bool) {
     let exchange = Arc::new(Exchange::default());
     let service = OneRequest {
         router: shared.router.clone(),
@@ -265,7 +272,7 @@ async fn serve_burst(io: Rewound, remote: SocketAddr, shared: &Shared) -> (Rewou
         tracing::debug!(error = %e, %remote, "connection ended");
     }
     if keep {
-        io.read_ahead(parts.read_buf);
+        io.put_back(parts.read_buf);
     }
     (io, keep)
 }
@@ -437,81 +444,5 @@ impl HttpBody for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// A connection with bytes hyper read past its request put back in front.
-struct Rewound {
-    ahead: Bytes,
-    inner: Conn<Gated<TcpStream>>,
-}
-
-impl Rewound {
-    fn new(inner: Conn<Gated<TcpStream>>) -> Self {
-        Self {
-            ahead: Bytes::new(),
-            inner,
-        }
-    }
-
-    /// Puts `bytes` (read ahead by the last hyper connection) before what is still unread.
-    fn read_ahead(&mut self, bytes: Bytes) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.ahead = if self.ahead.is_empty() {
-            bytes
-        } else {
-            let mut joined = Vec::with_capacity(bytes.len() + self.ahead.len());
-            joined.extend_from_slice(&bytes);
-            joined.extend_from_slice(&self.ahead);
-            joined.into()
-        };
-    }
-}
-
-impl AsyncRead for Rewound {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.ahead.is_empty() {
-            let n = self.ahead.len().min(buf.remaining());
-            let chunk = self.ahead.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewound {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -2,7 +2,7 @@
 //! (too many connections, plain HTTP on the TLS port), the answers hyper writes when it cannot
 //! parse one, and how a connection is closed.
 //!
-//! Every connection is a [`Conn`], which does two things:
+//! Every connection is a [`Conn`], which does three things:
 //! - hyper answers parse errors itself (`400` for a malformed request line or header, `414` for
 //!   a request line too long, `431` for headers too large), with an empty body, and offers no
 //!   hook. [`Conn`] recognises that answer (one of those statuses with `content-length: 0` and
@@ -16,6 +16,9 @@
 //!   sees "broken pipe" instead of the error. So closing sends FIN first and then reads and
 //!   discards what the client still sends, until it closes, for at most [`LINGER`] and
 //!   [`LINGER_BYTES`].
+//! - Bytes put back: a plain connection between two hyper connections (see `server`) hands
+//!   what the last one read past its request back to [`Conn::put_back`], and they are read
+//!   first.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -67,6 +70,9 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
 /// module docs).
 pub struct Conn<S> {
     inner: S,
+    /// Bytes read off `inner` past the last request, put back to be read first (see
+    /// [`Conn::put_back`]).
+    ahead: bytes::Bytes,
     /// A replacement being written: its bytes, how many went out, and how many bytes of the
     /// caller's buffer it stands for (reported once all of it is out).
     pending: Option<(Vec<u8>, usize, usize)>,
@@ -87,9 +93,31 @@ impl<S> Conn<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
+            ahead: bytes::Bytes::new(),
             pending: None,
             linger: None,
         }
+    }
+
+    /// Puts `bytes` (read past its request by the hyper connection that just ended) before
+    /// what is still to be read.
+    pub fn put_back(&mut self, bytes: bytes::Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.ahead = if self.ahead.is_empty() {
+            bytes
+        } else {
+            let mut joined = Vec::with_capacity(bytes.len() + self.ahead.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.ahead);
+            joined.into()
+        };
+    }
+
+    /// Whether bytes put back wait to be read.
+    pub fn has_read_ahead(&self) -> bool {
+        !self.ahead.is_empty()
     }
 
     /// The stream inside.
@@ -104,6 +132,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.ahead.is_empty() {
+            let n = self.ahead.len().min(buf.remaining());
+            let chunk = self.ahead.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
