@@ -149,8 +149,20 @@ pub(crate) fn truncate_file(root: &std::path::Path, key: &Path, size: u64) -> Re
     Ok(())
 }
 
+/// Batches at least this large are hashed on one blocking thread while another writes them;
+/// smaller ones are hashed and written by one job (a second thread would cost more than it saves).
+const HASH_APART: usize = 256 * 1024;
+
+/// One blocking job's share of a batch: written to the file when `file` is `Some` (the file
+/// opened first when it is `Some(None)`), fed to `hasher` when there is one.
+type Batch = tokio::task::JoinHandle<std::io::Result<(Option<std::fs::File>, Option<Hasher>)>>;
+
 /// [`write_file`] (`append_at` = `None`: a new file, renamed into place when complete) and
 /// [`append_file`] (`Some(offset)`: written into the file at `key` itself).
+///
+/// Three things run at once on a large body: the socket is read (on the runtime) into the next
+/// batch while the previous batch is written by one blocking job and hashed by another. SHA-256
+/// is the slowest of them, so it gets a thread to itself.
 async fn write_local(
     root: &std::path::Path,
     key: &Path,
@@ -158,8 +170,6 @@ async fn write_local(
     mut body: ByteStream,
     hasher: Option<&mut Hasher>,
 ) -> Result<u64> {
-    use std::io::{Seek as _, Write as _};
-    type Job = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Option<Hasher>)>>;
     let dest = root.join(key.as_ref());
     let tmp = match append_at {
         Some(_) => dest.clone(),
@@ -171,15 +181,10 @@ async fn write_local(
             uuid::Uuid::new_v4().simple()
         )),
     };
-    let joined = |h: Job| async move {
-        h.await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(Error::from)
-    };
-    // The hasher travels with the batches; it is handed back at the end.
-    let mut state: Option<(Option<std::fs::File>, Option<Hasher>)> =
-        Some((None, hasher.as_ref().map(|h| (*h).clone())));
-    let mut pending: Option<Job> = None;
+    // The file and the hasher travel with the jobs; each is handed back when its job ends.
+    let mut file: Option<std::fs::File> = None;
+    let mut h: Option<Hasher> = hasher.as_ref().map(|h| (*h).clone());
+    let mut pending: Vec<Batch> = Vec::new();
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
     let mut n = 0u64;
@@ -202,63 +207,41 @@ async fn write_local(
             if batch.is_empty() {
                 break;
             }
-            let (file, mut h) = match pending.take() {
-                Some(job) => {
-                    let (f, h) = joined(job).await?;
-                    (Some(f), h)
-                }
-                None => state.take().unwrap_or((None, None)),
-            };
-            let bufs = std::mem::take(&mut batch);
+            join_batches(&mut pending, &mut file, &mut h).await?;
+            let bufs = Arc::new(std::mem::take(&mut batch));
+            let apart = batch_len >= HASH_APART;
             batch_len = 0;
-            let tmp = tmp.clone();
-            pending = Some(tokio::task::spawn_blocking(move || {
-                let mut f = match file {
-                    Some(f) => f,
-                    None => {
-                        if let Some(dir) = tmp.parent() {
-                            std::fs::create_dir_all(dir)?;
-                        }
-                        match append_at {
-                            None => std::fs::File::create(&tmp)?,
-                            Some(offset) => {
-                                let mut f = std::fs::OpenOptions::new()
-                                    .write(true)
-                                    .create(true)
-                                    .truncate(false)
-                                    .open(&tmp)?;
-                                f.set_len(offset)?;
-                                f.seek(std::io::SeekFrom::Start(offset))?;
-                                f
-                            }
-                        }
-                    }
-                };
-                for b in &bufs {
-                    if let Some(h) = h.as_mut() {
-                        h.update(b);
-                    }
-                    f.write_all(b)?;
+            if apart {
+                if let Some(hash) = h.take() {
+                    let bufs = bufs.clone();
+                    pending.push(tokio::task::spawn_blocking(move || {
+                        feed(&bufs, None, Some(hash))
+                    }));
                 }
-                Ok((f, h))
+            }
+            let (f, tmp) = (file.take(), tmp.clone());
+            let hash = if apart { None } else { h.take() };
+            pending.push(tokio::task::spawn_blocking(move || {
+                let f = match f {
+                    Some(f) => f,
+                    None => open_local(&tmp, append_at)?,
+                };
+                feed(&bufs, Some(f), hash)
             }));
             if last {
                 break;
             }
         }
-        if let Some(job) = pending.take() {
-            let (f, h) = joined(job).await?;
-            state = Some((Some(f), h));
-        }
-        Ok(())
+        join_batches(&mut pending, &mut file, &mut h).await
     }
     .await;
-    if let Some(job) = pending.take() {
+    // A failed batch may leave its partner running: it must end before the file is removed.
+    for job in pending {
         let _ = job.await;
     }
-    let (file, h) = match (result, state) {
-        (Ok(()), Some((Some(f), h))) => (f, h),
-        (Ok(()), _) => return Ok(0), // empty body: nothing written
+    let file = match (result, file) {
+        (Ok(()), Some(f)) => f,
+        (Ok(()), None) => return Ok(0), // empty body: nothing written
         (Err(e), _) => {
             // An append leaves the file as it was: the next one cuts it back anyway.
             if append_at.is_none() {
@@ -268,20 +251,74 @@ async fn write_local(
         }
     };
     drop(file);
-    if append_at.is_some() {
-        if let (Some(out), Some(h)) = (hasher, h) {
-            *out = h;
+    if append_at.is_none() {
+        if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e.into());
         }
-        return Ok(n);
-    }
-    if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e.into());
     }
     if let (Some(out), Some(h)) = (hasher, h) {
         *out = h;
     }
     Ok(n)
+}
+
+/// Waits for the previous batch's jobs and takes back the file and the hasher they carried.
+async fn join_batches(
+    pending: &mut Vec<Batch>,
+    file: &mut Option<std::fs::File>,
+    hasher: &mut Option<Hasher>,
+) -> Result<()> {
+    for job in pending.drain(..) {
+        let (f, h) = job.await.map_err(|e| Error::Internal(e.to_string()))??;
+        if f.is_some() {
+            *file = f;
+        }
+        if h.is_some() {
+            *hasher = h;
+        }
+    }
+    Ok(())
+}
+
+/// Opens the local file a body is written to: new, or (appending) cut to `offset` and
+/// positioned there.
+fn open_local(path: &std::path::Path, append_at: Option<u64>) -> std::io::Result<std::fs::File> {
+    use std::io::Seek as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match append_at {
+        None => std::fs::File::create(path),
+        Some(offset) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            f.set_len(offset)?;
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            Ok(f)
+        }
+    }
+}
+
+/// Hashes `bufs` into `hasher` and writes them to `file`, each when given.
+fn feed(
+    bufs: &[Bytes],
+    mut file: Option<std::fs::File>,
+    mut hasher: Option<Hasher>,
+) -> std::io::Result<(Option<std::fs::File>, Option<Hasher>)> {
+    use std::io::Write as _;
+    for b in bufs {
+        if let Some(h) = hasher.as_mut() {
+            h.update(b);
+        }
+        if let Some(f) = file.as_mut() {
+            f.write_all(b)?;
+        }
+    }
+    Ok((file, hasher))
 }
 
 /// Writes an empty object at `key` unless one exists.
