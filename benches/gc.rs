@@ -54,6 +54,7 @@ async fn main() {
                 url: url.clone(),
                 pool_size: 8,
             }),
+            fsync: true,
         };
         let store = Store::open(&cfg).await.expect("open");
         let t0 = Instant::now();

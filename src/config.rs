@@ -6,6 +6,9 @@
 //! ```toml
 //! listen = "0.0.0.0:5000"      # address to serve on
 //! data = "./berth-data"         # metadata database and (by default) blobs live here
+//! fsync = true                  # a push is on the disk before it is acknowledged (blob files
+//!                               # on local disk, SQLite commits); false: a power loss may lose
+//!                               # the last seconds of pushes (a crashed process loses nothing)
 //!
 //! [storage]
 //! backend = "filesystem"        # "filesystem" (under `data`, or `root`), "memory",
@@ -140,6 +143,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the metadata database and, by default, blob storage.
     pub data: PathBuf,
+    /// Local writes reach the disk before they are acknowledged (see
+    /// [`StorageConfig::fsync`]).
+    pub fsync: bool,
     /// Blob storage.
     pub storage: StorageSection,
     /// Metadata.
@@ -172,6 +178,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
             data: PathBuf::from("./berth-data"),
+            fsync: true,
             storage: StorageSection::default(),
             metadata: MetadataSection::default(),
             registry: RegistrySection::default(),
@@ -1218,6 +1225,7 @@ impl Config {
     /// What the storage layer needs (reads `secret_access_key_file`).
     pub fn storage_config(&self) -> Result<StorageConfig, ConfigError> {
         let mut s = StorageConfig::local(&self.data);
+        s.fsync = self.fsync;
         s.metadata = match &self.metadata {
             MetadataSection::Sqlite(SqliteSection { path: Some(p) }) => {
                 MetadataBackend::Sqlite(p.clone())

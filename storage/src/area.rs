@@ -147,19 +147,27 @@ impl UploadArea {
 /// Puts verified bytes at blob `digest`'s key: a copy of `source` (`size` bytes; a hard link
 /// on local disk, a server-side copy on object stores, in parts on S3 past its single-copy
 /// limit), or the empty object. Overwriting an existing blob is harmless: same digest, same
-/// bytes.
+/// bytes. With `sync` (the local root, when writes must reach the disk) the blob's file and
+/// its name are on the disk before this returns, so before any row makes the blob visible.
 pub(crate) async fn place(
     objects: &Arc<dyn ObjectStore>,
     s3: Option<&S3Native>,
+    sync: Option<&std::path::Path>,
     source: Option<&Path>,
     digest: &Digest,
     size: u64,
 ) -> Result<()> {
     let key = blob::blob_key(digest);
     match (source, s3) {
-        (None, _) => blob::put_empty(objects, &key).await,
-        (Some(src), Some(s3)) if size > s3.max_copy() => s3.copy_in_parts(src, &key, size).await,
-        (Some(src), _) => Ok(objects.copy(src, &key).await?),
+        (None, _) => blob::put_empty(objects, &key).await?,
+        (Some(src), Some(s3)) if size > s3.max_copy() => {
+            s3.copy_in_parts(src, &key, size).await?;
+        }
+        (Some(src), _) => objects.copy(src, &key).await?,
+    }
+    match sync {
+        Some(root) => blob::sync_local(root, &key).await,
+        None => Ok(()),
     }
 }
 

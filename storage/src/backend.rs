@@ -91,10 +91,18 @@ impl MetadataBackend {
         }
     }
 
-    /// Opens the backend (connecting, migrating the schema).
+    /// Opens the backend (connecting, migrating the schema), with SQLite's commits durable.
     pub async fn open(&self) -> Result<Arc<dyn crate::meta::Metadata>> {
+        self.open_with(true).await
+    }
+
+    /// [`MetadataBackend::open`]; without `fsync`, SQLite's commits do not wait for the disk
+    /// (see [`StorageConfig::fsync`]).
+    pub async fn open_with(&self, fsync: bool) -> Result<Arc<dyn crate::meta::Metadata>> {
         Ok(match self {
-            Self::Sqlite(path) => Arc::new(crate::meta::sqlite::SqliteMeta::open(path).await?),
+            Self::Sqlite(path) => {
+                Arc::new(crate::meta::sqlite::SqliteMeta::open_with(path, fsync).await?)
+            }
             Self::Postgres(c) => Arc::new(crate::meta::postgres::PgMeta::connect(c).await?),
         })
     }
@@ -107,6 +115,13 @@ pub struct StorageConfig {
     pub blobs: BlobBackend,
     /// Metadata.
     pub metadata: MetadataBackend,
+    /// Whether what this node writes to its own disk reaches the disk before the write is
+    /// acknowledged: blob files (fsync of the file and its directories before the metadata
+    /// row that makes the blob visible) and SQLite's commits (`synchronous = FULL`). Without
+    /// it a process crash still loses nothing acknowledged, but a power loss or kernel crash
+    /// may lose the last seconds of pushes. Object stores and PostgreSQL keep their own
+    /// promises either way.
+    pub fsync: bool,
 }
 
 /// An object store, and a URL signer when the backend can presign reads.
@@ -136,6 +151,7 @@ impl StorageConfig {
         Self {
             blobs: BlobBackend::Filesystem(data.join("objects")),
             metadata: MetadataBackend::Sqlite(data.join("berth.db")),
+            fsync: true,
         }
     }
 

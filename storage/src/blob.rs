@@ -321,6 +321,53 @@ fn feed(
     Ok((file, hasher))
 }
 
+/// Directories whose own name this process has synced into their parent: a blob's directory
+/// (`blobs/sha256/ab/`) gets a new entry with each blob and is synced every time, but its
+/// parents change only when it is new, so they are synced once per directory and process.
+static DURABLE_DIRS: std::sync::Mutex<Option<std::collections::HashSet<std::path::PathBuf>>> =
+    std::sync::Mutex::new(None);
+
+/// Makes the local file at `key` (under `root`) durable, with its name: its bytes, its
+/// directory, and the directories above up to `root` (a new `blobs/sha256/ab/` is itself a new
+/// name in `blobs/sha256/`). Without this a power loss could keep the metadata row and lose the
+/// bytes.
+pub(crate) async fn sync_local(root: &std::path::Path, key: &Path) -> Result<()> {
+    let root = root.to_owned();
+    let path = root.join(key.as_ref());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::File::open(&path)?.sync_all()?;
+        let durable = |d: &std::path::Path, mark: bool| {
+            let mut known = DURABLE_DIRS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let known = known.get_or_insert_default();
+            if mark {
+                known.insert(d.to_owned())
+            } else {
+                known.contains(d)
+            }
+        };
+        let mut dir = path.parent();
+        let mut child: Option<&std::path::Path> = None;
+        while let Some(d) = dir.filter(|d| d.starts_with(&root)) {
+            std::fs::File::open(d)?.sync_all()?;
+            // `d`'s entries are on the disk now, the name of the directory below among them.
+            if let Some(c) = child {
+                durable(c, true);
+            }
+            if d == root || durable(d, false) {
+                break;
+            }
+            child = Some(d);
+            dir = d.parent();
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    Ok(())
+}
+
 /// Writes an empty object at `key` unless one exists.
 pub(crate) async fn put_empty(store: &Arc<dyn ObjectStore>, key: &Path) -> Result<()> {
     let opts = PutOptions {

@@ -34,6 +34,9 @@ pub struct Store {
     pub(crate) signer_prefix: Option<Path>,
     /// On S3: copies in parts and open multipart uploads.
     pub(crate) s3: Option<Arc<crate::s3::S3Native>>,
+    /// On local disk with `fsync` on: the root under which placed blobs are synced to the disk
+    /// before their rows make them visible.
+    pub(crate) sync_root: Option<std::path::PathBuf>,
     /// This process as a lease holder (see `lease`).
     pub(crate) instance: String,
     /// Collections in this process run one at a time (the lease keeps other processes out).
@@ -90,11 +93,12 @@ impl Store {
                 }
             }
         }
-        let meta = config.metadata.open().await?;
+        let meta = config.metadata.open_with(config.fsync).await?;
         let mut store = Self::new(backend.objects, meta);
         store.signer = backend.signer;
         store.signer_prefix = backend.signer_prefix;
         store.s3 = backend.s3;
+        store.sync_root = backend.local_root.clone().filter(|_| config.fsync);
         // Appending to a file in place needs every chunk of a session on this machine: only
         // with SQLite, which is single-node. With PostgreSQL a session's chunks may reach any
         // replica, so they are kept as parts in the object store even on a shared disk.
@@ -116,6 +120,7 @@ impl Store {
             signer: None,
             signer_prefix: None,
             s3: None,
+            sync_root: None,
             instance: crate::instance::instance_id(),
             gc_turn: tokio::sync::Mutex::new(()),
             secret: tokio::sync::OnceCell::new(),

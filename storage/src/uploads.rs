@@ -211,7 +211,16 @@ impl Store {
             Ok(_) => Ok(()),
             Err(object_store::Error::NotFound { .. }) => {
                 warn!(digest = %digest, "blob swept while committing; placing it again");
-                area::place(&self.objects, self.s3.as_deref(), source, digest, size).await
+                let sync = self.sync_root.as_deref();
+                area::place(
+                    &self.objects,
+                    self.s3.as_deref(),
+                    sync,
+                    source,
+                    digest,
+                    size,
+                )
+                .await
             }
             Err(e) => Err(e.into()),
         }
@@ -347,7 +356,16 @@ impl Store {
         self.meta
             .reserve_blob(&digest.to_string(), size, now())
             .await?;
-        area::place(&self.objects, self.s3.as_deref(), source, digest, size).await?;
+        let sync = self.sync_root.as_deref();
+        area::place(
+            &self.objects,
+            self.s3.as_deref(),
+            sync,
+            source,
+            digest,
+            size,
+        )
+        .await?;
         debug!(size, digest = %digest, "blob object in place");
         Ok(())
     }

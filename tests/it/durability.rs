@@ -309,3 +309,97 @@ async fn chunked_uploads_append_in_place_and_drop_uncommitted_tails() {
     assert_eq!(digest(&got), d);
     assert!(session_files().is_empty(), "{:?}", session_files());
 }
+
+/// What one blob push looked like to `strace` attached to the server (with `fsync` on or off in
+/// its configuration): the lines of its file syncs and socket writes, in order.
+async fn traced_push(fsync: bool) -> (String, Vec<String>) {
+    let strace = crate::support::which("strace")
+        .expect("strace is not installed: `apt-get install strace` (./scripts/test does it)");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let p = crate::support::spawn_berth_with(&data, Some(&format!("fsync = {fsync}\n")));
+    let root = p.root();
+    let c = crate::support::client();
+    let blob = random(100_000, 7);
+    let d = digest(&blob);
+    let r = c
+        .post(format!("{root}/v2/sync/test/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+
+    let out = dir.path().join("strace.out");
+    let err = std::fs::File::create(dir.path().join("strace.err")).unwrap();
+    let mut tracer = std::process::Command::new(strace)
+        .args(["-f", "-y", "-s", "32", "-e"])
+        .arg("trace=fsync,fdatasync,write,writev,sendto,sendmsg")
+        .arg("-o")
+        .arg(&out)
+        .arg("-p")
+        .arg(p.child.id().to_string())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    // strace says "Process N attached with M threads" once it holds them all.
+    let attached = || {
+        std::fs::read_to_string(dir.path().join("strace.err")).is_ok_and(|t| t.contains("attached"))
+    };
+    for _ in 0..100 {
+        if attached() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(attached(), "strace did not attach to the server");
+    let r = c
+        .put(format!("{root}{loc}?digest={d}"))
+        .body(blob)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    let lines = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (d.trim_start_matches("sha256:").to_owned(), lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_push_is_on_the_disk_before_its_answer() {
+    let (hex, lines) = traced_push(true).await;
+    let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
+    let answer = at(&|l| l.contains("201 Created")).expect("the 201 answer was traced");
+    let synced = |l: &str, name: &str| {
+        (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(name)
+    };
+    let blob = at(&|l| synced(l, &format!("/{hex}>")))
+        .unwrap_or_else(|| panic!("the blob's file was never synced:\n{}", lines.join("\n")));
+    let dir = at(&|l| synced(l, &format!("/{}>", &hex[..2])))
+        .expect("the blob's directory was never synced");
+    let wal = lines[blob..]
+        .iter()
+        .position(|l| synced(l, "berth.db-wal>"))
+        .map(|i| blob + i)
+        .expect("no SQLite commit was synced after the blob");
+    assert!(
+        blob < answer && dir < answer && wal < answer,
+        "synced after the answer (blob {blob}, directory {dir}, WAL {wal}, answer {answer}):\n{}",
+        lines.join("\n")
+    );
+
+    // The same push with `fsync = false` syncs neither: the check above can tell.
+    let (hex, lines) = traced_push(false).await;
+    assert!(lines.iter().any(|l| l.contains("201 Created")));
+    assert!(
+        !lines
+            .iter()
+            .any(|l| synced(l, &format!("/{hex}>")) || synced(l, "berth.db-wal>")),
+        "fsync = false still synced:\n{}",
+        lines.join("\n")
+    );
+}

@@ -46,6 +46,8 @@ pub struct Db {
     /// Writers queue here, not on blocking threads: a writer that holds the lock (GC's sweep
     /// deletes objects inside its transaction) must always find a blocking thread free.
     write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Commits wait for the disk (see [`configure`]).
+    fsync: bool,
 }
 
 impl std::fmt::Debug for Db {
@@ -54,21 +56,30 @@ impl std::fmt::Debug for Db {
     }
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
+/// Settings of every connection. `fsync`: each commit waits until the WAL is on the disk
+/// (`FULL`), so an acknowledged write survives a power loss; `NORMAL` survives a crash of the
+/// process only.
+fn configure(conn: &Connection, fsync: bool) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // Every statement of the hot paths stays prepared (the default keeps 16).
     conn.set_prepared_statement_cache_capacity(128);
     conn.pragma_update(None, "foreign_keys", true)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
     Ok(())
 }
 
 impl Db {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date,
+    /// with durable commits.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    /// [`Db::open`], with commits that wait for the disk or not (see [`configure`]).
+    pub fn open_with(path: &Path, fsync: bool) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        configure(&conn)?;
+        configure(&conn, fsync)?;
         migrate(&mut conn)?;
         Ok(Self {
             path: path.to_owned(),
@@ -76,6 +87,7 @@ impl Db {
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
+            fsync,
         })
     }
 
@@ -87,7 +99,7 @@ impl Db {
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        configure(&c)?;
+        configure(&c, self.fsync)?;
         Ok(c)
     }
 
@@ -208,13 +220,19 @@ pub struct SqliteMeta {
 }
 
 impl SqliteMeta {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date,
+    /// with durable commits.
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, true).await
+    }
+
+    /// [`SqliteMeta::open`], with commits that wait for the disk or not (`fsync`).
+    pub async fn open_with(path: &Path, fsync: bool) -> Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         let path = path.to_owned();
-        let db = tokio::task::spawn_blocking(move || Db::open(&path))
+        let db = tokio::task::spawn_blocking(move || Db::open_with(&path, fsync))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
         Ok(Self { db })
