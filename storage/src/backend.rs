@@ -117,9 +117,9 @@ pub struct StorageConfig {
     pub metadata: MetadataBackend,
     /// Whether what this node writes to its own disk reaches the disk before the write is
     /// acknowledged: blob files (fsync of the file and its directories before the metadata
-    /// row that makes the blob visible) and SQLite's commits (`synchronous = FULL`). Without
-    /// it a process crash still loses nothing acknowledged, but a power loss or kernel crash
-    /// may lose the last seconds of pushes. Object stores and PostgreSQL keep their own
+    /// row that makes the blob visible) and SQLite's commits (its log synced after each).
+    /// Without it a process crash still loses nothing acknowledged, but a power loss or kernel
+    /// crash may lose the last seconds of pushes. Object stores and PostgreSQL keep their own
     /// promises either way.
     pub fsync: bool,
 }
