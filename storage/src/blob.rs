@@ -153,8 +153,8 @@ pub(crate) fn truncate_file(root: &std::path::Path, key: &Path, size: u64) -> Re
 /// smaller ones are hashed and written by one job (a second thread would cost more than it saves).
 const HASH_APART: usize = 256 * 1024;
 
-/// One blocking job's share of a batch: written to the file when `file` is `Some` (the file
-/// opened first when it is `Some(None)`), fed to `hasher` when there is one.
+/// One blocking job over a batch: it writes the batch to the file, hashes it, or both, and hands
+/// back what it was given of the two.
 type Batch = tokio::task::JoinHandle<std::io::Result<(Option<std::fs::File>, Option<Hasher>)>>;
 
 /// [`write_file`] (`append_at` = `None`: a new file, renamed into place when complete) and
