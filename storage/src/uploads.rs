@@ -211,16 +211,7 @@ impl Store {
             Ok(_) => Ok(()),
             Err(object_store::Error::NotFound { .. }) => {
                 warn!(digest = %digest, "blob swept while committing; placing it again");
-                let sync = self.sync_root.as_deref();
-                area::place(
-                    &self.objects,
-                    self.s3.as_deref(),
-                    sync,
-                    source,
-                    digest,
-                    size,
-                )
-                .await
+                self.place_blob(source, digest, size).await
             }
             Err(e) => Err(e.into()),
         }
@@ -356,18 +347,15 @@ impl Store {
         self.meta
             .reserve_blob(&digest.to_string(), size, now())
             .await?;
-        let sync = self.sync_root.as_deref();
-        area::place(
-            &self.objects,
-            self.s3.as_deref(),
-            sync,
-            source,
-            digest,
-            size,
-        )
-        .await?;
+        self.place_blob(source, digest, size).await?;
         debug!(size, digest = %digest, "blob object in place");
         Ok(())
+    }
+
+    /// [`area::place`] with this store's object store, S3 requests and sync root.
+    async fn place_blob(&self, source: Option<&Path>, digest: &Digest, size: u64) -> Result<()> {
+        let (s3, sync) = (self.s3.as_deref(), self.sync_root.as_deref());
+        area::place(&self.objects, s3, sync, source, digest, size).await
     }
 
     pub(crate) async fn drop_upload(&self, id: &str) -> Result<()> {

@@ -359,7 +359,10 @@ async fn traced_push(fsync: bool) -> (String, Vec<String>) {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let _ = tracer.kill();
+    // SIGINT: strace detaches from the server and flushes its output before it exits.
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &tracer.id().to_string()])
+        .status();
     let _ = tracer.wait();
     let lines = std::fs::read_to_string(&out)
         .unwrap()
