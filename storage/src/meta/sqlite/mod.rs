@@ -81,6 +81,8 @@ struct GroupSync {
     committed: std::sync::atomic::AtomicU64,
     /// How many of them the last finished sync covers; held while a sync runs.
     synced: tokio::sync::Mutex<u64>,
+    /// Syncs made (for tests and curiosity: how well commits share them).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl GroupSync {
@@ -93,6 +95,8 @@ impl GroupSync {
         let upto = self.committed.load(std::sync::atomic::Ordering::SeqCst);
         let wal = self.wal.clone();
         run_blocking(move || Ok(std::fs::File::open(&wal)?.sync_data()?)).await?;
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *synced = upto;
         Ok(())
     }
@@ -124,6 +128,7 @@ impl Db {
                     wal: wal.into(),
                     committed: std::sync::atomic::AtomicU64::new(0),
                     synced: tokio::sync::Mutex::new(0),
+                    syncs: std::sync::atomic::AtomicU64::new(0),
                 })
             }),
         })
@@ -352,5 +357,46 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
+    }
+
+    /// Commits made while a sync runs wait for the next one, and that one sync covers them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_made_during_a_sync_share_the_next_one() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("g.db")).unwrap();
+        let sync = db.sync.clone().expect("durable by default");
+        db.write(|tx| Ok(tx.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        assert_eq!(sync.syncs.load(SeqCst), 1, "a lone commit is synced");
+
+        // A sync in progress, as far as the writers can tell.
+        let running = sync.synced.lock().await;
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    db.write(move |tx| Ok(tx.execute("INSERT INTO t VALUES (?1)", [i])?))
+                        .await
+                })
+            })
+            .collect();
+        while sync.committed.load(SeqCst) < 9 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "a commit returned before its sync"
+        );
+        drop(running);
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            sync.syncs.load(SeqCst),
+            2,
+            "eight waiting commits took one sync"
+        );
     }
 }
