@@ -5,6 +5,15 @@ use std::collections::HashSet;
 use super::{PgMeta, db, ensure_repo, link_blob};
 use crate::meta::{Fut, UploadMeta};
 
+/// Makes the transaction's commit return before its WAL record is flushed: for upload progress,
+/// whose loss in a crash of the database loses nothing promised (see `Db::write_unsynced` in
+/// the SQLite backend). The next synchronous commit flushes it with its own.
+async fn unsynced(tx: &deadpool_postgres::Transaction<'_>) -> crate::error::Result<()> {
+    tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
+        .await
+        .map_err(db)
+}
+
 const SIZE: &str = "SELECT u.size FROM uploads u JOIN repos r ON r.id = u.repo_id
                     WHERE u.id = $1 AND r.name = $2";
 
@@ -14,6 +23,7 @@ impl UploadMeta for PgMeta {
         Box::pin(self.tx(false, move |tx| {
             let (name, sid) = (name.clone(), sid.clone());
             Box::pin(async move {
+                unsynced(tx).await?;
                 let rid = ensure_repo(tx, &name, t).await?;
                 tx.execute(
                     "INSERT INTO uploads (id, repo_id, size, created_at, updated_at)
@@ -49,6 +59,7 @@ impl UploadMeta for PgMeta {
         Box::pin(self.tx(false, move |tx| {
             let (name, sid, k) = (name.clone(), sid.clone(), k.clone());
             Box::pin(async move {
+                unsynced(tx).await?;
                 // Only if the session still ends where the chunk starts: the row's lock orders
                 // chunks that race from different replicas.
                 let rows = tx

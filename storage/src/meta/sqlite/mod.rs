@@ -168,17 +168,39 @@ impl Db {
         .await
     }
 
-    /// Runs `f` in one immediate (write-locked) transaction, committed when `f` succeeds.
+    /// Runs `f` in one immediate (write-locked) transaction, committed when `f` succeeds;
+    /// returns once the commit is on the disk (with `fsync`).
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
-        self.transaction(false, f).await
+        self.run(false, true, f).await
+    }
+
+    /// Like [`Db::write`], but returns without waiting for the disk: for rows whose loss in a
+    /// power cut loses nothing that was promised, such as the progress of an upload session
+    /// (its chunk bytes are not synced either, and the digest check at the end rejects a
+    /// session that lost some). The next synced commit carries the row to the disk with it,
+    /// as the WAL is synced in order.
+    pub async fn write_unsynced<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.run(false, false, f).await
     }
 
     /// Like [`Db::write`], but rolls back instead of committing when `rollback` is set (dry runs).
     pub async fn transaction<T, F>(&self, rollback: bool, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.run(rollback, true, f).await
+    }
+
+    async fn run<T, F>(&self, rollback: bool, durable: bool, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
@@ -204,7 +226,7 @@ impl Db {
         })
         .await?;
         drop(turn);
-        if let (Some(sync), Some(seq)) = (&self.sync, seq) {
+        if let (Some(sync), Some(seq), true) = (&self.sync, seq, durable) {
             sync.wait(seq).await?;
         }
         Ok(out)

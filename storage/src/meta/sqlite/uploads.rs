@@ -21,7 +21,7 @@ fn size_of(c: &rusqlite::Connection, repo: &str, id: &str) -> rusqlite::Result<O
 impl UploadMeta for SqliteMeta {
     fn start_upload(&self, repo: &str, id: &str, t: i64) -> Fut<'_, ()> {
         let (name, sid) = (repo.to_owned(), id.to_owned());
-        Box::pin(self.db.write(move |tx| {
+        Box::pin(self.db.write_unsynced(move |tx| {
             let rid = ensure_repo(tx, &name)?;
             tx.execute(
                 "INSERT INTO uploads (id, repo_id, size, created_at, updated_at)
@@ -47,7 +47,7 @@ impl UploadMeta for SqliteMeta {
         t: i64,
     ) -> Fut<'_, bool> {
         let (name, sid, k) = (repo.to_owned(), id.to_owned(), key.to_owned());
-        Box::pin(self.db.write(move |tx| {
+        Box::pin(self.db.write_unsynced(move |tx| {
             let rows = tx.execute(
                 "UPDATE uploads SET size = size + ?1, updated_at = ?2
                  WHERE id = ?3 AND size = ?4
