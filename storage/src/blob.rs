@@ -10,7 +10,6 @@
 //! A blob object is written only after its digest was verified, and always before the metadata
 //! row that makes it visible; it is removed only after the metadata says nothing needs it.
 
-use std::io::SeekFrom;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,7 +20,6 @@ use object_store::{
     GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
     PutPayload, WriteMultipart,
 };
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::error::{Error, Result};
 use crate::names::{Digest, Hasher};
@@ -31,8 +29,11 @@ pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 /// Size of the buffers handed to the object store while writing (also S3's minimum part size).
 const WRITE_CHUNK: usize = 5 * 1024 * 1024;
-/// Size of the reads from local files when serving blobs.
-const READ_CHUNK: usize = 256 * 1024;
+/// Size of the reads from local files when serving blobs (a 1 GiB pull from the page cache
+/// measured 1.8 GB/s with 256 KiB reads, 2.3 with 512 KiB, 2.4 with 1 MiB).
+const READ_CHUNK: usize = 512 * 1024;
+/// Reads of a served local file in flight: the one being sent and the next.
+const READS_AHEAD: usize = 2;
 /// Parts being written while the next one fills: enough to overlap receiving, hashing and
 /// writing, few enough to keep memory at a few parts per upload.
 const WRITES_IN_FLIGHT: usize = 2;
@@ -393,34 +394,34 @@ pub(crate) async fn read(
     let got = store.get_opts(key, opts).await?;
     let r = got.range.clone();
     match got.payload {
-        GetResultPayload::File(file, _) => {
-            let mut file = tokio::fs::File::from_std(file);
-            file.seek(SeekFrom::Start(r.start)).await?;
-            let limited = file.take(r.end - r.start);
-            Ok(tokio_util_stream(limited))
-        }
+        GetResultPayload::File(file, _) => Ok(file_stream(Arc::new(file), r.start, r.end)),
         GetResultPayload::Stream(s) => Ok(s.map(|r| r.map_err(std::io::Error::other)).boxed()),
     }
 }
 
-fn tokio_util_stream(reader: tokio::io::Take<tokio::fs::File>) -> ByteStream {
-    futures_util::stream::unfold(Some(reader), |state| async move {
-        let mut reader = state?;
-        let mut buf = bytes::BytesMut::with_capacity(READ_CHUNK);
-        while buf.len() < READ_CHUNK {
-            match reader.read_buf(&mut buf).await {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Some((Err(e), None)),
+/// Reads bytes `start..end` of `file` in pieces of [`READ_CHUNK`], each by one positioned read
+/// on a blocking thread, straight into the buffer that is sent, with the next piece already
+/// being read while this one goes out. (`tokio::fs::File` would read through a buffer of its
+/// own, copying every byte once more, and only when asked for the next piece.) A file shorter
+/// than its blob's size ends the stream with an error, not with a short body.
+fn file_stream(file: Arc<std::fs::File>, start: u64, end: u64) -> ByteStream {
+    use std::os::unix::fs::FileExt;
+    futures_util::stream::iter((start..end).step_by(READ_CHUNK))
+        .map(move |at| {
+            let file = file.clone();
+            let len = (end - at).min(READ_CHUNK as u64) as usize;
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0; len];
+                    file.read_exact_at(&mut buf, at)?;
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(std::io::Error::other)?
             }
-        }
-        if buf.is_empty() {
-            None
-        } else {
-            Some((Ok(buf.freeze()), Some(reader)))
-        }
-    })
-    .boxed()
+        })
+        .buffered(READS_AHEAD)
+        .boxed()
 }
 
 /// Feeds the whole object at `key` to `hasher`.
@@ -434,4 +435,51 @@ pub(crate) async fn hash_object(
         hasher.update(&chunk?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn served(
+        file: &Arc<std::fs::File>,
+        start: usize,
+        end: usize,
+    ) -> Vec<std::io::Result<Bytes>> {
+        file_stream(file.clone(), start as u64, end as u64)
+            .collect()
+            .await
+    }
+
+    /// Any range of a local file comes back whole and in order, across piece boundaries; a file
+    /// shorter than the range asked for ends the stream with an error.
+    #[tokio::test]
+    async fn a_served_file_comes_back_whole_in_any_range_and_a_short_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..READ_CHUNK * 2 + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let n = data.len();
+        for (a, b) in [
+            (0, n),
+            (1, READ_CHUNK + 1),
+            (READ_CHUNK - 3, 2 * READ_CHUNK + 5),
+            (7, 7),
+        ] {
+            let got: Vec<u8> = served(&file, a, b)
+                .await
+                .into_iter()
+                .flat_map(|c| c.unwrap())
+                .collect();
+            assert!(got == data[a..b], "range {a}..{b} came back wrong");
+        }
+        let short = served(&file, 0, n + 10).await;
+        assert!(
+            short.last().is_some_and(|c| c.is_err()),
+            "a short file went unnoticed"
+        );
+    }
 }
