@@ -170,6 +170,7 @@ def _push_big(base, crt, big, digest):
                           f"{base}/v2/bench/mono/blobs/uploads/"], capture_output=True, text=True).stdout
     loc = next(l.split(":", 1)[1].strip() for l in loc.splitlines() if l.lower().startswith("location:"))
     sep = "&" if "?" in loc else "?"
+    r.settle()
     t = time.monotonic()
     _curl(base, crt, ["-X", "PUT", "-H", "Content-Type: application/octet-stream", "-T", big],
           f"{loc}{sep}digest={digest}", want="201")

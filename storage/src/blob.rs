@@ -32,7 +32,7 @@ const WRITE_CHUNK: usize = 5 * 1024 * 1024;
 /// Size of the reads from local files when serving blobs (a 1 GiB pull from the page cache
 /// measured 1.8 GB/s with 256 KiB reads, 2.3 with 512 KiB, 2.4 with 1 MiB).
 const READ_CHUNK: usize = 512 * 1024;
-/// Reads of a served local file in flight: the one being sent and the next.
+/// Reads of a served local file in flight while the piece before them is being sent.
 const READS_AHEAD: usize = 2;
 /// Parts being written while the next one fills: enough to overlap receiving, hashing and
 /// writing, few enough to keep memory at a few parts per upload.
@@ -400,7 +400,7 @@ pub(crate) async fn read(
 }
 
 /// Reads bytes `start..end` of `file` in pieces of [`READ_CHUNK`], each by one positioned read
-/// on a blocking thread, straight into the buffer that is sent, with the next piece already
+/// on a blocking thread, straight into the buffer that is sent, with the next pieces already
 /// being read while this one goes out. (`tokio::fs::File` would read through a buffer of its
 /// own, copying every byte once more, and only when asked for the next piece.) A file shorter
 /// than its blob's size ends the stream with an error, not with a short body.
