@@ -156,15 +156,7 @@ fn follow(file: Arc<std::fs::File>, rx: watch::Receiver<Progress>) -> ByteStream
             let p = rx.borrow_and_update().clone();
             if pos < p.written {
                 let n = (p.written - pos).min(READ_CHUNK as u64) as usize;
-                let f = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt as _;
-                    let mut buf = vec![0u8; n];
-                    f.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-                })
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                return match read {
+                return match berth_storage::blob::read_file_at(file.clone(), pos, n).await {
                     Ok(b) => Some((Ok(b), Some((file, rx, pos + n as u64)))),
                     Err(e) => Some((Err(e), None)),
                 };

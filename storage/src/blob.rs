@@ -405,23 +405,26 @@ pub(crate) async fn read(
 /// own, copying every byte once more, and only when asked for the next piece.) A file shorter
 /// than its blob's size ends the stream with an error, not with a short body.
 fn file_stream(file: Arc<std::fs::File>, start: u64, end: u64) -> ByteStream {
-    use std::os::unix::fs::FileExt;
     futures_util::stream::iter((start..end).step_by(READ_CHUNK))
         .map(move |at| {
-            let file = file.clone();
             let len = (end - at).min(READ_CHUNK as u64) as usize;
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0; len];
-                    file.read_exact_at(&mut buf, at)?;
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .map_err(std::io::Error::other)?
-            }
+            read_file_at(file.clone(), at, len)
         })
         .buffered(READS_AHEAD)
         .boxed()
+}
+
+/// Bytes `at..at + len` of `file`, by one positioned read on a blocking thread straight into
+/// the buffer returned; an error when the file ends before them.
+pub async fn read_file_at(file: Arc<std::fs::File>, at: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, at)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Feeds the whole object at `key` to `hasher`.
