@@ -30,14 +30,7 @@ async fn sigkill_mid_upload_keeps_committed_chunks_and_shows_no_partial_blob() {
         .await
         .unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_owned();
-    let r = c
-        .patch(format!("{root}{loc}"))
-        .header("content-range", format!("0-{}", first - 1))
-        .body(blob[..first].to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    send_chunk(&c, &format!("{root}{loc}"), 0, &blob[..first]).await;
 
     // Start a second chunk by hand and die halfway through its body.
     let mut s = TcpStream::connect(p.addr).unwrap();
@@ -89,14 +82,7 @@ pub(crate) async fn resume_upload(
         format!("0-{}", committed.max(1) - 1),
         "committed chunk lost"
     );
-    let r = c
-        .patch(format!("{root}{loc}"))
-        .header("content-range", format!("{committed}-{}", blob.len() - 1))
-        .body(blob[committed..].to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    send_chunk(c, &format!("{root}{loc}"), committed, &blob[committed..]).await;
     let r = c
         .put(format!("{root}{loc}?digest={d}"))
         .send()
@@ -112,6 +98,23 @@ pub(crate) async fn resume_upload(
         .await
         .unwrap();
     assert_eq!(digest(&got), d);
+}
+
+/// Sends `bytes` as the chunk of the upload at `url` that starts at `start`; checks that it
+/// was accepted and returns the upload's location for what follows.
+pub(crate) async fn send_chunk(c: &Client, url: &str, start: usize, bytes: &[u8]) -> String {
+    let r = c
+        .patch(url)
+        .header(
+            "content-range",
+            format!("{start}-{}", start + bytes.len() - 1),
+        )
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    r.headers()["location"].to_str().unwrap().to_owned()
 }
 
 /// A two-layer OCI image from `seed`.
@@ -355,15 +358,7 @@ async fn traced_push(fsync: bool) -> (String, Vec<String>) {
     assert!(attached(), "strace did not attach to the server");
     // A chunk, then the rest with the commit.
     let half = blob.len() / 2;
-    let r = c
-        .patch(format!("{root}{loc}"))
-        .header("content-range", format!("0-{}", half - 1))
-        .body(blob[..half].to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let loc = send_chunk(&c, &format!("{root}{loc}"), 0, &blob[..half]).await;
     let r = c
         .put(format!("{root}{loc}?digest={d}"))
         .body(blob[half..].to_vec())
