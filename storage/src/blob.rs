@@ -415,12 +415,21 @@ fn file_stream(file: Arc<std::fs::File>, start: u64, end: u64) -> ByteStream {
 }
 
 /// Bytes `at..at + len` of `file`, by one positioned read on a blocking thread straight into
-/// the buffer returned; an error when the file ends before them.
+/// the buffer returned; an error when the file ends before them. The buffer is not zeroed
+/// first: the read fills its spare capacity, which saves a memset of every byte served.
 pub async fn read_file_at(file: Arc<std::fs::File>, at: u64, len: usize) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, at)?;
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let from = at + buf.len() as u64;
+            match rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut buf), from) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // The capacity may exceed `len`, and one read may have filled past it.
+        buf.truncate(len);
         Ok(Bytes::from(buf))
     })
     .await
