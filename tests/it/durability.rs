@@ -313,10 +313,10 @@ async fn chunked_uploads_append_in_place_and_drop_uncommitted_tails() {
     assert!(session_files().is_empty(), "{:?}", session_files());
 }
 
-/// What one blob push (a chunk, then the rest with the commit) looked like to `strace`
-/// attached to the server (with `fsync` on or off in its configuration): the lines of its file
-/// syncs and socket writes, in order.
-async fn traced_push(fsync: bool) -> (String, Vec<String>) {
+/// What one blob push of `size` bytes (a chunk of half, then the rest with the commit) looked
+/// like to `strace` attached to the server (with `fsync` on or off in its configuration): the
+/// lines of its file syncs, write-back advice and socket writes, in order.
+async fn traced_push(fsync: bool, size: usize) -> (String, Vec<String>) {
     let strace = crate::support::which("strace")
         .expect("strace is not installed: `apt-get install strace` (./scripts/test does it)");
     let dir = tempfile::tempdir().unwrap();
@@ -324,7 +324,7 @@ async fn traced_push(fsync: bool) -> (String, Vec<String>) {
     let p = crate::support::spawn_berth_with(&data, Some(&format!("fsync = {fsync}\n")));
     let root = p.root();
     let c = crate::support::client();
-    let blob = random(100_000, 7);
+    let blob = random(size, 7);
     let d = digest(&blob);
     let r = c
         .post(format!("{root}/v2/sync/test/blobs/uploads/"))
@@ -337,7 +337,7 @@ async fn traced_push(fsync: bool) -> (String, Vec<String>) {
     let err = std::fs::File::create(dir.path().join("strace.err")).unwrap();
     let mut tracer = std::process::Command::new(strace)
         .args(["-f", "-y", "-s", "32", "-e"])
-        .arg("trace=fsync,fdatasync,write,writev,sendto,sendmsg")
+        .arg("trace=fsync,fdatasync,fadvise64,write,writev,sendto,sendmsg")
         .arg("-o")
         .arg(&out)
         .arg("-p")
@@ -381,7 +381,7 @@ async fn traced_push(fsync: bool) -> (String, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_push_is_on_the_disk_before_its_answer() {
-    let (hex, lines) = traced_push(true).await;
+    let (hex, lines) = traced_push(true, 100_000).await;
     let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
     let answer = at(&|l| l.contains("201 Created")).expect("the 201 answer was traced");
     let synced = |l: &str, name: &str| {
@@ -411,7 +411,7 @@ async fn an_acknowledged_push_is_on_the_disk_before_its_answer() {
     );
 
     // The same push with `fsync = false` syncs neither: the check above can tell.
-    let (hex, lines) = traced_push(false).await;
+    let (hex, lines) = traced_push(false, 100_000).await;
     assert!(lines.iter().any(|l| l.contains("201 Created")));
     assert!(
         !lines
@@ -419,5 +419,31 @@ async fn an_acknowledged_push_is_on_the_disk_before_its_answer() {
             .any(|l| synced(l, &format!("/{hex}>")) || synced(l, "berth.db-wal>")),
         "fsync = false still synced:\n{}",
         lines.join("\n")
+    );
+}
+
+/// A large body starts for the disk while it arrives: every 8 MiB written into the upload's
+/// file, the server asks the kernel to begin writing those bytes back, so the sync before the
+/// `201` finds little left to do. 40 MiB in two requests of 20 MiB is two requests each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_push_is_written_back_while_it_arrives() {
+    let (_, lines) = traced_push(true, 40 << 20).await;
+    let answer = lines
+        .iter()
+        .position(|l| l.contains("201 Created"))
+        .expect("the 201 answer was traced");
+    let kicks = lines[..answer]
+        .iter()
+        .filter(|l| l.contains("fadvise64(") && l.contains("POSIX_FADV_DONTNEED"))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        kicks.len(),
+        4,
+        "write-back requests before the answer:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        kicks.iter().all(|l| l.contains("/uploads/")),
+        "write-back asked for another file than the upload's: {kicks:#?}"
     );
 }
