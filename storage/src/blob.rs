@@ -188,11 +188,11 @@ impl Sink {
     }
 
     /// Asks the kernel to start writing back what was written since the last request, once
-    /// that is [`WRITEBACK_STEP`] or more. Only advice: a kernel that ignores it loses speed,
+    /// that is `at_least` bytes or more. Only advice: a kernel that ignores it loses speed,
     /// not data (the sync before the acknowledgement stays), so its result is not an error.
-    fn kick_writeback(&mut self) {
+    fn kick_writeback(&mut self, at_least: u64) {
         if let Some(len) = std::num::NonZeroU64::new(self.end - self.kicked) {
-            if len.get() >= WRITEBACK_STEP {
+            if len.get() >= at_least {
                 let _ = rustix::fs::fadvise(
                     &self.file,
                     self.kicked,
@@ -269,12 +269,20 @@ async fn write_local(
             }
             let (f, tmp) = (file.take(), tmp.clone());
             let hash = if apart { None } else { h.take() };
+            // A chunk's commit may come much later: its last bytes start for the disk now too,
+            // however few (clients that send chunks of a few MiB would otherwise never ask).
+            // A whole blob is synced as soon as it is written, so its tail is left to that sync.
+            let tail = last && append_at.is_some();
             pending.push(tokio::task::spawn_blocking(move || {
                 let f = match f {
                     Some(f) => f,
                     None => open_local(&tmp, append_at)?,
                 };
-                feed(&bufs, Some(f), hash)
+                let (mut f, hash) = feed(&bufs, Some(f), hash)?;
+                if let Some(f) = f.as_mut().filter(|_| tail) {
+                    f.kick_writeback(1);
+                }
+                Ok((f, hash))
             }));
             if last {
                 break;
@@ -372,7 +380,7 @@ fn feed(
         }
     }
     if let Some(f) = file.as_mut() {
-        f.kick_writeback();
+        f.kick_writeback(WRITEBACK_STEP);
     }
     Ok((file, hasher))
 }
