@@ -269,18 +269,23 @@ async fn write_local(
             }
             let (f, tmp) = (file.take(), tmp.clone());
             let hash = if apart { None } else { h.take() };
-            // A chunk's commit may come much later: its last bytes start for the disk now too,
-            // however few (clients that send chunks of a few MiB would otherwise never ask).
-            // A whole blob is synced as soon as it is written, so its tail is left to that sync.
-            let tail = last && append_at.is_some();
+            // Write-back is asked for every WRITEBACK_STEP bytes. A chunk's commit may come
+            // much later, so its last bytes start for the disk now too, however few (clients
+            // that send chunks of a few MiB would otherwise never ask). A whole blob is synced
+            // as soon as it is written, so its tail is left to that sync.
+            let kick_at = if last && append_at.is_some() {
+                1
+            } else {
+                WRITEBACK_STEP
+            };
             pending.push(tokio::task::spawn_blocking(move || {
                 let f = match f {
                     Some(f) => f,
                     None => open_local(&tmp, append_at)?,
                 };
                 let (mut f, hash) = feed(&bufs, Some(f), hash)?;
-                if let Some(f) = f.as_mut().filter(|_| tail) {
-                    f.kick_writeback(1);
+                if let Some(f) = f.as_mut() {
+                    f.kick_writeback(kick_at);
                 }
                 Ok((f, hash))
             }));
@@ -378,9 +383,6 @@ fn feed(
         if let Some(f) = file.as_mut() {
             f.write(b)?;
         }
-    }
-    if let Some(f) = file.as_mut() {
-        f.kick_writeback(WRITEBACK_STEP);
     }
     Ok((file, hasher))
 }
