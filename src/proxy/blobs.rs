@@ -1,11 +1,13 @@
-//! Blob misses: one upstream fetch per digest, spooled to a file that every waiting client
-//! reads as it grows, while the store takes the same bytes in and verifies them. Across
-//! processes, the fetch takes the digest's lease first; when another replica holds it, this
-//! process's spool is filled from that replica's stream instead (see [`super::cluster`]).
+//! Blob misses: one upstream fetch per digest, written to a file that every waiting client
+//! reads as it grows. On a filesystem store that file is the store's own, which takes the
+//! bytes in and verifies them; on an object store the bytes go both to a spool file and to
+//! the store. Across processes, the fetch takes the digest's lease first; when another replica
+//! holds it, this process's spool is filled from that replica's stream instead (see
+//! [`super::cluster`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use berth_storage::{ByteStream, Digest, Store};
 use bytes::Bytes;
@@ -38,8 +40,45 @@ struct Progress {
 }
 
 struct Fetch {
-    spool: PathBuf,
+    /// The file the bytes are written to (a spool, or the store's file when it fills in
+    /// place), set before the first byte is announced; every client reads it with positioned
+    /// reads of its own.
+    file: OnceLock<Arc<std::fs::File>>,
     progress: watch::Sender<Progress>,
+}
+
+impl Fetch {
+    /// Announces that the first `len` bytes are in `file` (a handle to it is kept the first
+    /// time; false when none could be made).
+    fn landed(&self, file: &std::fs::File, len: u64) -> bool {
+        if self.file.get().is_none() {
+            match file.try_clone() {
+                Ok(f) => {
+                    let _ = self.file.set(Arc::new(f));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot share a blob being fetched");
+                    return false;
+                }
+            }
+        }
+        self.progress.send_modify(|p| p.written = len);
+        true
+    }
+}
+
+/// A new spool file in `dir`: read and written through one handle, its name removed at once,
+/// so that nothing is left behind however the fetch ends.
+fn open_spool(dir: &Path) -> Result<std::fs::File, CacheError> {
+    let path = dir.join(uuid::Uuid::new_v4().to_string());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| CacheError::Storage(format!("spool: {e}")))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(file)
 }
 
 /// Fetches in flight, by digest.
@@ -60,23 +99,13 @@ impl Inflight {
         digest: &Digest,
     ) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
         let key = digest.to_string();
-        // Joiners open the spool under the lock, so the fetch cannot remove it under them.
-        let (fetch, file, leader) = {
+        let (fetch, leader) = {
             let mut m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
             match m.get(&key) {
-                Some(f) => {
-                    let file = std::fs::File::open(&f.spool)
-                        .map_err(|e| CacheError::Storage(format!("spool: {e}")))?;
-                    (f.clone(), file, false)
-                }
+                Some(f) => (f.clone(), false),
                 None => {
-                    let spool = spool_dir.join(uuid::Uuid::new_v4().to_string());
-                    let w = std::fs::File::create(&spool)
-                        .map_err(|e| CacheError::Storage(format!("spool: {e}")))?;
-                    let file = std::fs::File::open(&spool)
-                        .map_err(|e| CacheError::Storage(format!("spool: {e}")))?;
                     let f = Arc::new(Fetch {
-                        spool,
+                        file: OnceLock::new(),
                         progress: watch::channel(Progress::default()).0,
                     });
                     m.insert(key.clone(), f.clone());
@@ -88,31 +117,28 @@ impl Inflight {
                         t.clone(),
                         digest.clone(),
                         f.clone(),
-                        Arc::new(w),
+                        spool_dir.to_owned(),
                     ));
-                    (f, file, true)
+                    (f, true)
                 }
             }
         };
         let kind = if leader { "miss" } else { "coalesced" };
         metrics::counter!(format!("berth_proxy_blob_{kind}_total"), "upstream" => t.upstream.name.clone())
             .increment(1);
-        follow_fetch(&fetch, file).await
+        follow_fetch(fetch).await
     }
 
     /// Joins the fetch of `digest` if this process runs one (a relay to another replica):
     /// its size when known and the bytes as they come; never starts one.
     pub(super) fn join(&self, digest: &Digest) -> Option<(Option<u64>, ByteStream)> {
-        let (fetch, file) = {
+        let fetch = {
             let m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
-            let f = m.get(&digest.to_string())?.clone();
-            let file = std::fs::File::open(&f.spool).ok()?;
-            (f, file)
+            m.get(&digest.to_string())?.clone()
         };
         // The relay answers at once; its body waits for the first bytes like any follower's.
         let p = fetch.progress.borrow().clone();
-        let rx = fetch.progress.subscribe();
-        Some((p.size, follow(Arc::new(file), rx)))
+        Some((p.size, follow(fetch)))
     }
 
     fn remover(&self, key: &str) -> impl FnOnce() + Send + 'static {
@@ -126,10 +152,7 @@ impl Inflight {
 }
 
 /// Waits until `fetch` starts sending (or ends), then follows it.
-async fn follow_fetch(
-    fetch: &Fetch,
-    file: std::fs::File,
-) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
+async fn follow_fetch(fetch: Arc<Fetch>) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
     let mut rx = fetch.progress.subscribe();
     let p = rx
         .wait_for(|p| p.started || p.done.is_some())
@@ -144,20 +167,26 @@ async fn follow_fetch(
             _ => Ok(None),
         };
     }
-    Ok(Some((p.size, follow(Arc::new(file), rx))))
+    drop(rx);
+    Ok(Some((p.size, follow(fetch))))
 }
 
-/// Streams the spool file to one client as it grows, ending when the fetch ends: each piece
+/// Streams the fetch's file to one client as it grows, ending when the fetch ends: each piece
 /// is one positioned read on a blocking thread of what was written since the last.
-fn follow(file: Arc<std::fs::File>, rx: watch::Receiver<Progress>) -> ByteStream {
-    futures_util::stream::unfold(Some((file, rx, 0u64)), |state| async move {
-        let (file, mut rx, pos) = state?;
+fn follow(fetch: Arc<Fetch>) -> ByteStream {
+    let rx = fetch.progress.subscribe();
+    futures_util::stream::unfold(Some((fetch, rx, 0u64)), |state| async move {
+        let (fetch, mut rx, pos) = state?;
         loop {
             let p = rx.borrow_and_update().clone();
             if pos < p.written {
+                let Some(file) = fetch.file.get().cloned() else {
+                    let e = std::io::Error::other("blob fetch lost its file");
+                    return Some((Err(e), None));
+                };
                 let n = (p.written - pos).min(READ_CHUNK as u64) as usize;
-                return match berth_storage::blob::read_file_at(file.clone(), pos, n).await {
-                    Ok(b) => Some((Ok(b), Some((file, rx, pos + n as u64)))),
+                return match berth_storage::blob::read_file_at(file, pos, n).await {
+                    Ok(b) => Some((Ok(b), Some((fetch, rx, pos + n as u64)))),
                     Err(e) => Some((Err(e), None)),
                 };
             }
@@ -208,9 +237,9 @@ async fn run(
     t: Target,
     digest: Digest,
     fetch: Arc<Fetch>,
-    spool: Arc<std::fs::File>,
+    spool_dir: PathBuf,
 ) {
-    let result = cluster_fill(&store, &relay, &t, &digest, &fetch, spool).await;
+    let result = cluster_fill(&store, &relay, &t, &digest, &fetch, &spool_dir).await;
     match &result {
         Ok(()) => {
             tracing::info!(upstream = %t.upstream.name, repo = %t.local, digest = %digest, "blob cached")
@@ -220,10 +249,9 @@ async fn run(
         }
     }
     // Late arrivals now find the blob in the store (or start afresh after a failure); readers
-    // already following keep their open spool file.
+    // already following keep the file open (its name may be gone).
     remove();
     fetch.progress.send_modify(|p| p.done = Some(result));
-    let _ = tokio::fs::remove_file(&fetch.spool).await;
 }
 
 /// The fetch across processes: with the digest's lease, from the upstream; while another
@@ -234,8 +262,8 @@ async fn cluster_fill(
     relay: &Relay,
     t: &Target,
     digest: &Digest,
-    fetch: &Fetch,
-    spool: Arc<std::fs::File>,
+    fetch: &Arc<Fetch>,
+    spool_dir: &Path,
 ) -> Result<(), CacheError> {
     let lease = format!("blob:{digest}");
     let deadline = std::time::Instant::now() + cluster::MAX_WAIT;
@@ -251,7 +279,7 @@ async fn cluster_fill(
                 let r = if store.link_cached_blob(&t.local, digest).await? {
                     Ok(())
                 } else {
-                    fill(store, t, digest, fetch, spool).await
+                    fill(store, t, digest, fetch, spool_dir).await
                 };
                 cluster::release(held).await;
                 return r;
@@ -265,7 +293,7 @@ async fn cluster_fill(
                             p.started = true;
                             p.size = size;
                         });
-                        return spool_only(body, fetch, &spool).await;
+                        return spool_only(body, fetch, spool_dir).await;
                     }
                 }
                 if std::time::Instant::now() > deadline {
@@ -284,17 +312,19 @@ async fn cluster_fill(
 
 /// Copies a relayed stream into the spool for this process's clients; the replica it comes
 /// from stores and verifies it.
-async fn spool_only(
-    body: ByteStream,
-    fetch: &Fetch,
-    spool: &Arc<std::fs::File>,
-) -> Result<(), CacheError> {
+async fn spool_only(body: ByteStream, fetch: &Fetch, spool_dir: &Path) -> Result<(), CacheError> {
+    let spool = Arc::new(open_spool(spool_dir)?);
     let mut body = body.ready_chunks(SPOOL_BATCH);
+    let mut written = 0u64;
     while let Some(batch) = body.next().await {
         let (chunks, err) = split_batch(batch);
-        let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        spool_write(spool, chunks).await?;
-        fetch.progress.send_modify(|p| p.written += n);
+        written += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+        spool_write(&spool, chunks).await?;
+        if !fetch.landed(&spool, written) {
+            return Err(CacheError::Storage(
+                "spool: no handle for its readers".into(),
+            ));
+        }
         if let Some(e) = err {
             return Err(UpstreamError::Unavailable(format!("relayed blob body: {e}")).into());
         }
@@ -302,12 +332,14 @@ async fn spool_only(
     Ok(())
 }
 
+/// The fetch from the upstream. A filesystem store's file is what clients read; an object
+/// store's parts cannot be read while they are written, so there the bytes go to a spool too.
 async fn fill(
     store: &Arc<Store>,
     t: &Target,
     digest: &Digest,
-    fetch: &Fetch,
-    spool: Arc<std::fs::File>,
+    fetch: &Arc<Fetch>,
+    spool_dir: &Path,
 ) -> Result<(), CacheError> {
     let resp = t
         .upstream
@@ -317,10 +349,15 @@ async fn fill(
         p.started = true;
         p.size = resp.content_length();
     });
+    if store.fills_in_place() {
+        return fill_in_place(store, t, digest, fetch, resp).await;
+    }
+    let spool = Arc::new(open_spool(spool_dir)?);
+    let mut written = 0u64;
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(STORE_QUEUE);
     let body: ByteStream = tokio_stream_from(rx);
     let (s, local, d) = (store.clone(), t.local.clone(), digest.clone());
-    let stored = tokio::spawn(async move { s.put_cached_blob(&local, &d, body).await });
+    let stored = tokio::spawn(async move { s.put_cached_blob(&local, &d, body, None).await });
     let mut upstream = resp.bytes_stream().ready_chunks(SPOOL_BATCH);
     let mut failure: Option<CacheError> = None;
     'batches: while let Some(batch) = upstream.next().await {
@@ -333,7 +370,13 @@ async fn fill(
             failure = Some(e);
             break;
         }
-        fetch.progress.send_modify(|p| p.written += n);
+        written += n;
+        if !fetch.landed(&spool, written) {
+            failure = Some(CacheError::Storage(
+                "spool: no handle for its readers".into(),
+            ));
+            break;
+        }
         for chunk in chunks {
             if tx.send(Ok(chunk)).await.is_err() {
                 break 'batches; // the store gave up; its error is reported below
@@ -356,6 +399,57 @@ async fn fill(
         Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(CacheError::Storage(format!("store task: {e}"))),
     }
+}
+
+/// [`fill`] on a filesystem store: the upstream's body goes straight to the store, and clients
+/// read the store's file as it lands there, so each byte is written once.
+async fn fill_in_place(
+    store: &Arc<Store>,
+    t: &Target,
+    digest: &Digest,
+    fetch: &Arc<Fetch>,
+    resp: reqwest::Response,
+) -> Result<(), CacheError> {
+    let bytes = metrics::counter!("berth_proxy_upstream_bytes_total", "upstream" => t.upstream.name.clone());
+    let upstream = t.upstream.clone();
+    // Why the body broke, when the upstream broke it (the store only sees an I/O error).
+    let broke = Arc::new(OnceLock::new());
+    let seen = broke.clone();
+    let body: ByteStream = resp
+        .bytes_stream()
+        .map(move |c| match c {
+            Ok(c) => {
+                bytes.increment(c.len() as u64);
+                upstream.stats.fetched(c.len() as u64);
+                Ok(c)
+            }
+            Err(e) => {
+                let _ = seen.set(e.to_string());
+                Err(std::io::Error::other(e))
+            }
+        })
+        .boxed();
+    let unshared = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (f, flag) = (fetch.clone(), unshared.clone());
+    let tap: berth_storage::blob::Tap = Arc::new(move |file: &std::fs::File, len: u64| {
+        if !f.landed(file, len) {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let stored = store
+        .put_cached_blob(&t.local, digest, body, Some(tap))
+        .await;
+    if let Some(e) = broke.get() {
+        return Err(UpstreamError::Unavailable(format!("blob body: {e}")).into());
+    }
+    stored?;
+    if unshared.load(std::sync::atomic::Ordering::Relaxed) {
+        // Stored, but its readers could not be sent it; they retry and find it in the store.
+        return Err(CacheError::Storage(
+            "no handle on the blob for its readers".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn tokio_stream_from(mut rx: mpsc::Receiver<std::io::Result<Bytes>>) -> ByteStream {

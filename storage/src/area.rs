@@ -43,7 +43,8 @@ impl UploadArea {
     }
 
     /// Writes a chunk of session `id` starting at `offset`, feeding `hasher`; its key and its
-    /// length.
+    /// length. A `tap` hears of the bytes as they land in the file (in place only; an object
+    /// store's parts cannot be read while they are written).
     pub(crate) async fn write_chunk(
         &self,
         objects: &Arc<dyn ObjectStore>,
@@ -51,11 +52,12 @@ impl UploadArea {
         offset: u64,
         body: ByteStream,
         hasher: Option<&mut Hasher>,
+        tap: Option<blob::Tap>,
     ) -> (Path, Result<u64>) {
         match self {
             Self::File(root) => {
                 let key = blob::upload_part_key(id, "data");
-                let n = blob::append_file(root, &key, offset, body, hasher).await;
+                let n = blob::append_file(root, &key, offset, body, hasher, tap).await;
                 (key, n)
             }
             Self::Objects => {

@@ -115,6 +115,12 @@ pub(crate) async fn write_stream(
 /// Bytes gathered before each write to a local file.
 const FILE_BATCH: usize = 1024 * 1024;
 
+/// Told of each new length of a local file while a body is written into it, with the file
+/// (open for reading too), so that others can read the bytes as they land: the pull-through
+/// cache's clients follow an upstream blob this way while the store takes it in. It is called
+/// on the blocking thread that wrote the bytes, as soon as they are in the file.
+pub type Tap = Arc<dyn Fn(&std::fs::File, u64) + Send + Sync>;
+
 /// Local-disk fast path of [`write_stream`]: batches of the body's buffers are hashed and
 /// written to a temporary file on a blocking thread, without copying, while the next batch is
 /// received (two cores work: one on the socket, one on hashing and the file); the file is
@@ -125,7 +131,7 @@ pub(crate) async fn write_file(
     body: ByteStream,
     hasher: Option<&mut Hasher>,
 ) -> Result<u64> {
-    write_local(root, key, None, body, hasher).await
+    write_local(root, key, None, body, hasher, None).await
 }
 
 /// Local-disk upload sessions append in place: `body` is written into the file at `key` from
@@ -137,8 +143,9 @@ pub(crate) async fn append_file(
     offset: u64,
     body: ByteStream,
     hasher: Option<&mut Hasher>,
+    tap: Option<Tap>,
 ) -> Result<u64> {
-    write_local(root, key, Some(offset), body, hasher).await
+    write_local(root, key, Some(offset), body, hasher, tap).await
 }
 
 /// Cuts the local file at `key` to `size` bytes (dropping what no commit covers).
@@ -211,12 +218,19 @@ impl Sink {
 /// Three things run at once on a large body: the socket is read (on the runtime) into the next
 /// batch while the previous batch is written by one blocking job and hashed by another. SHA-256
 /// is the slowest of them, so it gets a thread to itself.
+///
+/// With a `tap`, what has arrived is also written when the body has nothing more at hand and
+/// the jobs before it are done (not only when a batch is full), and the write job tells the
+/// tap of it: readers of a slow upstream get its bytes as they come, while a fast one still
+/// fills whole batches (bytes that arrive while a job runs wait for the next chunk or the
+/// body's end, so a stalled upstream holds back at most the little that came in that time).
 async fn write_local(
     root: &std::path::Path,
     key: &Path,
     append_at: Option<u64>,
     mut body: ByteStream,
     hasher: Option<&mut Hasher>,
+    tap: Option<Tap>,
 ) -> Result<u64> {
     let dest = root.join(key.as_ref());
     let tmp = match append_at {
@@ -236,24 +250,44 @@ async fn write_local(
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
     let mut n = 0u64;
+    let mut peeked = None;
+    let running = Arc::new(Running::default());
     let result: Result<()> = async {
         loop {
-            let chunk = match body.next().await {
-                None => None,
-                Some(Ok(c)) => Some(c),
-                Some(Err(e)) => return Err(Error::Body(e.to_string())),
+            // `None`: the jobs ahead of a waiting batch ended before more of the body came.
+            let next = match peeked.take() {
+                Some(next) => Some(next),
+                None if tap.is_some() && !batch.is_empty() => tokio::select! {
+                    next = body.next() => Some(next),
+                    () = running.idle() => None,
+                },
+                None => Some(body.next().await),
             };
-            if let Some(c) = &chunk {
-                n += c.len() as u64;
-                batch_len += c.len();
-            }
-            let last = chunk.is_none();
-            batch.extend(chunk.filter(|c| !c.is_empty()));
-            if batch_len < FILE_BATCH && !last {
-                continue;
+            let mut last = false;
+            if let Some(next) = next {
+                let chunk = match next {
+                    None => None,
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(e)) => return Err(Error::Body(e.to_string())),
+                };
+                if let Some(c) = &chunk {
+                    n += c.len() as u64;
+                    batch_len += c.len();
+                }
+                last = chunk.is_none();
+                batch.extend(chunk.filter(|c| !c.is_empty()));
+                if batch_len < FILE_BATCH
+                    && !last
+                    && (tap.is_none() || running.busy() || more_at_hand(&mut body, &mut peeked))
+                {
+                    continue;
+                }
             }
             if batch.is_empty() {
-                break;
+                if last {
+                    break;
+                }
+                continue;
             }
             join_batches(&mut pending, &mut file, &mut h).await?;
             let bufs = Arc::new(std::mem::take(&mut batch));
@@ -262,12 +296,10 @@ async fn write_local(
             if apart {
                 if let Some(hash) = h.take() {
                     let bufs = bufs.clone();
-                    pending.push(tokio::task::spawn_blocking(move || {
-                        feed(&bufs, None, Some(hash))
-                    }));
+                    pending.push(running.spawn(move || feed(&bufs, None, Some(hash))));
                 }
             }
-            let (f, tmp) = (file.take(), tmp.clone());
+            let (f, tmp, tap) = (file.take(), tmp.clone(), tap.clone());
             let hash = if apart { None } else { h.take() };
             // Write-back is asked for every WRITEBACK_STEP bytes. A chunk's commit may come
             // much later, so its last bytes start for the disk now too, however few (clients
@@ -278,13 +310,16 @@ async fn write_local(
             } else {
                 WRITEBACK_STEP
             };
-            pending.push(tokio::task::spawn_blocking(move || {
+            pending.push(running.spawn(move || {
                 let f = match f {
                     Some(f) => f,
                     None => open_local(&tmp, append_at)?,
                 };
                 let (mut f, hash) = feed(&bufs, Some(f), hash)?;
                 if let Some(f) = f.as_mut() {
+                    if let Some(tap) = &tap {
+                        tap(&f.file, f.end);
+                    }
                     f.kick_writeback(kick_at);
                 }
                 Ok((f, hash))
@@ -324,6 +359,74 @@ async fn write_local(
     Ok(n)
 }
 
+/// The jobs of one body that are running, and a wake-up whenever one ends: with a tap, a
+/// batch that waits only for the jobs ahead of it is written as soon as they end.
+#[derive(Default)]
+struct Running {
+    count: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+impl Running {
+    /// Runs `job` on a blocking thread, counted until it returns (or panics).
+    fn spawn(
+        self: &Arc<Self>,
+        job: impl FnOnce() -> std::io::Result<(Option<Sink>, Option<Hasher>)> + Send + 'static,
+    ) -> Batch {
+        struct Ends(Arc<Running>);
+        impl Drop for Ends {
+            fn drop(&mut self) {
+                self.0
+                    .count
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                self.0.ended.notify_waiters();
+            }
+        }
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let ends = Ends(self.clone());
+        tokio::task::spawn_blocking(move || {
+            let _ends = ends;
+            job()
+        })
+    }
+
+    fn busy(&self) -> bool {
+        self.count.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    /// Returns once no job runs.
+    async fn idle(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the count is read, so an end between the two still wakes it.
+            ended.as_mut().enable();
+            if !self.busy() {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// Whether `body` has its next item at hand (then kept in `peeked`) rather than still coming.
+fn more_at_hand(
+    body: &mut ByteStream,
+    peeked: &mut Option<Option<std::io::Result<Bytes>>>,
+) -> bool {
+    use futures_util::FutureExt as _;
+    if peeked.is_some() {
+        return true;
+    }
+    match body.next().now_or_never() {
+        Some(next) => {
+            *peeked = Some(next);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Waits for the previous batch's jobs and takes back the file and the hasher they carried.
 async fn join_batches(
     pending: &mut Vec<Batch>,
@@ -349,10 +452,17 @@ fn open_local(path: &std::path::Path, append_at: Option<u64>) -> std::io::Result
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // Readable too, for a tap's readers.
     let file = match append_at {
-        None => std::fs::File::create(path)?,
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?,
         Some(offset) => {
             let mut f = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)

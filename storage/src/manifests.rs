@@ -84,14 +84,23 @@ impl Store {
     }
 
     /// Stores a blob fetched from an upstream registry into `repo`: streamed, hashed and
-    /// verified against `digest` like an upload; nothing is kept on a mismatch.
+    /// verified against `digest` like an upload; nothing is kept on a mismatch. When the store
+    /// [fills in place](Self::fills_in_place), `tap` hears of the bytes as they land in the
+    /// file, so that clients can be sent them from there while the fetch runs.
     pub async fn put_cached_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         body: crate::ByteStream,
+        tap: Option<crate::blob::Tap>,
     ) -> Result<u64> {
-        self.put_blob_once(repo, digest, body).await
+        self.put_blob_once(repo, digest, body, tap).await
+    }
+
+    /// Whether [`put_cached_blob`](Self::put_cached_blob) writes a local file a tap can read
+    /// while it grows (a filesystem store), rather than parts of an object in an object store.
+    pub fn fills_in_place(&self) -> bool {
+        self.area.in_place()
     }
 
     /// What routing a read of a plain name needs to know, in one query: whether anything was

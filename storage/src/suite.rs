@@ -808,7 +808,7 @@ async fn a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing(env:
     let data = b"layer from an upstream".to_vec();
     let d = Digest::sha256(&data);
     let size =
-        t.s.put_cached_blob(&repo, &d, body(data.clone()))
+        t.s.put_cached_blob(&repo, &d, body(data.clone()), None)
             .await
             .unwrap();
     assert_eq!(size, data.len() as u64);
@@ -820,7 +820,7 @@ async fn a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing(env:
     );
     // Bytes that do not match their digest: refused, nothing visible, no temporary left.
     let claimed = Digest::sha256(b"something else");
-    let wrong = t.s.put_cached_blob(&repo, &claimed, body(data)).await;
+    let wrong = t.s.put_cached_blob(&repo, &claimed, body(data), None).await;
     assert!(
         matches!(wrong, Err(Error::DigestMismatch { .. })),
         "{wrong:?}"

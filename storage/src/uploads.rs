@@ -12,7 +12,7 @@ use object_store::path::Path;
 use tracing::{debug, info, warn};
 
 use crate::area;
-use crate::blob::{self, ByteStream};
+use crate::blob::{self, ByteStream, Tap};
 use crate::error::{Error, Result};
 use crate::meta::now;
 use crate::names::{Algorithm, Digest, Hasher, RepoName};
@@ -111,7 +111,7 @@ impl Store {
         let mut hasher = self.take_hasher(id, current);
         let (key, written) = self
             .area
-            .write_chunk(&self.objects, id, current, body, hasher.as_mut())
+            .write_chunk(&self.objects, id, current, body, hasher.as_mut(), None)
             .await;
         let n = written?;
         if let Some(want) = len
@@ -227,12 +227,13 @@ impl Store {
         repo: &RepoName,
         digest: &Digest,
         body: ByteStream,
+        tap: Option<Tap>,
     ) -> Result<u64> {
         let id = new_id();
         let mut hasher = digest.algorithm().hasher();
         let (key, written) = self
             .area
-            .write_chunk(&self.objects, &id, 0, body, Some(&mut hasher))
+            .write_chunk(&self.objects, &id, 0, body, Some(&mut hasher), tap)
             .await;
         let outcome = async {
             let size = written?;

@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::{Auth, Image};
-use crate::support::{Proc, TestServer, client, digest, spawn_distribution};
+use crate::support::{Proc, TestServer, client, digest, spawn_berth_with, spawn_distribution};
 
 pub(crate) fn upstream(
     name: &str,
@@ -339,6 +339,87 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored() {
     );
 }
 
+/// An upstream that sends the first `first` bytes of `blob` at once and the rest only when
+/// `gate` is notified.
+async fn stalling_upstream(
+    blob: Vec<u8>,
+    first: usize,
+    gate: std::sync::Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    use axum::routing::get;
+    let path = format!("/v2/slow/app/blobs/{}", digest(&blob));
+    let blob = bytes::Bytes::from(blob);
+    let app = axum::Router::new()
+        .route("/v2/", get(|| async { "{}" }))
+        .route(
+            &path,
+            get(move || {
+                let (blob, gate) = (blob.clone(), gate.clone());
+                async move {
+                    let len = blob.len();
+                    let head = futures_util::stream::once({
+                        let b = blob.slice(..first);
+                        async move { Ok::<_, std::convert::Infallible>(b) }
+                    });
+                    let tail = futures_util::stream::once(async move {
+                        gate.notified().await;
+                        Ok(blob.slice(first..))
+                    });
+                    let body =
+                        axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
+                    ([("content-length", len.to_string())], body)
+                }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+/// The bytes an upstream has sent reach the client while the upstream stalls: the cache
+/// writes what it has when nothing more is coming rather than waiting to fill a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_stalled_upstream_sent_reaches_the_client_before_the_rest() {
+    let blob = crate::support::noise(3 << 20, 5);
+    let d = digest(&blob);
+    let first = 100_000;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let addr = stalling_upstream(blob.clone(), first, gate.clone()).await;
+    let s = cache(
+        vec![upstream("slow.example", &format!("http://{addr}"), |_| {})],
+        |_| {},
+    )
+    .await;
+    let mut r = client()
+        .get(s.url(&format!("/v2/slow/app/blobs/{d}?ns=slow.example")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut got = Vec::new();
+    let head = tokio::time::timeout(Duration::from_secs(10), async {
+        while got.len() < first {
+            match r.chunk().await.unwrap() {
+                Some(c) => got.extend_from_slice(&c),
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        head.is_ok(),
+        "the client had {} of the {first} bytes the upstream sent before it stalled",
+        got.len()
+    );
+    assert_eq!(got.len(), first, "bytes the upstream had not sent yet");
+    gate.notify_one();
+    while let Some(c) = r.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert_eq!(digest(&got), d);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
     let dir = tempfile::tempdir().unwrap();
@@ -384,6 +465,47 @@ async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
     // Nothing is left in the spool.
     let spool = s.dir.path().join("proxy-spool");
     assert_eq!(std::fs::read_dir(spool).unwrap().count(), 0);
+}
+
+/// On a filesystem store, a cold blob's bytes are written once: clients read the store's own
+/// file as it fills, with no spool copy beside it. The kernel counts the bytes the cache
+/// process put in the page cache to be written; two copies (spool and store) would count
+/// twice the blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_pull_through_a_cache_on_local_disk_writes_the_blob_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = spawn_berth_with(&dir.path().join("upstream"), None);
+    let size = 24 << 20;
+    let image = Image::new(12, &[size]);
+    image.push(&up.root(), "big/layer", "1", Auth::None).await;
+    let config = format!(
+        "[[proxy.upstream]]\nname = \"quay.io\"\nurl = \"{}\"\n",
+        up.root()
+    );
+    let cache = spawn_berth_with(&dir.path().join("cache"), Some(&config));
+    let layer = digest(&image.blobs[1]);
+    let url = format!("{}/v2/quay.io/big/layer/blobs/{layer}", cache.root());
+    let before = cache.write_bytes();
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let got = r.bytes().await.unwrap();
+    assert_eq!(digest(&got), layer);
+    let written = cache.write_bytes() - before;
+    let size = size as u64;
+    assert!(
+        written >= size && written < size + size / 2,
+        "the cache wrote {written} bytes for a blob of {size}"
+    );
+    // The blob is stored whole, and served from the store now.
+    let again = client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(digest(&again), layer);
 }
 
 fn disk_bytes(dir: &std::path::Path) -> u64 {

@@ -93,6 +93,18 @@ impl Proc {
             .unwrap_or(0)
     }
 
+    /// Bytes the process has put in the page cache to be written to storage so far (the
+    /// kernel's `write_bytes`, counted when a page is dirtied, so a file removed before it
+    /// reaches the disk counts too).
+    pub(crate) fn write_bytes(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+            .expect("/proc/<pid>/io: the kernel keeps no I/O accounting");
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("write_bytes in /proc/<pid>/io")
+    }
+
     /// Stops the process (SIGSTOP): it keeps its sockets, so connections are accepted by the
     /// kernel and then hang, as with a wedged upstream.
     pub(crate) fn pause(&self) {
