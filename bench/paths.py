@@ -409,11 +409,35 @@ class DelayProxy:
         self.thread.join(5)
 
 
-def cold(record, work, policy, runs):
+def cold_large(record, up, work, big, digest):
+    """One run of the 1 GiB layer (pushed to `up` as bench/mono) pulled with curl from the
+    upstream directly, then through a fresh Berth cache of it (MB/s; the cache's CPU too)."""
+    r.settle()
+    record(up, "pull 1 GiB blob from the upstream directly, curl (MB/s)", r.pull_curl(up, digest))
+    mirror = r.Registry("berth", work, config=(
+        f'[[proxy.upstream]]\nname = "127.0.0.1:{up.port}"\nurl = "http://127.0.0.1:{up.port}"\n'))
+    mirror.start()
+    try:
+        r.settle()
+        cpu = cpu_s(mirror.proc.pid)
+        t = time.monotonic()
+        out = subprocess.run(["curl", "-sf", "-o", "/dev/null", mirror.url(
+            f"/v2/bench/mono/blobs/{digest}?ns=127.0.0.1:{up.port}")])
+        dt = time.monotonic() - t
+        assert out.returncode == 0, out
+        record(up, "pull 1 GiB blob through a cold cache, curl (MB/s)", r.SIZE / dt / 1e6)
+        record(up, "cache CPU per cold 1 GiB pull (s)", cpu_s(mirror.proc.pid) - cpu)
+    finally:
+        mirror.stop()
+        shutil.rmtree(mirror.dir, ignore_errors=True)
+
+
+def cold(record, work, policy, runs, big, digest):
     """The 40-layer image pulled through a cold Berth cache from a loopback upstream (another
     Berth), against pulling it from the upstream directly; a fresh cache each run. Then the
     same with the upstream 20 ms away (a delaying proxy in front of it, for the direct pull
-    too), with the cache's read-ahead of layers on and off."""
+    too), with the cache's read-ahead of layers on and off. Last, the 1 GiB layer through a
+    cold cache (`cold_large`)."""
     layout = small_layer_image(work, seed=2)
     up = r.Registry("berth", work)
     up.start()
@@ -448,6 +472,9 @@ def cold(record, work, policy, runs):
             through_cache(far.port, " (upstream 20 ms away)")
             through_cache(far.port, " (upstream 20 ms away, read_ahead = false)",
                           "read_ahead = false\n")
+        r.push_monolithic(up, big, digest)
+        for n in range(runs):
+            cold_large(record, up, work, big, digest)
     finally:
         if far:
             far.stop()

@@ -616,7 +616,7 @@ def main():
         if "layers" in only:
             paths.layers(record, regs, work, policy, a.runs)
         if "cold" in only:
-            paths.cold(record, work, policy, a.runs)
+            paths.cold(record, work, policy, a.runs, big, digest)
     finally:
         for r in regs:
             r.stop()

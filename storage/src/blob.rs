@@ -219,11 +219,10 @@ impl Sink {
 /// batch while the previous batch is written by one blocking job and hashed by another. SHA-256
 /// is the slowest of them, so it gets a thread to itself.
 ///
-/// With a `tap`, what has arrived is also written when the body has nothing more at hand and
-/// the jobs before it are done (not only when a batch is full), and the write job tells the
-/// tap of it: readers of a slow upstream get its bytes as they come, while a fast one still
-/// fills whole batches (bytes that arrive while a job runs wait for the next chunk or the
-/// body's end, so a stalled upstream holds back at most the little that came in that time).
+/// With a `tap`, a batch is also written before it is full: when the body has nothing more at
+/// hand and no job runs (waiting, if jobs run, for whichever comes first: more of the body or
+/// the jobs' end). The write job tells the tap of each batch once it is in the file. Readers
+/// of a slow or stalled upstream get its bytes as they come; a fast one still fills batches.
 async fn write_local(
     root: &std::path::Path,
     key: &Path,
