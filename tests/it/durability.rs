@@ -225,6 +225,46 @@ async fn a_1gib_push_keeps_memory_bounded() {
     );
 }
 
+/// A push's buffers come back from the heap, not as fresh pages: the server restarts itself
+/// with glibc's malloc tuned (`GLIBC_TUNABLES`), so after a first push has grown the heap a
+/// second push of 64 MiB faults in few pages. With glibc's defaults every receive buffer over
+/// 128 KiB was new pages, faulted in and zeroed: about 0.4 faults per page pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_reuses_the_servers_buffers_instead_of_fresh_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_berth(&dir.path().join("data"));
+    let c = crate::support::client();
+    let environ = std::fs::read(format!("/proc/{}/environ", p.child.id())).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v.starts_with(b"GLIBC_TUNABLES=glibc.malloc.")),
+        "the server runs without its malloc tuning"
+    );
+    let size = 64 << 20;
+    let mut faults = Vec::new();
+    for seed in [21, 22] {
+        let blob = random(size, seed);
+        let d = digest(&blob);
+        let before = p.minor_faults();
+        let r = c
+            .post(format!("{}/v2/faults/blobs/uploads/?digest={d}", p.root()))
+            .body(blob)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        faults.push(p.minor_faults() - before);
+    }
+    let pages = (size / 4096) as u64;
+    assert!(
+        faults[1] < pages / 8,
+        "the second 64 MiB push faulted in {} pages of {pages} (the first {})",
+        faults[1],
+        faults[0]
+    );
+}
+
 /// On local disk a chunked upload is one file written in place: no chunk objects, no copy at
 /// the end, and bytes past the committed size (a write that died) are cut off before the next
 /// chunk and before the commit.

@@ -93,6 +93,21 @@ impl Proc {
             .unwrap_or(0)
     }
 
+    /// Page faults the process has taken that needed no disk read (fresh or reclaimed pages).
+    pub(crate) fn minor_faults(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("/proc/<pid>/stat");
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        fields
+            .get(7)
+            .and_then(|v| v.parse().ok())
+            .expect("minflt in /proc/<pid>/stat")
+    }
+
     /// Bytes the process has put in the page cache to be written to storage so far (the
     /// kernel's `write_bytes`, counted when a page is dirtied, so a file removed before it
     /// reaches the disk counts too).
