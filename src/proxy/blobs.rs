@@ -49,21 +49,16 @@ struct Fetch {
 
 impl Fetch {
     /// Announces that the first `len` bytes are in `file` (a handle to it is kept the first
-    /// time; false when none could be made).
-    fn landed(&self, file: &std::fs::File, len: u64) -> bool {
+    /// time; when none can be made, nothing is announced and the fetch must fail).
+    fn landed(&self, file: &std::fs::File, len: u64) -> Result<(), CacheError> {
         if self.file.get().is_none() {
-            match file.try_clone() {
-                Ok(f) => {
-                    let _ = self.file.set(Arc::new(f));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot share a blob being fetched");
-                    return false;
-                }
-            }
+            let f = file.try_clone().map_err(|e| {
+                CacheError::Storage(format!("no handle on the blob for its readers: {e}"))
+            })?;
+            let _ = self.file.set(Arc::new(f));
         }
         self.progress.send_modify(|p| p.written = len);
-        true
+        Ok(())
     }
 }
 
@@ -320,11 +315,7 @@ async fn spool_only(body: ByteStream, fetch: &Fetch, spool_dir: &Path) -> Result
         let (chunks, err) = split_batch(batch);
         written += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
         spool_write(&spool, chunks).await?;
-        if !fetch.landed(&spool, written) {
-            return Err(CacheError::Storage(
-                "spool: no handle for its readers".into(),
-            ));
-        }
+        fetch.landed(&spool, written)?;
         if let Some(e) = err {
             return Err(UpstreamError::Unavailable(format!("relayed blob body: {e}")).into());
         }
@@ -371,10 +362,8 @@ async fn fill(
             break;
         }
         written += n;
-        if !fetch.landed(&spool, written) {
-            failure = Some(CacheError::Storage(
-                "spool: no handle for its readers".into(),
-            ));
+        if let Err(e) = fetch.landed(&spool, written) {
+            failure = Some(e);
             break;
         }
         for chunk in chunks {
@@ -429,11 +418,12 @@ async fn fill_in_place(
             }
         })
         .boxed();
-    let unshared = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (f, flag) = (fetch.clone(), unshared.clone());
+    // Why the readers could not be given the bytes, if they could not.
+    let unshared = Arc::new(OnceLock::new());
+    let (f, failed) = (fetch.clone(), unshared.clone());
     let tap: berth_storage::blob::Tap = Arc::new(move |file: &std::fs::File, len: u64| {
-        if !f.landed(file, len) {
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = f.landed(file, len) {
+            let _ = failed.set(e);
         }
     });
     let stored = store
@@ -443,11 +433,9 @@ async fn fill_in_place(
         return Err(UpstreamError::Unavailable(format!("blob body: {e}")).into());
     }
     stored?;
-    if unshared.load(std::sync::atomic::Ordering::Relaxed) {
+    if let Some(e) = unshared.get() {
         // Stored, but its readers could not be sent it; they retry and find it in the store.
-        return Err(CacheError::Storage(
-            "no handle on the blob for its readers".into(),
-        ));
+        return Err(e.clone());
     }
     Ok(())
 }

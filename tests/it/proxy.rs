@@ -297,19 +297,24 @@ async fn conformance_pull_workflow_through_a_cache_of_a_token_auth_registry() {
     assert!(report.passed() >= 15, "only {} checks", report.passed());
 }
 
-/// A deliberately broken upstream: it serves the wrong bytes for a blob.
-async fn lying_upstream(blob_digest: String) -> std::net::SocketAddr {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/v2/", get(|| async { "{}" }))
-        .route(
-            &format!("/v2/evil/app/blobs/{blob_digest}"),
-            get(|| async { vec![7u8; 300_000] }),
-        );
+/// Serves `app`, with the `/v2/` base endpoint added, on a free loopback port: an upstream
+/// made to misbehave in one way.
+async fn fake_upstream(app: axum::Router) -> std::net::SocketAddr {
+    let app = app.route("/v2/", axum::routing::get(|| async { "{}" }));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
     addr
+}
+
+/// A deliberately broken upstream: it serves the wrong bytes for a blob.
+async fn lying_upstream(blob_digest: String) -> std::net::SocketAddr {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        &format!("/v2/evil/app/blobs/{blob_digest}"),
+        get(|| async { vec![7u8; 300_000] }),
+    );
+    fake_upstream(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,32 +354,27 @@ async fn stalling_upstream(
     use axum::routing::get;
     let path = format!("/v2/slow/app/blobs/{}", digest(&blob));
     let blob = bytes::Bytes::from(blob);
-    let app = axum::Router::new()
-        .route("/v2/", get(|| async { "{}" }))
-        .route(
-            &path,
-            get(move || {
-                let (blob, gate) = (blob.clone(), gate.clone());
-                async move {
-                    let len = blob.len();
-                    let head = futures_util::stream::once({
-                        let b = blob.slice(..first);
-                        async move { Ok::<_, std::convert::Infallible>(b) }
-                    });
-                    let tail = futures_util::stream::once(async move {
-                        gate.notified().await;
-                        Ok(blob.slice(first..))
-                    });
-                    let body =
-                        axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
-                    ([("content-length", len.to_string())], body)
-                }
-            }),
-        );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await });
-    addr
+    let app = axum::Router::new().route(
+        &path,
+        get(move || {
+            let (blob, gate) = (blob.clone(), gate.clone());
+            async move {
+                let len = blob.len();
+                let head = futures_util::stream::once({
+                    let b = blob.slice(..first);
+                    async move { Ok::<_, std::convert::Infallible>(b) }
+                });
+                let tail = futures_util::stream::once(async move {
+                    gate.notified().await;
+                    Ok(blob.slice(first..))
+                });
+                let body =
+                    axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail));
+                ([("content-length", len.to_string())], body)
+            }
+        }),
+    );
+    fake_upstream(app).await
 }
 
 /// The bytes an upstream has sent reach the client while the upstream stalls: the cache
@@ -634,7 +634,6 @@ async fn limited_upstream(
         image.blobs.iter().map(|b| (digest(b), b.clone())).collect();
     let lim = limited.clone();
     let app = axum::Router::new()
-        .route("/v2/", axum::routing::get(|| async { "{}" }))
         .route(
             "/v2/rl/app/manifests/{reference}",
             axum::routing::get(move |Path(reference): Path<String>| {
@@ -676,10 +675,7 @@ async fn limited_upstream(
                 async move { b.map_or(S::NOT_FOUND.into_response(), |b| b.into_response()) }
             }),
         );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await });
-    addr
+    fake_upstream(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
