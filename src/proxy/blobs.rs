@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use berth_storage::blob::FillWatch;
 use berth_storage::{ByteStream, Digest, Store};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -35,6 +36,9 @@ struct Progress {
     size: Option<u64>,
     /// Bytes in the spool file.
     written: u64,
+    /// The bytes matched their digest (the store said so, or the replica relayed from ended
+    /// its stream, which it does only then).
+    verified: bool,
     /// The fetch ended: stored, or why not.
     done: Option<Result<(), CacheError>>,
 }
@@ -168,18 +172,28 @@ async fn follow_fetch(fetch: Arc<Fetch>) -> Result<Option<(Option<u64>, ByteStre
 
 /// Streams the fetch's file to one client as it grows, ending when the fetch ends: each piece
 /// is one positioned read on a blocking thread of what was written since the last.
+///
+/// The bytes go out before the digest is known, so when the upstream said the size, the last
+/// byte is held back until the bytes are verified: a mismatch then breaks the body one byte
+/// short, and a client that trusts Content-Length (curl, a script) never receives a complete
+/// body of the wrong bytes. Without a size the body is chunked, and only a fetch that ended
+/// well ends it.
 fn follow(fetch: Arc<Fetch>) -> ByteStream {
     let rx = fetch.progress.subscribe();
     futures_util::stream::unfold(Some((fetch, rx, 0u64)), |state| async move {
         let (fetch, mut rx, pos) = state?;
         loop {
             let p = rx.borrow_and_update().clone();
-            if pos < p.written {
+            let sendable = match p.size {
+                Some(size) if !p.verified => p.written.min(size.saturating_sub(1)),
+                _ => p.written,
+            };
+            if pos < sendable {
                 let Some(file) = fetch.file.get().cloned() else {
                     let e = std::io::Error::other("blob fetch lost its file");
                     return Some((Err(e), None));
                 };
-                let n = (p.written - pos).min(READ_CHUNK as u64) as usize;
+                let n = (sendable - pos).min(READ_CHUNK as u64) as usize;
                 return match berth_storage::blob::read_file_at(file, pos, n).await {
                     Ok(b) => Some((Ok(b), Some((fetch, rx, pos + n as u64)))),
                     Err(e) => Some((Err(e), None)),
@@ -246,7 +260,11 @@ async fn run(
     // Late arrivals now find the blob in the store (or start afresh after a failure); readers
     // already following keep the file open (its name may be gone).
     remove();
-    fetch.progress.send_modify(|p| p.done = Some(result));
+    fetch.progress.send_modify(|p| {
+        // Stored, or relayed whole from a replica that verified it.
+        p.verified |= result.is_ok();
+        p.done = Some(result);
+    });
 }
 
 /// The fetch across processes: with the digest's lease, from the upstream; while another
@@ -348,7 +366,11 @@ async fn fill(
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(STORE_QUEUE);
     let body: ByteStream = tokio_stream_from(rx);
     let (s, local, d) = (store.clone(), t.local.clone(), digest.clone());
-    let stored = tokio::spawn(async move { s.put_cached_blob(&local, &d, body, None).await });
+    let watch = FillWatch {
+        landed: None,
+        verified: Some(verified(fetch)),
+    };
+    let stored = tokio::spawn(async move { s.put_cached_blob(&local, &d, body, watch).await });
     let mut upstream = resp.bytes_stream().ready_chunks(SPOOL_BATCH);
     let mut failure: Option<CacheError> = None;
     'batches: while let Some(batch) = upstream.next().await {
@@ -426,9 +448,11 @@ async fn fill_in_place(
             let _ = failed.set(e);
         }
     });
-    let stored = store
-        .put_cached_blob(&t.local, digest, body, Some(tap))
-        .await;
+    let watch = FillWatch {
+        landed: Some(tap),
+        verified: Some(verified(fetch)),
+    };
+    let stored = store.put_cached_blob(&t.local, digest, body, watch).await;
     if let Some(e) = broke.get() {
         return Err(UpstreamError::Unavailable(format!("blob body: {e}")).into());
     }
@@ -438,6 +462,12 @@ async fn fill_in_place(
         return Err(e.clone());
     }
     Ok(())
+}
+
+/// Tells `fetch`'s readers that its bytes matched their digest.
+fn verified(fetch: &Arc<Fetch>) -> Box<dyn FnOnce() + Send> {
+    let f = fetch.clone();
+    Box::new(move || f.progress.send_modify(|p| p.verified = true))
 }
 
 fn tokio_stream_from(mut rx: mpsc::Receiver<std::io::Result<Bytes>>) -> ByteStream {

@@ -15,12 +15,13 @@
 //! - Referrers (signatures, SBOMs) of cached content are fetched from the upstream's referrers
 //!   API, or its `sha256-<hex>` tag, and cached like manifests.
 //! - Prefetch ([`prefetch`]) keeps listed images warm on a schedule.
-//! - Blobs: a miss starts one fetch per digest, detached from the client. It writes the
-//!   upstream's bytes to a spool file while the store takes them in (hashing as it goes), and
-//!   every client asking meanwhile streams from that file as it grows: the first bytes reach
-//!   clients as soon as the upstream sends them, N clients cost one upstream GET, and a
-//!   client that disconnects does not stop the cache fill. A digest mismatch stores nothing
-//!   and breaks every client's stream.
+//! - Blobs: a miss starts one fetch per digest, detached from the client. The store takes
+//!   the upstream's bytes in (hashing as it goes) and every client asking meanwhile streams
+//!   them from a file as it grows (the store's own on local disk, a spool beside an object
+//!   store): the first bytes reach clients as soon as the upstream sends them, N clients cost
+//!   one upstream GET, and a client that disconnects does not stop the cache fill. The last
+//!   byte waits for the digest to match, so a mismatch stores nothing and breaks every
+//!   client's stream short of its Content-Length: no client gets the wrong bytes whole.
 
 mod blobs;
 mod cluster;

@@ -121,6 +121,50 @@ const FILE_BATCH: usize = 1024 * 1024;
 /// on the blocking thread that wrote the bytes, as soon as they are in the file.
 pub type Tap = Arc<dyn Fn(&std::fs::File, u64) + Send + Sync>;
 
+/// What those who read a cache fill while it is written are told (see
+/// [`Store::put_cached_blob`](crate::Store::put_cached_blob)).
+#[derive(Default)]
+pub struct FillWatch {
+    /// On a store that [fills in place](crate::Store::fills_in_place): each new length of the
+    /// file the bytes land in.
+    pub landed: Option<Tap>,
+    /// Called once all the bytes are in and match their digest, before they are synced and
+    /// committed; never called when they do not match. Readers that were given the bytes as
+    /// they came can be given the end of them from then on.
+    pub verified: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// `body` as it is, hashed by `hasher` on the way: when it ends (not when it fails), `at_end`
+/// is given the digest of all of it.
+pub(crate) fn hashed(
+    body: ByteStream,
+    hasher: Hasher,
+    at_end: impl FnOnce(Digest) + Send + 'static,
+) -> ByteStream {
+    futures_util::stream::unfold(
+        (body, Some((hasher, at_end))),
+        |(mut body, mut end)| async move {
+            match body.next().await {
+                Some(Ok(c)) => {
+                    if let Some((h, _)) = end.as_mut() {
+                        h.update(&c);
+                    }
+                    Some((Ok(c), (body, end)))
+                }
+                // A failed body has no digest; the failure ends it.
+                Some(Err(e)) => Some((Err(e), (body, None))),
+                None => {
+                    if let Some((h, at_end)) = end.take() {
+                        at_end(h.finish());
+                    }
+                    None
+                }
+            }
+        },
+    )
+    .boxed()
+}
+
 /// Local-disk fast path of [`write_stream`]: batches of the body's buffers are hashed and
 /// written to a temporary file on a blocking thread, without copying, while the next batch is
 /// received (two cores work: one on the socket, one on hashing and the file); the file is

@@ -85,16 +85,17 @@ impl Store {
 
     /// Stores a blob fetched from an upstream registry into `repo`: streamed, hashed and
     /// verified against `digest` like an upload; nothing is kept on a mismatch. When the store
-    /// [fills in place](Self::fills_in_place), `tap` hears of the bytes as they land in the
-    /// file, so that clients can be sent them from there while the fetch runs.
+    /// [fills in place](Self::fills_in_place), `watch.landed` hears of the bytes as they land
+    /// in the file, so that clients can be sent them from there while the fetch runs;
+    /// `watch.verified` hears that they matched, as soon as that is known.
     pub async fn put_cached_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         body: crate::ByteStream,
-        tap: Option<crate::blob::Tap>,
+        watch: crate::blob::FillWatch,
     ) -> Result<u64> {
-        self.put_blob_once(repo, digest, body, tap).await
+        self.put_blob_once(repo, digest, body, watch).await
     }
 
     /// Whether [`put_cached_blob`](Self::put_cached_blob) writes a local file a tap can read

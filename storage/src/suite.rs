@@ -5,6 +5,7 @@
 //! collection policies, leases across processes, uploads and pull times.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -807,10 +808,23 @@ async fn a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing(env:
     let repo: RepoName = "cache.example/lib/app".parse().unwrap();
     let data = b"layer from an upstream".to_vec();
     let d = Digest::sha256(&data);
+    // The fill says when its bytes matched, and only then.
+    let watch = |told: &Arc<AtomicBool>| {
+        let told = told.clone();
+        crate::blob::FillWatch {
+            landed: None,
+            verified: Some(Box::new(move || told.store(true, Ordering::SeqCst))),
+        }
+    };
+    let matched = Arc::new(AtomicBool::new(false));
     let size =
-        t.s.put_cached_blob(&repo, &d, body(data.clone()), None)
+        t.s.put_cached_blob(&repo, &d, body(data.clone()), watch(&matched))
             .await
             .unwrap();
+    assert!(
+        matched.load(Ordering::SeqCst),
+        "a matching fill was not said to match"
+    );
     assert_eq!(size, data.len() as u64);
     assert_eq!(t.s.stat_blob(&repo, &d).await.unwrap(), size);
     assert_eq!(
@@ -820,10 +834,17 @@ async fn a_cached_blob_is_stored_in_one_pass_and_a_wrong_one_leaves_nothing(env:
     );
     // Bytes that do not match their digest: refused, nothing visible, no temporary left.
     let claimed = Digest::sha256(b"something else");
-    let wrong = t.s.put_cached_blob(&repo, &claimed, body(data), None).await;
+    let mismatched = Arc::new(AtomicBool::new(false));
+    let wrong =
+        t.s.put_cached_blob(&repo, &claimed, body(data), watch(&mismatched))
+            .await;
     assert!(
         matches!(wrong, Err(Error::DigestMismatch { .. })),
         "{wrong:?}"
+    );
+    assert!(
+        !mismatched.load(Ordering::SeqCst),
+        "a wrong fill was said to match"
     );
     assert!(t.s.stat_blob(&repo, &claimed).await.is_err());
     let prefix = object_store::path::Path::from(crate::blob::UPLOADS);

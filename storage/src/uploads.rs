@@ -5,6 +5,7 @@
 //! continue on another replica). Bytes are hashed while they stream; a blob becomes visible
 //! only once its digest matched, and its object is in place before its row.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use object_store::ObjectStoreExt;
@@ -12,7 +13,7 @@ use object_store::path::Path;
 use tracing::{debug, info, warn};
 
 use crate::area;
-use crate::blob::{self, ByteStream, Tap};
+use crate::blob::{self, ByteStream, FillWatch};
 use crate::error::{Error, Result};
 use crate::meta::now;
 use crate::names::{Algorithm, Digest, Hasher, RepoName};
@@ -227,17 +228,48 @@ impl Store {
         repo: &RepoName,
         digest: &Digest,
         body: ByteStream,
-        tap: Option<Tap>,
+        watch: FillWatch,
     ) -> Result<u64> {
         let id = new_id();
+        let FillWatch { landed, verified } = watch;
+        // What the bytes hash to, set once they have all been hashed; a match is told at once.
+        let computed: Arc<OnceLock<Digest>> = Arc::default();
+        let conclude = {
+            let (want, slot) = (digest.clone(), computed.clone());
+            move |d: Digest| {
+                if d == want
+                    && let Some(verified) = verified
+                {
+                    verified();
+                }
+                let _ = slot.set(d);
+            }
+        };
         let mut hasher = digest.algorithm().hasher();
-        let (key, written) = self
-            .area
-            .write_chunk(&self.objects, &id, 0, body, Some(&mut hasher), tap)
-            .await;
+        let (key, written) = if self.area.in_place() {
+            // Local disk hashes beside the writes; the last is hashed when the write returns.
+            let (key, written) = self
+                .area
+                .write_chunk(&self.objects, &id, 0, body, Some(&mut hasher), landed)
+                .await;
+            if written.is_ok() {
+                conclude(hasher.finish());
+            }
+            (key, written)
+        } else {
+            // An object store's write returns once its last part is sent and the upload is
+            // complete; the hash is known earlier, when the body ends.
+            let body = blob::hashed(body, hasher, conclude);
+            self.area
+                .write_chunk(&self.objects, &id, 0, body, None, None)
+                .await
+        };
         let outcome = async {
             let size = written?;
-            let computed = hasher.finish();
+            let computed = computed
+                .get()
+                .cloned()
+                .ok_or_else(|| Error::Body("the body ended without being hashed".into()))?;
             if &computed != digest {
                 return Err(Error::DigestMismatch {
                     expected: digest.to_string(),

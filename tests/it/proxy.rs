@@ -317,31 +317,82 @@ async fn lying_upstream(blob_digest: String) -> std::net::SocketAddr {
     fake_upstream(app).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blob_that_does_not_match_its_digest_is_never_stored() {
-    let want = crate::support::noise(300_000, 1);
-    let d = digest(&want);
-    let addr = lying_upstream(d.clone()).await;
-    let s = cache(
-        vec![upstream("evil.example", &format!("http://{addr}"), |_| {})],
-        |_| {},
-    )
-    .await;
-    let r = client()
-        .get(s.url(&format!("/v2/evil/app/blobs/{d}?ns=evil.example")))
-        .send()
-        .await
-        .unwrap();
-    // The stream starts before the digest is known, so the failure shows as a broken body.
-    let body = r.bytes().await;
-    assert!(body.is_err() || digest(&body.unwrap()) != d);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let local: berth_storage::RepoName = "evil.example/evil/app".parse().unwrap();
-    let digest: berth_storage::Digest = d.parse().unwrap();
-    assert!(
-        s.state.store().stat_blob(&local, &digest).await.is_err(),
-        "a mismatching blob was stored"
+/// An upstream that serves `blob` under its digest `d`, with its Content-Length.
+async fn honest_upstream(d: String, blob: Vec<u8>) -> std::net::SocketAddr {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        &format!("/v2/good/app/blobs/{d}"),
+        get(move || async move { blob }),
     );
+    fake_upstream(app).await
+}
+
+/// A blob whose bytes do not match its digest is neither stored nor handed out whole: the
+/// bytes stream to the client before the digest is known, so the cache holds back the last
+/// one, and the body breaks one byte short (Content-Length says how many were due). On local
+/// disk the client reads the store's own file; in memory (an object store) a spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_does_not_match_its_digest_is_never_stored_nor_served_whole() {
+    for memory in [false, true] {
+        let want = crate::support::noise(300_000, 1);
+        let d = digest(&want);
+        let addr = lying_upstream(d.clone()).await;
+        let s = cache(
+            vec![upstream("evil.example", &format!("http://{addr}"), |_| {})],
+            |c| {
+                if memory {
+                    c.storage = berth::config::StorageSection::Memory;
+                }
+            },
+        )
+        .await;
+        let url = s.url(&format!("/v2/evil/app/blobs/{d}?ns=evil.example"));
+        let r = client().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.content_length(), Some(300_000));
+        let mut r = r;
+        let mut got = 0usize;
+        let broke = loop {
+            match r.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert!(
+            broke && got < 300_000,
+            "memory={memory}: the body of the wrong bytes ended well after {got} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let local: berth_storage::RepoName = "evil.example/evil/app".parse().unwrap();
+        let wrong: berth_storage::Digest = d.parse().unwrap();
+        assert!(
+            s.state.store().stat_blob(&local, &wrong).await.is_err(),
+            "memory={memory}: a mismatching blob was stored"
+        );
+        // A blob that matches still streams whole through the same path.
+        let good = crate::support::noise(300_000, 2);
+        let gd = digest(&good);
+        let ok = honest_upstream(gd.clone(), good.clone()).await;
+        let s = cache(
+            vec![upstream("good.example", &format!("http://{ok}"), |_| {})],
+            |c| {
+                if memory {
+                    c.storage = berth::config::StorageSection::Memory;
+                }
+            },
+        )
+        .await;
+        let body = client()
+            .get(s.url(&format!("/v2/good/app/blobs/{gd}?ns=good.example")))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(digest(&body), gd, "memory={memory}");
+    }
 }
 
 /// An upstream that sends the first `first` bytes of `blob` at once and the rest only when
