@@ -395,6 +395,87 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored_nor_served_whole(
     }
 }
 
+/// Docker Hub answers a blob GET with a redirect to its CDN, and registries on object stores
+/// with a presigned URL. The cache follows it, sends the upstream's credentials to the
+/// upstream only (never to the other host), stores what the redirect served, and serves the
+/// next pull from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_the_upstream_redirects_is_fetched_there_without_the_upstreams_credentials() {
+    use axum::http::{HeaderMap, StatusCode as S, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use std::sync::{Arc, Mutex};
+    let blob = crate::support::noise(700_000, 9);
+    let d = digest(&blob);
+    // The CDN: serves the bytes at a signed URL and notes the Authorization it was sent.
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let cdn = {
+        let (seen, blob) = (seen.clone(), blob.clone());
+        let app = axum::Router::new().route(
+            "/layer",
+            get(move |h: HeaderMap| async move {
+                let auth = h
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap_or("?").to_owned());
+                seen.lock().unwrap().push(auth);
+                blob
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        addr
+    };
+    // The registry: Basic auth, then a redirect to the CDN.
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "bot:s3cret")
+    );
+    let app = axum::Router::new().route(
+        &format!("/v2/hub/app/blobs/{d}"),
+        get(move |h: HeaderMap| async move {
+            if h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(basic.as_str()) {
+                return (
+                    S::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Basic realm=\"hub\"".to_owned())],
+                )
+                    .into_response();
+            }
+            (
+                S::TEMPORARY_REDIRECT,
+                [(header::LOCATION, format!("http://{cdn}/layer?sig=abc"))],
+            )
+                .into_response()
+        }),
+    );
+    let up = fake_upstream(app).await;
+    let s = cache(
+        vec![upstream("hub.example", &format!("http://{up}"), |u| {
+            u.username = Some("bot".into());
+            u.password = Some("s3cret".into());
+        })],
+        |_| {},
+    )
+    .await;
+    let url = s.url(&format!("/v2/hub/app/blobs/{d}?ns=hub.example"));
+    for pull in 0..2 {
+        let r = client().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "pull {pull}");
+        let got = r.bytes().await.unwrap();
+        assert_eq!(digest(&got), d, "pull {pull}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the CDN is asked once, then the cache serves"
+    );
+    assert_eq!(
+        seen[0], None,
+        "the upstream's credentials went to another host"
+    );
+}
+
 /// An upstream that sends the first `first` bytes of `blob` at once and the rest only when
 /// `gate` is notified.
 async fn stalling_upstream(
