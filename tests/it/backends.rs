@@ -188,7 +188,7 @@ async fn blob_gets_redirect_to_presigned_urls_or_stream() {
                 _ => endpoint("BERTH_TEST_S3_ENDPOINT"),
             };
             assert!(loc.starts_with(&store), "{cloud:?}: {loc}");
-            let body = c.get(&loc).send().await.unwrap().bytes().await.unwrap();
+            let body = crate::support::get_bytes(&c, &loc).await;
             assert_eq!(digest(&body), d, "{cloud:?}");
             if let Cloud::Gcs = cloud {
                 // The gateway checks signatures as GCS does: one changed digit is refused.

@@ -89,14 +89,7 @@ pub(crate) async fn resume_upload(
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
-    let got = c
-        .get(format!("{root}/v2/{repo}/blobs/{d}"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = crate::support::get_bytes(c, format!("{root}/v2/{repo}/blobs/{d}")).await;
     assert_eq!(digest(&got), d);
 }
 
@@ -340,14 +333,7 @@ async fn chunked_uploads_append_in_place_and_drop_uncommitted_tails() {
         "{}",
         r.text().await.unwrap()
     );
-    let got = c
-        .get(s.url(&format!("/v2/inplace/blobs/{d}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = crate::support::get_bytes(&c, s.url(&format!("/v2/inplace/blobs/{d}"))).await;
     assert_eq!(got.len(), data.len());
     assert_eq!(digest(&got), d);
     assert!(session_files().is_empty(), "{:?}", session_files());

@@ -336,9 +336,15 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored_nor_served_whole(
     for memory in [false, true] {
         let want = crate::support::noise(300_000, 1);
         let d = digest(&want);
-        let addr = lying_upstream(d.clone()).await;
+        let good = crate::support::noise(300_000, 2);
+        let gd = digest(&good);
+        let evil = lying_upstream(d.clone()).await;
+        let honest = honest_upstream(gd.clone(), good).await;
         let s = cache(
-            vec![upstream("evil.example", &format!("http://{addr}"), |_| {})],
+            vec![
+                upstream("evil.example", &format!("http://{evil}"), |_| {}),
+                upstream("good.example", &format!("http://{honest}"), |_| {}),
+            ],
             |c| {
                 if memory {
                     c.storage = berth::config::StorageSection::Memory;
@@ -347,10 +353,9 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored_nor_served_whole(
         )
         .await;
         let url = s.url(&format!("/v2/evil/app/blobs/{d}?ns=evil.example"));
-        let r = client().get(&url).send().await.unwrap();
+        let mut r = client().get(&url).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.content_length(), Some(300_000));
-        let mut r = r;
         let mut got = 0usize;
         let broke = loop {
             match r.chunk().await {
@@ -371,26 +376,8 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored_nor_served_whole(
             "memory={memory}: a mismatching blob was stored"
         );
         // A blob that matches still streams whole through the same path.
-        let good = crate::support::noise(300_000, 2);
-        let gd = digest(&good);
-        let ok = honest_upstream(gd.clone(), good.clone()).await;
-        let s = cache(
-            vec![upstream("good.example", &format!("http://{ok}"), |_| {})],
-            |c| {
-                if memory {
-                    c.storage = berth::config::StorageSection::Memory;
-                }
-            },
-        )
-        .await;
-        let body = client()
-            .get(s.url(&format!("/v2/good/app/blobs/{gd}?ns=good.example")))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let url = s.url(&format!("/v2/good/app/blobs/{gd}?ns=good.example"));
+        let body = crate::support::get_bytes(&client(), url).await;
         assert_eq!(digest(&body), gd, "memory={memory}");
     }
 }
@@ -581,14 +568,11 @@ async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let got = client()
-        .get(s.url(&format!("/v2/quay.io/big/layer/blobs/{layer}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = crate::support::get_bytes(
+        &client(),
+        s.url(&format!("/v2/quay.io/big/layer/blobs/{layer}")),
+    )
+    .await;
     assert_eq!(digest(&got), layer);
     assert_eq!(
         logged(dir.path(), "GET", &format!("/v2/big/layer/blobs/{layer}")),
@@ -629,14 +613,7 @@ async fn a_cold_pull_through_a_cache_on_local_disk_writes_the_blob_once() {
         "the cache wrote {written} bytes for a blob of {size}"
     );
     // The blob is stored whole, and served from the store now.
-    let again = client()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let again = crate::support::get_bytes(&client(), &url).await;
     assert_eq!(digest(&again), layer);
 }
 
@@ -921,14 +898,11 @@ async fn a_manifest_get_the_cache_fetched_reads_the_images_layers_ahead_and_a_he
         let path = format!("/v2/ahead/read/blobs/{}", digest(b));
         assert_eq!(logged(dir.path(), "GET", &path), 1, "{path}");
         // The client's own GET is then a hit.
-        let got = client()
-            .get(s.url(&format!("/v2/quay.io/ahead/read/blobs/{}", digest(b))))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let got = crate::support::get_bytes(
+            &client(),
+            s.url(&format!("/v2/quay.io/ahead/read/blobs/{}", digest(b))),
+        )
+        .await;
         assert_eq!(digest(&got), digest(b));
         assert_eq!(logged(dir.path(), "GET", &path), 1, "{path} again");
     }

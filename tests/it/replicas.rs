@@ -157,14 +157,11 @@ async fn an_upload_s_chunks_sent_to_different_replicas_complete() {
         r.text().await.unwrap_or_default()
     );
     for i in 0..3 {
-        let got = c
-            .get(format!("{}/v2/spread/app/blobs/{d}", cluster.replica(i)))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let got = crate::support::get_bytes(
+            &c,
+            format!("{}/v2/spread/app/blobs/{d}", cluster.replica(i)),
+        )
+        .await;
         assert_eq!(digest(&got), d, "replica {i} serves the blob");
     }
 
@@ -628,14 +625,9 @@ async fn migrate_metadata_moves_a_single_node_install_of_1000_images_to_replicas
     for (repo, image) in &images {
         for b in &image.blobs {
             if read.insert((repo.clone(), digest(b))) {
-                let got = c
-                    .get(format!("{root}/v2/{repo}/blobs/{}", digest(b)))
-                    .send()
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap();
+                let got =
+                    crate::support::get_bytes(&c, format!("{root}/v2/{repo}/blobs/{}", digest(b)))
+                        .await;
                 if digest(&got) != digest(b) {
                     failed.push(format!("{repo}: blob {} reads wrong", digest(b)));
                 }

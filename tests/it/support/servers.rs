@@ -322,6 +322,14 @@ pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// The body of a GET of `url` (whatever its status; callers check the bytes).
+pub(crate) async fn get_bytes(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+) -> bytes::Bytes {
+    client.get(url).send().await.unwrap().bytes().await.unwrap()
+}
+
 /// Times `n` sequential GETs of `url` over one kept-alive connection of `client`; returns the
 /// median. A server that leaves Nagle's algorithm on answers about half of them ~40 ms late
 /// (its body waits for the client's delayed ACK of the headers).
