@@ -240,7 +240,7 @@ async fn a_chunked_upload_resumes_on_s3_after_a_restart() {
         .await
         .unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_owned();
-    crate::durability::send_chunk(&c, &s.url(&loc), 0, &blob[..half]).await;
+    crate::support::send_chunk(&c, &s.url(&loc), 0, &blob[..half]).await;
     drop(s); // the server goes away; its session lives in SQLite and S3
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let s = TestServer::start_with(tweak(data_dir, prefix)).await;

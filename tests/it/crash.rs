@@ -77,23 +77,7 @@ async fn chunked(c: &reqwest::Client, root: &str, repo: &str, blob: &[u8]) -> Re
         .to_owned();
     let half = blob.len() / 2;
     for (start, part) in [(0, &blob[..half]), (half, &blob[half..])] {
-        let r = c
-            .patch(format!("{root}{loc}"))
-            .header(
-                "content-range",
-                format!("{start}-{}", start + part.len() - 1),
-            )
-            .body(part.to_vec())
-            .send()
-            .await
-            .map_err(e)?;
-        if r.status() != StatusCode::ACCEPTED {
-            return Err(format!("PATCH {}", r.status()));
-        }
-        loc = r.headers()["location"]
-            .to_str()
-            .unwrap_or_default()
-            .to_owned();
+        loc = crate::support::try_send_chunk(c, &format!("{root}{loc}"), start, part).await?;
     }
     let sep = if loc.contains('?') { '&' } else { '?' };
     let r = c

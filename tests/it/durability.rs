@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
 
-use crate::support::{DOCKER, Image, digest, noise, spawn_berth};
+use crate::support::{DOCKER, Image, digest, noise, send_chunk, spawn_berth};
 
 fn random(n: usize, seed: u8) -> Vec<u8> {
     noise(n, u64::from(seed))
@@ -91,23 +91,6 @@ pub(crate) async fn resume_upload(
     assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
     let got = crate::support::get_bytes(c, format!("{root}/v2/{repo}/blobs/{d}")).await;
     assert_eq!(digest(&got), d);
-}
-
-/// Sends `bytes` as the chunk of the upload at `url` that starts at `start`; checks that it
-/// was accepted and returns the upload's location for what follows.
-pub(crate) async fn send_chunk(c: &Client, url: &str, start: usize, bytes: &[u8]) -> String {
-    let r = c
-        .patch(url)
-        .header(
-            "content-range",
-            format!("{start}-{}", start + bytes.len() - 1),
-        )
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    r.headers()["location"].to_str().unwrap().to_owned()
 }
 
 /// A two-layer OCI image from `seed`.

@@ -21,7 +21,7 @@ use crate::support::cluster::{Cluster, s3_storage};
 use crate::support::postgres::{fresh_database, use_postgres};
 use crate::support::{
     Auth, DOCKER, Image, OCI_MANIFEST, TestServer, client, digest, noise, spawn_berth_with,
-    spawn_distribution,
+    spawn_distribution, try_send_chunk,
 };
 
 fn open_suite_env() -> BoxFuture<'static, Env> {
@@ -120,26 +120,16 @@ async fn an_upload_s_chunks_sent_to_different_replicas_complete() {
     let chunks: Vec<&[u8]> = data.chunks(1 << 20).collect();
     let mut offset = 0usize;
     for (i, chunk) in chunks[..chunks.len() - 1].iter().enumerate() {
-        let target = at(&cluster.replica((i + 1) % 3), &url);
-        let r = c
-            .patch(&target)
-            .header("content-type", "application/octet-stream")
-            .header(
-                "content-range",
-                format!("{offset}-{}", offset + chunk.len() - 1),
-            )
-            .body(chunk.to_vec())
-            .send()
+        let replica = cluster.replica((i + 1) % 3);
+        let loc = try_send_chunk(&c, &at(&replica, &url), offset, chunk)
             .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::ACCEPTED,
-            "chunk {i} on replica {}",
-            (i + 1) % 3
-        );
+            .unwrap_or_else(|e| panic!("chunk {i} on replica {}: {e}", (i + 1) % 3));
         offset += chunk.len();
-        url = location(&cluster.replica((i + 1) % 3), &r);
+        url = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{replica}{loc}")
+        };
     }
     // The last chunk with the PUT, on the replica that began the upload.
     let last = at(&cluster.replica(0), &url);

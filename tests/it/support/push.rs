@@ -210,3 +210,45 @@ impl Image {
         Ok(())
     }
 }
+
+/// PATCHes `bytes` as the chunk of the upload at `url` that starts at `start`: the `Location`
+/// the registry gave for what follows, or why the chunk was not accepted (`PATCH <status>`, or
+/// the request's error).
+pub(crate) async fn try_send_chunk(
+    c: &reqwest::Client,
+    url: &str,
+    start: usize,
+    bytes: &[u8],
+) -> Result<String, String> {
+    let r = c
+        .patch(url)
+        .header("content-type", "application/octet-stream")
+        .header(
+            "content-range",
+            format!("{start}-{}", start + bytes.len() - 1),
+        )
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != StatusCode::ACCEPTED {
+        return Err(format!("PATCH {}", r.status()));
+    }
+    r.headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| "PATCH answered without a Location".to_owned())
+}
+
+/// [`try_send_chunk`] that must be accepted; the location for what follows.
+pub(crate) async fn send_chunk(
+    c: &reqwest::Client,
+    url: &str,
+    start: usize,
+    bytes: &[u8],
+) -> String {
+    try_send_chunk(c, url, start, bytes)
+        .await
+        .unwrap_or_else(|e| panic!("chunk at {start} of {url}: {e}"))
+}

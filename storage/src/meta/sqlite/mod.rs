@@ -94,6 +94,8 @@ impl GroupSync {
         }
         let upto = self.committed.load(std::sync::atomic::Ordering::SeqCst);
         let wal = self.wal.clone();
+        // Opened for each sync, not kept: SQLite removes the WAL file when its last connection
+        // closes and starts a new one later, and a kept handle would sync the old file.
         run_blocking(move || Ok(std::fs::File::open(&wal)?.sync_data()?)).await?;
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
