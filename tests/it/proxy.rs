@@ -853,7 +853,12 @@ async fn rate_limited_upstreams_serve_the_cache_within_max_stale() {
 
 /// Waits up to `within` for the cache's repository `local` to hold every blob of `image`;
 /// how many it holds at the end.
-async fn cached_blobs(s: &TestServer, local: &str, image: &Image, within: Duration) -> usize {
+pub(crate) async fn cached_blobs(
+    s: &TestServer,
+    local: &str,
+    image: &Image,
+    within: Duration,
+) -> usize {
     let local: berth_storage::RepoName = local.parse().unwrap();
     let deadline = std::time::Instant::now() + within;
     loop {
