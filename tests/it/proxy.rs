@@ -298,7 +298,7 @@ async fn conformance_pull_workflow_through_a_cache_of_a_token_auth_registry() {
 }
 
 /// Serves `app`, with the `/v2/` base endpoint added, on a free loopback port: an upstream
-/// made to misbehave in one way.
+/// made to misbehave in one way (or a host it sends clients to).
 async fn fake_upstream(app: axum::Router) -> std::net::SocketAddr {
     let app = app.route("/v2/", axum::routing::get(|| async { "{}" }));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -307,22 +307,12 @@ async fn fake_upstream(app: axum::Router) -> std::net::SocketAddr {
     addr
 }
 
-/// A deliberately broken upstream: it serves the wrong bytes for a blob.
-async fn lying_upstream(blob_digest: String) -> std::net::SocketAddr {
-    use axum::routing::get;
+/// An upstream that answers a GET of blob `d` in `repo` with `body`, whether or not it is the
+/// blob (a lying upstream serves other bytes), with its Content-Length.
+async fn blob_upstream(repo: &str, d: &str, body: Vec<u8>) -> std::net::SocketAddr {
     let app = axum::Router::new().route(
-        &format!("/v2/evil/app/blobs/{blob_digest}"),
-        get(|| async { vec![7u8; 300_000] }),
-    );
-    fake_upstream(app).await
-}
-
-/// An upstream that serves `blob` under its digest `d`, with its Content-Length.
-async fn honest_upstream(d: String, blob: Vec<u8>) -> std::net::SocketAddr {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        &format!("/v2/good/app/blobs/{d}"),
-        get(move || async move { blob }),
+        &format!("/v2/{repo}/blobs/{d}"),
+        axum::routing::get(move || async move { body }),
     );
     fake_upstream(app).await
 }
@@ -338,8 +328,8 @@ async fn a_blob_that_does_not_match_its_digest_is_never_stored_nor_served_whole(
         let d = digest(&want);
         let good = crate::support::noise(300_000, 2);
         let gd = digest(&good);
-        let evil = lying_upstream(d.clone()).await;
-        let honest = honest_upstream(gd.clone(), good).await;
+        let evil = blob_upstream("evil/app", &d, vec![7u8; 300_000]).await;
+        let honest = blob_upstream("good/app", &gd, good).await;
         let s = cache(
             vec![
                 upstream("evil.example", &format!("http://{evil}"), |_| {}),
@@ -408,10 +398,7 @@ async fn a_blob_the_upstream_redirects_is_fetched_there_without_the_upstreams_cr
                 blob
             }),
         );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(l, app).await });
-        addr
+        fake_upstream(app).await
     };
     // The registry: Basic auth, then a redirect to the CDN.
     let basic = format!(
