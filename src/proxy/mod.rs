@@ -70,6 +70,10 @@ pub fn first_component(name: &str) -> &str {
 /// Largest manifest fetched from an upstream: the same as for a push.
 const MANIFEST_LIMIT: usize = berth_storage::MAX_MANIFEST_SIZE;
 
+/// Largest page of an upstream's tag list: some registries ignore `n` and send every tag at
+/// once (tens of thousands of tags are well under this).
+const TAG_LIST_LIMIT: usize = 16 << 20;
+
 /// What to answer for a blob.
 pub enum BlobAnswer {
     /// In the store (now): serve it like any local blob.
@@ -647,10 +651,7 @@ async fn upstream_tags(t: &Target, last: Option<&str>, n: usize) -> Result<Page,
         .send(Method::GET, &t.remote, &format!("tags/list?{query}"), None)
         .await?;
     let more = r.headers().contains_key(reqwest::header::LINK);
-    let body = r
-        .bytes()
-        .await
-        .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+    let body = upstream::read_capped(r, TAG_LIST_LIMIT, "tag list").await?;
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| UpstreamError::BadContent(format!("tag list: {e}")))?;
     let mut items: Vec<String> = v["tags"]
@@ -754,18 +755,7 @@ async fn read_manifest(r: reqwest::Response) -> Result<(Bytes, String), CacheErr
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    if r.content_length()
-        .is_some_and(|n| n as usize > MANIFEST_LIMIT)
-    {
-        return Err(UpstreamError::BadContent("manifest larger than 4 MiB".into()).into());
-    }
-    let bytes = r
-        .bytes()
-        .await
-        .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-    if bytes.len() > MANIFEST_LIMIT {
-        return Err(UpstreamError::BadContent("manifest larger than 4 MiB".into()).into());
-    }
+    let bytes = upstream::read_capped(r, MANIFEST_LIMIT, "manifest").await?;
     Ok((bytes, ct))
 }
 

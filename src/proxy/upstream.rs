@@ -25,6 +25,36 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.oci.artifact.manifest.v1+json";
 
+/// Largest token answer read from a token service: a JWT is a few KiB.
+const TOKEN_ANSWER_LIMIT: usize = 1 << 20;
+
+/// Reads a whole upstream answer that is held in memory (a manifest, a tag list, a token),
+/// refusing it as soon as it passes `limit` bytes, whatever its `Content-Length` said or
+/// whether it had one: an upstream streaming without end must cost a bounded buffer, not the
+/// process. `what` names it in the error.
+pub async fn read_capped(
+    mut r: Response,
+    limit: usize,
+    what: &str,
+) -> Result<bytes::Bytes, UpstreamError> {
+    let too_big = || UpstreamError::BadContent(format!("{what} larger than {limit} bytes"));
+    if r.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_big());
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = r
+        .chunk()
+        .await
+        .map_err(|e| UpstreamError::Unavailable(format!("reading {what}: {e}")))?
+    {
+        if buf.len() + chunk.len() > limit {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 /// Why an upstream request failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -281,9 +311,8 @@ impl Upstream {
                 "token service {realm} answered {status}"
             )));
         }
-        let v: serde_json::Value = resp
-            .json()
-            .await
+        let body = read_capped(resp, TOKEN_ANSWER_LIMIT, "token answer").await?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| UpstreamError::Unavailable(format!("token answer: {e}")))?;
         let token = v["token"]
             .as_str()

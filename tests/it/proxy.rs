@@ -450,6 +450,88 @@ async fn a_blob_the_upstream_redirects_is_fetched_there_without_the_upstreams_cr
     );
 }
 
+/// A body of 1 MiB chunks, 256 MiB in all, that counts in `sent` the bytes it handed to the
+/// server: an upstream answer without end, for all a reader can tell.
+fn endless(sent: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> axum::body::Body {
+    use futures_util::StreamExt as _;
+    use std::sync::atomic::Ordering;
+    let chunks = futures_util::stream::iter(0..256).map(move |_| {
+        sent.fetch_add(1 << 20, Ordering::Relaxed);
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(vec![b'x'; 1 << 20]))
+    });
+    axum::body::Body::from_stream(chunks)
+}
+
+/// What the cache holds in memory from an upstream (a manifest, a page of tags, a token
+/// answer) is read up to a limit and refused past it, with or without a Content-Length: an
+/// upstream that streams without end gets a 5xx for the client and costs the cache a bounded
+/// buffer. (Before, a manifest answered chunked was read whole: one GET took the cache to 4 GB
+/// of RSS against a Python upstream sending 4,000 MiB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_without_end_is_cut_off_at_a_limit() {
+    use axum::http::{StatusCode as S, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sent = Arc::new(AtomicUsize::new(0));
+    let endless_route = |sent: Arc<AtomicUsize>, ct: &'static str| {
+        get(move || async move { ([(header::CONTENT_TYPE, ct)], endless(sent)) })
+    };
+    let open = axum::Router::new()
+        .route(
+            "/v2/evil/app/manifests/{reference}",
+            endless_route(sent.clone(), "application/vnd.oci.image.manifest.v1+json"),
+        )
+        .route(
+            "/v2/evil/app/tags/list",
+            endless_route(sent.clone(), "application/json"),
+        );
+    let open = fake_upstream(open).await;
+    // Token auth whose token service answers without end.
+    let token = fake_upstream(
+        axum::Router::new().route("/token", endless_route(sent.clone(), "application/json")),
+    )
+    .await;
+    let locked = axum::Router::new().route(
+        "/v2/evil/app/manifests/{reference}",
+        get(move || async move {
+            let challenge = format!("Bearer realm=\"http://{token}/token\",service=\"evil\"");
+            (S::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)]).into_response()
+        }),
+    );
+    let locked = fake_upstream(locked).await;
+    let s = cache(
+        vec![
+            upstream("open.example", &format!("http://{open}"), |_| {}),
+            upstream("locked.example", &format!("http://{locked}"), |_| {}),
+        ],
+        |_| {},
+    )
+    .await;
+    let zeros = "0".repeat(64);
+    for path in [
+        "/v2/open.example/evil/app/manifests/latest".to_owned(),
+        format!("/v2/open.example/evil/app/manifests/sha256:{zeros}"),
+        "/v2/open.example/evil/app/tags/list".to_owned(),
+        "/v2/locked.example/evil/app/manifests/latest".to_owned(),
+    ] {
+        sent.store(0, Ordering::Relaxed);
+        let r = client()
+            .get(s.url(&path))
+            .header(header::ACCEPT, berth::proxy::upstream::MANIFEST_ACCEPT)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_server_error(), "{path}: {}", r.status());
+        // The upstream stops being read: what it managed to send is the limit plus what the
+        // sockets between hold, not the 256 MiB it had.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = sent.load(Ordering::Relaxed);
+        assert!(n < 48 << 20, "{path}: the upstream sent {} MiB", n >> 20);
+    }
+}
+
 /// An upstream that sends the first `first` bytes of `blob` at once and the rest only when
 /// `gate` is notified.
 async fn stalling_upstream(
