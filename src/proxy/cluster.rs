@@ -124,11 +124,26 @@ pub(super) struct Relay {
     client: reqwest::Client,
 }
 
+/// How long a relay's body may go without a byte before the follower gives up on the replica
+/// it relays from: longer than that replica may itself wait on its slowest upstream (which
+/// ends its stream with an error when it gives up), so only a replica that froze or dropped
+/// off the network (no reset ever comes) trips it, and its clients get an error to retry on
+/// rather than a pull that never ends.
+pub(super) fn relay_read_timeout(upstreams: &[crate::config::UpstreamSection]) -> Duration {
+    let slowest = upstreams
+        .iter()
+        .map(|u| u.timeout)
+        .max()
+        .unwrap_or_default();
+    slowest + Duration::from_secs(30)
+}
+
 impl Relay {
-    pub(super) fn new(store: Arc<Store>) -> Result<Self, String> {
+    pub(super) fn new(store: Arc<Store>, read_timeout: Duration) -> Result<Self, String> {
         crate::tls::install_crypto();
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            .read_timeout(read_timeout)
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("relay client: {e}"))?;
@@ -206,7 +221,7 @@ mod tests {
                 .await
                 .unwrap(),
         );
-        let relay = Relay::new(store.clone()).unwrap();
+        let relay = Relay::new(store.clone(), Duration::from_secs(60)).unwrap();
         let (a, b) = (Digest::sha256(b"a"), Digest::sha256(b"b"));
         let proof = relay.proof(&a).await.unwrap();
         assert!(relay.verify(&a, &proof).await.unwrap());
@@ -214,8 +229,55 @@ mod tests {
         assert!(!relay.verify(&a, "zz").await.unwrap());
         assert!(!relay.verify(&a, &"0".repeat(64)).await.unwrap());
         // Another process over the same metadata shares the secret.
-        let other = Relay::new(store).unwrap();
+        let other = Relay::new(store, Duration::from_secs(60)).unwrap();
         assert!(other.verify(&a, &proof).await.unwrap());
+    }
+
+    /// A replica that stops sending mid-relay (frozen, or cut off the network: no reset ever
+    /// comes) ends the relay with an error after the read timeout, instead of holding its
+    /// followers' clients forever.
+    #[tokio::test]
+    async fn a_relay_from_a_replica_that_stops_sending_fails_after_the_read_timeout() {
+        use futures_util::StreamExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            Store::open(&berth_storage::StorageConfig::local(dir.path()))
+                .await
+                .unwrap(),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut sock, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = sock.read(&mut req).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789";
+            sock.write_all(head.as_bytes()).await.unwrap();
+            // Holds the connection open and sends nothing more.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(sock);
+        });
+        let relay = Relay::new(store, Duration::from_millis(300)).unwrap();
+        let d = Digest::sha256(b"x");
+        let (size, mut body) = relay.open(&peer, &d).await.unwrap().expect("a stream");
+        assert_eq!(size, Some(1000));
+        let read = async {
+            let mut got = 0;
+            while let Some(chunk) = body.next().await {
+                match chunk {
+                    Ok(c) => got += c.len(),
+                    Err(e) => return Err((got, e)),
+                }
+            }
+            Ok(got)
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), read).await;
+        match r {
+            Ok(Err((got, _))) => assert_eq!(got, 10),
+            Ok(Ok(got)) => panic!("the relay ended well after {got} bytes"),
+            Err(_) => panic!("the relay still waits on a replica that stopped sending"),
+        }
     }
 
     #[test]

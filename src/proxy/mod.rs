@@ -217,7 +217,10 @@ impl Proxy {
                 confirmed: Mutex::new(HashMap::new()),
                 flights: Mutex::new(HashMap::new()),
                 blobs: blobs::Inflight::default(),
-                relay: Arc::new(cluster::Relay::new(store.clone())?),
+                relay: Arc::new(cluster::Relay::new(
+                    store.clone(),
+                    cluster::relay_read_timeout(&config.proxy.upstream),
+                )?),
                 evicted: Mutex::new(None),
                 read_ahead: Arc::new(tokio::sync::Semaphore::new(prefetch::READ_AHEAD_PROCESS)),
                 store,
