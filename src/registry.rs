@@ -100,8 +100,8 @@ pub enum Blob {
     Streaming {
         /// Its size, when the upstream said.
         size: Option<u64>,
-        /// The bytes.
-        body: berth_storage::ByteStream,
+        /// The fetch, to read whole or a range of.
+        body: crate::proxy::Follower,
     },
 }
 

@@ -31,8 +31,46 @@ pub(super) async fn get(state: AppState, op: Operation, req: Request) -> ApiResu
     match blob {
         Blob::Stored { size } => serve(&state, &digest, size, head, req.headers()).await,
         Blob::Upstream { size } => Ok(from_upstream(&digest, size, Body::empty())),
-        Blob::Streaming { size, body } => Ok(from_upstream(&digest, size, Body::from_stream(body))),
+        Blob::Streaming { size, body } => streaming(&digest, size, body, req.headers()),
     }
+}
+
+/// The answer for a blob streamed while the cache fetches it: whole, or (when the upstream
+/// said the size) the range asked for, so a client resuming a download through a cold cache
+/// gets the rest rather than the whole blob again.
+fn streaming(
+    digest: &Digest,
+    size: Option<u64>,
+    body: crate::proxy::Follower,
+    headers: &HeaderMap,
+) -> ApiResult {
+    let Some(size) = size else {
+        return Ok(from_upstream(digest, None, Body::from_stream(body.whole())));
+    };
+    match byte_range(headers, size) {
+        Err(()) => Err(unsatisfiable(size)),
+        Ok(None) => Ok(from_upstream(
+            digest,
+            Some(size),
+            Body::from_stream(body.whole()),
+        )),
+        Ok(Some((a, b))) => {
+            let mut resp =
+                from_upstream(digest, Some(b - a + 1), Body::from_stream(body.range(a, b)));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                value(&format!("bytes {a}-{b}/{size}")),
+            );
+            Ok(resp)
+        }
+    }
+}
+
+/// `416` for a range outside a blob of `size` bytes.
+fn unsatisfiable(size: u64) -> ApiError {
+    ApiError::new(Code::RangeInvalid, "requested range not satisfiable")
+        .with_header(header::CONTENT_RANGE, value(&format!("bytes */{size}")))
 }
 
 /// `GET /_berth/relay/<digest>`: another replica streams this one's upstream fetch of the blob
@@ -49,9 +87,11 @@ pub(super) async fn relay(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     match state.registry.relay(&digest, proof).await? {
-        Some(Blob::Streaming { size, body }) => {
-            Ok(from_upstream(&digest, size, Body::from_stream(body)))
-        }
+        Some(Blob::Streaming { size, body }) => Ok(from_upstream(
+            &digest,
+            size,
+            Body::from_stream(body.whole()),
+        )),
         _ => Err(
             ApiError::new(Code::BlobUnknown, "no fetch of this blob runs here")
                 .with_status(StatusCode::NOT_FOUND),
@@ -68,10 +108,7 @@ async fn serve(
     headers: &HeaderMap,
 ) -> ApiResult {
     let Ok(range) = byte_range(headers, size) else {
-        return Err(
-            ApiError::new(Code::RangeInvalid, "requested range not satisfiable")
-                .with_header(header::CONTENT_RANGE, value(&format!("bytes */{size}"))),
-        );
+        return Err(unsatisfiable(size));
     };
     let (status, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, b - a + 1),
@@ -124,6 +161,7 @@ fn from_upstream(d: &Digest, size: Option<u64>, body: Body) -> Response {
     h.insert(DIGEST_HEADER, value(&d.to_string()));
     if let Some(n) = size {
         h.insert(header::CONTENT_LENGTH, value(&n.to_string()));
+        h.insert(header::ACCEPT_RANGES, value("bytes"));
     }
     resp
 }

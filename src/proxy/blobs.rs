@@ -96,7 +96,7 @@ impl Inflight {
         spool_dir: &Path,
         t: &Target,
         digest: &Digest,
-    ) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
+    ) -> Result<Option<(Option<u64>, Follower)>, CacheError> {
         let key = digest.to_string();
         let (fetch, leader) = {
             let mut m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
@@ -130,14 +130,14 @@ impl Inflight {
 
     /// Joins the fetch of `digest` if this process runs one (a relay to another replica):
     /// its size when known and the bytes as they come; never starts one.
-    pub(super) fn join(&self, digest: &Digest) -> Option<(Option<u64>, ByteStream)> {
+    pub(super) fn join(&self, digest: &Digest) -> Option<(Option<u64>, Follower)> {
         let fetch = {
             let m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
             m.get(&digest.to_string())?.clone()
         };
         // The relay answers at once; its body waits for the first bytes like any follower's.
         let p = fetch.progress.borrow().clone();
-        Some((p.size, follow(fetch)))
+        Some((p.size, Follower(fetch)))
     }
 
     fn remover(&self, key: &str) -> impl FnOnce() + Send + 'static {
@@ -151,7 +151,7 @@ impl Inflight {
 }
 
 /// Waits until `fetch` starts sending (or ends), then follows it.
-async fn follow_fetch(fetch: Arc<Fetch>) -> Result<Option<(Option<u64>, ByteStream)>, CacheError> {
+async fn follow_fetch(fetch: Arc<Fetch>) -> Result<Option<(Option<u64>, Follower)>, CacheError> {
     let mut rx = fetch.progress.subscribe();
     let p = rx
         .wait_for(|p| p.started || p.done.is_some())
@@ -167,26 +167,46 @@ async fn follow_fetch(fetch: Arc<Fetch>) -> Result<Option<(Option<u64>, ByteStre
         };
     }
     drop(rx);
-    Ok(Some((p.size, follow(fetch))))
+    Ok(Some((p.size, Follower(fetch))))
 }
 
-/// Streams the fetch's file to one client as it grows, ending when the fetch ends: each piece
-/// is one positioned read on a blocking thread of what was written since the last.
+/// A client's place in a running fetch, before it reads: it takes the whole blob, or (when
+/// the upstream said the size) a range of it, as the bytes arrive.
+pub struct Follower(Arc<Fetch>);
+
+impl Follower {
+    /// The whole blob.
+    pub fn whole(self) -> ByteStream {
+        follow(self.0, 0, None)
+    }
+
+    /// Bytes `first..=last` (within the size the upstream said). A range ends, like the whole
+    /// blob, only once the bytes are verified: what a client resuming a download or reading a
+    /// slice receives complete is never a slice of the wrong bytes.
+    pub fn range(self, first: u64, last: u64) -> ByteStream {
+        follow(self.0, first, Some(last.saturating_add(1)))
+    }
+}
+
+/// Streams the fetch's file from `start` to one client as it grows, ending at `end` (exclusive)
+/// or, without one, when the fetch ends: each piece is one positioned read on a blocking
+/// thread of what was written since the last.
 ///
-/// The bytes go out before the digest is known, so when the upstream said the size, the last
-/// byte is held back until the bytes are verified: a mismatch then breaks the body one byte
-/// short, and a client that trusts Content-Length (curl, a script) never receives a complete
-/// body of the wrong bytes. Without a size the body is chunked, and only a fetch that ended
-/// well ends it.
-fn follow(fetch: Arc<Fetch>) -> ByteStream {
+/// The bytes go out before the digest is known, so when the body's end is known (the upstream
+/// said the size, or a range was asked), its last byte is held back until the bytes are
+/// verified: a mismatch then breaks the body one byte short, and a client that trusts
+/// Content-Length (curl, a script) never receives a complete body of the wrong bytes. Without
+/// a size the body is chunked, and only a fetch that ended well ends it.
+fn follow(fetch: Arc<Fetch>, start: u64, end: Option<u64>) -> ByteStream {
     let rx = fetch.progress.subscribe();
-    futures_util::stream::unfold(Some((fetch, rx, 0u64)), |state| async move {
+    futures_util::stream::unfold(Some((fetch, rx, start)), move |state| async move {
         let (fetch, mut rx, pos) = state?;
         loop {
             let p = rx.borrow_and_update().clone();
-            let sendable = match p.size {
-                Some(size) if !p.verified => p.written.min(size.saturating_sub(1)),
-                _ => p.written,
+            let sendable = match end.or(p.size) {
+                Some(last) if !p.verified => p.written.min(last.saturating_sub(1)),
+                Some(last) => p.written.min(last),
+                None => p.written,
             };
             if pos < sendable {
                 let Some(file) = fetch.file.get().cloned() else {
@@ -198,6 +218,9 @@ fn follow(fetch: Arc<Fetch>) -> ByteStream {
                     Ok(b) => Some((Ok(b), Some((fetch, rx, pos + n as u64)))),
                     Err(e) => Some((Err(e), None)),
                 };
+            }
+            if p.verified && end.is_some_and(|e| pos >= e) {
+                return None;
             }
             match p.done {
                 Some(Ok(())) => return None,

@@ -30,6 +30,8 @@ pub mod prefetch;
 pub mod stats;
 pub mod upstream;
 
+pub use blobs::Follower;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -90,8 +92,8 @@ pub enum BlobAnswer {
     Stream {
         /// Its size, when the upstream said.
         size: Option<u64>,
-        /// The bytes.
-        body: berth_storage::ByteStream,
+        /// The fetch, to read whole or a range of.
+        body: Follower,
     },
 }
 
@@ -547,7 +549,7 @@ impl Proxy {
         &self,
         digest: &Digest,
         proof: &str,
-    ) -> Result<Option<(Option<u64>, berth_storage::ByteStream)>, CacheError> {
+    ) -> Result<Option<(Option<u64>, Follower)>, CacheError> {
         if !self.inner.relay.verify(digest, proof).await? {
             tracing::warn!(digest = %digest, "a relay request without a valid proof");
             return Ok(None);

@@ -252,7 +252,7 @@ impl Proxy {
         }
         let i = &self.inner;
         if let Some((_, body)) = i.blobs.get(&i.store, &i.relay, &i.spool, t, d).await? {
-            drain(d, body).await?;
+            drain(d, body.whole()).await?;
         }
         Ok(())
     }
@@ -267,7 +267,7 @@ impl Proxy {
             BlobAnswer::Local { .. } => p.cached += 1,
             BlobAnswer::Head { .. } => {}
             BlobAnswer::Stream { body, .. } => {
-                p.bytes += drain(d, body).await?;
+                p.bytes += drain(d, body.whole()).await?;
                 p.blobs += 1;
             }
         }

@@ -608,6 +608,83 @@ async fn what_a_stalled_upstream_sent_reaches_the_client_before_the_rest() {
     assert_eq!(digest(&got), d);
 }
 
+/// A ranged GET of a blob the cache is still fetching gets its range (206), as a stored blob
+/// would: a client resuming a download (containerd sends `Range: bytes=<offset>-`) gets the
+/// rest, not the whole blob again. A range's last byte, like a whole body's, waits until the
+/// bytes are verified; a range past the end is 416. On local disk and in memory (a spool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_blob_still_being_fetched_is_served_as_a_range() {
+    for memory in [false, true] {
+        let blob = crate::support::noise(3 << 20, 6);
+        let d = digest(&blob);
+        let size = blob.len();
+        let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+        let addr = stalling_upstream(blob.clone(), 100_000, gate.clone()).await;
+        let s = cache(
+            vec![upstream("slow.example", &format!("http://{addr}"), |_| {})],
+            |c| {
+                if memory {
+                    c.storage = berth::config::StorageSection::Memory;
+                }
+            },
+        )
+        .await;
+        let url = s.url(&format!("/v2/slow/app/blobs/{d}?ns=slow.example"));
+        let ranged = |range: &str| client().get(&url).header("range", range).send();
+        // A slice of what has arrived: all but its last byte comes before the upstream
+        // resumes, and the last once the whole blob has been checked.
+        let mut slice = ranged("bytes=1000-1999").await.unwrap();
+        assert_eq!(
+            slice.status(),
+            StatusCode::PARTIAL_CONTENT,
+            "memory={memory}"
+        );
+        let h = slice.headers();
+        assert_eq!(
+            h["content-range"],
+            format!("bytes 1000-1999/{size}").as_str()
+        );
+        assert_eq!(h["content-length"], "1000");
+        let mut got = Vec::new();
+        let early = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(c) = slice.chunk().await.unwrap() {
+                got.extend_from_slice(&c);
+            }
+        })
+        .await;
+        assert!(
+            early.is_err(),
+            "the slice ended before the blob was verified"
+        );
+        assert_eq!(got, blob[1000..1999], "memory={memory}");
+        // A resumption joins the same fetch.
+        let rest = ranged("bytes=3000000-").await.unwrap();
+        assert_eq!(
+            rest.status(),
+            StatusCode::PARTIAL_CONTENT,
+            "memory={memory}"
+        );
+        let beyond = ranged(&format!("bytes={size}-")).await.unwrap();
+        assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(
+            beyond.headers()["content-range"],
+            format!("bytes */{size}").as_str()
+        );
+        gate.notify_one();
+        while let Some(c) = slice.chunk().await.unwrap() {
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got, blob[1000..2000], "memory={memory}");
+        assert_eq!(
+            rest.bytes().await.unwrap(),
+            blob[3_000_000..],
+            "memory={memory}"
+        );
+        let whole = crate::support::get_bytes(&client(), url.clone()).await;
+        assert_eq!(digest(&whole), d, "memory={memory}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_does_not_stop_the_cache_fill() {
     let dir = tempfile::tempdir().unwrap();
