@@ -824,7 +824,8 @@ pub struct UpstreamSection {
     /// absent: no limit.
     #[serde(with = "humantime_serde")]
     pub max_stale: Option<Duration>,
-    /// Timeout to connect and to get response headers.
+    /// Timeout to connect, to get response headers, for each read of a body, and for the whole
+    /// of an answer read into memory (a manifest, a tag list, a token).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// A manifest GET the cache had to fetch starts fetching the image's config and layers

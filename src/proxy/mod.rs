@@ -656,7 +656,7 @@ async fn upstream_tags(t: &Target, last: Option<&str>, n: usize) -> Result<Page,
         .send(Method::GET, &t.remote, &format!("tags/list?{query}"), None)
         .await?;
     let more = r.headers().contains_key(reqwest::header::LINK);
-    let body = upstream::read_capped(r, TAG_LIST_LIMIT, "tag list").await?;
+    let body = t.upstream.read_whole(r, TAG_LIST_LIMIT, "tag list").await?;
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| UpstreamError::BadContent(format!("tag list: {e}")))?;
     let mut items: Vec<String> = v["tags"]
@@ -692,12 +692,12 @@ async fn fetch_referrers(store: &Store, t: &Target, subject: &Digest) -> Result<
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|ct| ct.starts_with("application/vnd.oci.image.index.v1+json")) =>
         {
-            read_manifest(r).await?.0
+            read_manifest(&t.upstream, r).await?.0
         }
         Ok(_) | Err(UpstreamError::NotFound(_)) => {
             let fallback = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
             match t.upstream.manifest(Method::GET, &t.remote, &fallback).await {
-                Ok(r) => read_manifest(r).await?.0,
+                Ok(r) => read_manifest(&t.upstream, r).await?.0,
                 Err(UpstreamError::NotFound(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
@@ -734,7 +734,7 @@ async fn fetch_manifest(
         .upstream
         .manifest(Method::GET, &t.remote, &digest.to_string())
         .await?;
-    let (bytes, ct) = read_manifest(r).await?;
+    let (bytes, ct) = read_manifest(&t.upstream, r).await?;
     let got = Digest::of(digest.algorithm(), &bytes);
     if &got != digest {
         return Err(UpstreamError::BadContent(format!(
@@ -753,14 +753,17 @@ async fn fetch_manifest(
     Ok(())
 }
 
-async fn read_manifest(r: reqwest::Response) -> Result<(Bytes, String), CacheError> {
+async fn read_manifest(
+    up: &upstream::Upstream,
+    r: reqwest::Response,
+) -> Result<(Bytes, String), CacheError> {
     let ct = r
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let bytes = upstream::read_capped(r, MANIFEST_LIMIT, "manifest").await?;
+    let bytes = up.read_whole(r, MANIFEST_LIMIT, "manifest").await?;
     Ok((bytes, ct))
 }
 
@@ -787,7 +790,7 @@ async fn revalidate(
             .upstream
             .manifest(Method::GET, &t.remote, &tag.to_string())
             .await?;
-        let (bytes, ct) = read_manifest(r).await?;
+        let (bytes, ct) = read_manifest(&t.upstream, r).await?;
         store
             .put_cached_manifest(&t.local, &Reference::Tag(tag.clone()), &ct, bytes)
             .await?;

@@ -32,7 +32,7 @@ const TOKEN_ANSWER_LIMIT: usize = 1 << 20;
 /// refusing it as soon as it passes `limit` bytes, whatever its `Content-Length` said or
 /// whether it had one: an upstream streaming without end must cost a bounded buffer, not the
 /// process. `what` names it in the error.
-pub async fn read_capped(
+async fn read_capped(
     mut r: Response,
     limit: usize,
     what: &str,
@@ -126,6 +126,9 @@ pub struct Upstream {
     hub: bool,
     credentials: Option<(String, String)>,
     client: reqwest::Client,
+    /// How long an answer may keep us waiting: for each read, and for the whole of an answer
+    /// held in memory.
+    timeout: Duration,
     /// (endpoint, scope) → token and when to stop using it.
     tokens: Mutex<HashMap<(usize, String), (String, Instant)>>,
 }
@@ -159,6 +162,27 @@ pub fn path_prefixes(cfg: &UpstreamSection) -> (Vec<String>, String) {
 }
 
 impl Upstream {
+    /// Reads a whole answer of this upstream into memory: up to `limit` bytes (see
+    /// [`read_capped`]) and within the upstream's `timeout` for the whole body, not only for
+    /// each read. An upstream that trickles a byte at a time never trips a read timeout, and
+    /// would hold every client of a tag (and the cached copy that could answer them) for as
+    /// long as it pleased; past the deadline it counts as unavailable, so the cache answers.
+    pub async fn read_whole(
+        &self,
+        r: Response,
+        limit: usize,
+        what: &str,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        tokio::time::timeout(self.timeout, read_capped(r, limit, what))
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Unavailable(format!(
+                    "{}: {what} not read whole within {:?}",
+                    self.name, self.timeout
+                )))
+            })
+    }
+
     /// Builds the upstream from its configuration.
     pub fn new(cfg: &UpstreamSection) -> Result<Self, String> {
         let name = normalize_host(&cfg.name);
@@ -219,6 +243,7 @@ impl Upstream {
             hub,
             credentials,
             client,
+            timeout: cfg.timeout,
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -311,7 +336,9 @@ impl Upstream {
                 "token service {realm} answered {status}"
             )));
         }
-        let body = read_capped(resp, TOKEN_ANSWER_LIMIT, "token answer").await?;
+        let body = self
+            .read_whole(resp, TOKEN_ANSWER_LIMIT, "token answer")
+            .await?;
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| UpstreamError::Unavailable(format!("token answer: {e}")))?;
         let token = v["token"]

@@ -532,6 +532,89 @@ async fn an_upstream_answer_without_end_is_cut_off_at_a_limit() {
     }
 }
 
+/// An upstream that trickles an answer, a byte at a time but never slower than its read
+/// timeout, must not hold a tag's clients for as long as it keeps on: the whole answer gets
+/// the upstream's `timeout`, then the upstream counts as unavailable and the cached copy
+/// answers. (Before, the revalidation waited on the trickle, and with it every client of the
+/// tag.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_trickles_a_manifest_does_not_hold_its_clients() {
+    use axum::http::{HeaderMap, Method as M, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use futures_util::StreamExt as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+    let config = b"{}";
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": digest(config),
+            "size": config.len(),
+        },
+        "layers": [],
+    })
+    .to_string();
+    let md = digest(manifest.as_bytes());
+    let trickle = Arc::new(AtomicBool::new(false));
+    let app = axum::Router::new().route(
+        "/v2/slow/app/manifests/{reference}",
+        get({
+            let (trickle, md) = (trickle.clone(), md.clone());
+            move |method: M| async move {
+                if !trickle.load(Ordering::Relaxed) {
+                    let h = [
+                        ("content-type", OCI),
+                        ("docker-content-digest", md.as_str()),
+                    ];
+                    return (h, manifest).into_response();
+                }
+                if method == M::HEAD {
+                    // No digest: the cache must GET to learn what the tag is.
+                    return ([(header::CONTENT_TYPE, OCI)], "").into_response();
+                }
+                let drip = futures_util::stream::iter(0..100_000).then(|_| async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(b" "))
+                });
+                let mut h = HeaderMap::new();
+                h.insert(header::CONTENT_TYPE, OCI.parse().unwrap());
+                (h, axum::body::Body::from_stream(drip)).into_response()
+            }
+        }),
+    );
+    let addr = fake_upstream(app).await;
+    let s = cache(
+        vec![upstream("slow.example", &format!("http://{addr}"), |u| {
+            u.tag_ttl = Duration::ZERO;
+            u.timeout = Duration::from_secs(1);
+            u.read_ahead = false;
+        })],
+        |_| {},
+    )
+    .await;
+    let url = s.url("/v2/slow.example/slow/app/manifests/1");
+    let get = || client().get(&url).header(header::ACCEPT, OCI).send();
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    trickle.store(true, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(20), get())
+        .await
+        .expect("the client still waits on the trickling upstream")
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the cached copy answers");
+    assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// An upstream that sends the first `first` bytes of `blob` at once and the rest only when
 /// `gate` is notified.
 async fn stalling_upstream(
