@@ -213,14 +213,15 @@ impl Relay {
 mod tests {
     use super::*;
 
+    async fn store_in(dir: &std::path::Path) -> Arc<Store> {
+        let config = berth_storage::StorageConfig::local(dir);
+        Arc::new(Store::open(&config).await.unwrap())
+    }
+
     #[tokio::test]
     async fn relay_proofs_hold_only_for_their_digest_and_secret() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(&berth_storage::StorageConfig::local(dir.path()))
-                .await
-                .unwrap(),
-        );
+        let store = store_in(dir.path()).await;
         let relay = Relay::new(store.clone(), Duration::from_secs(60)).unwrap();
         let (a, b) = (Digest::sha256(b"a"), Digest::sha256(b"b"));
         let proof = relay.proof(&a).await.unwrap();
@@ -241,11 +242,7 @@ mod tests {
         use futures_util::StreamExt as _;
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            Store::open(&berth_storage::StorageConfig::local(dir.path()))
-                .await
-                .unwrap(),
-        );
+        let store = store_in(dir.path()).await;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move {
