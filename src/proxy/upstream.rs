@@ -167,20 +167,29 @@ impl Upstream {
     /// each read. An upstream that trickles a byte at a time never trips a read timeout, and
     /// would hold every client of a tag (and the cached copy that could answer them) for as
     /// long as it pleased; past the deadline it counts as unavailable, so the cache answers.
+    ///
+    /// The endpoint that trickled is marked down like one that timed out, so the clients that
+    /// come while it backs off get the cache at once.
     pub async fn read_whole(
         &self,
         r: Response,
         limit: usize,
         what: &str,
     ) -> Result<bytes::Bytes, UpstreamError> {
-        tokio::time::timeout(self.timeout, read_capped(r, limit, what))
-            .await
-            .unwrap_or_else(|_| {
-                Err(UpstreamError::Unavailable(format!(
+        let url = r.url().to_string();
+        match tokio::time::timeout(self.timeout, read_capped(r, limit, what)).await {
+            Ok(read) => read,
+            Err(_) => {
+                let e = UpstreamError::Unavailable(format!(
                     "{}: {what} not read whole within {:?}",
                     self.name, self.timeout
-                )))
-            })
+                ));
+                if let Some(ep) = self.endpoints.iter().find(|ep| url.starts_with(&ep.base)) {
+                    ep.health.failed(&e.to_string(), None, false);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Builds the upstream from its configuration.

@@ -534,9 +534,9 @@ async fn an_upstream_answer_without_end_is_cut_off_at_a_limit() {
 
 /// An upstream that trickles an answer, a byte at a time but never slower than its read
 /// timeout, must not hold a tag's clients for as long as it keeps on: the whole answer gets
-/// the upstream's `timeout`, then the upstream counts as unavailable and the cached copy
-/// answers. (Before, the revalidation waited on the trickle, and with it every client of the
-/// tag.)
+/// the upstream's `timeout`, then the upstream is down for its backoff and the cached copy
+/// answers, at once for the clients after. (Before, the revalidation waited on the trickle,
+/// and with it every client of the tag.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_trickles_a_manifest_does_not_hold_its_clients() {
     use axum::http::{HeaderMap, Method as M, header};
@@ -590,7 +590,7 @@ async fn an_upstream_that_trickles_a_manifest_does_not_hold_its_clients() {
     let s = cache(
         vec![upstream("slow.example", &format!("http://{addr}"), |u| {
             u.tag_ttl = Duration::ZERO;
-            u.timeout = Duration::from_secs(1);
+            u.timeout = Duration::from_secs(3);
             u.read_ahead = false;
         })],
         |_| {},
@@ -611,6 +611,15 @@ async fn an_upstream_that_trickles_a_manifest_does_not_hold_its_clients() {
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
+        started.elapsed()
+    );
+    // The upstream is now down for its backoff: the next client does not wait the timeout.
+    let started = std::time::Instant::now();
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the next client waited {:?} on the trickling upstream",
         started.elapsed()
     );
 }
