@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -573,6 +574,9 @@ def main():
         "storage.googleapis.com, the host object_store signs URLs for whatever its base URL)",
     )
     args = p.parse_args()
+    # The test script stops the gateway with SIGTERM: exit through `finally`, so the parts
+    # directory goes with it (the default action would leave one behind per run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     Handler.state = State(args)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
