@@ -1015,12 +1015,17 @@ async fn real_clients_in_chromium_browse_search_compare_and_delete() {
     let file = s.dir.path().join("ui-checks.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/ui.py");
+    // Chromium leaves a directory in the temporary directory at every start: this test's own,
+    // so that it goes with the test.
+    let tmp = s.dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
     // Five minutes at most (coreutils' timeout), off the runtime the server runs on.
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("timeout")
             .args(["300", "python3"])
             .arg(&script)
             .arg(&file)
+            .env("TMPDIR", &tmp)
             .output()
     })
     .await
