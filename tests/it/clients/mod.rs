@@ -214,10 +214,14 @@ fn docker(host: &str) -> Command {
     } else {
         require("docker")
     };
+    // The client's config, with what `docker login` stores, sits beside the daemon's socket
+    // in the test's own directory: not shared with another run, and gone with the test.
+    let sock = host.strip_prefix("unix://").map(Path::new);
+    let config = sock.and_then(Path::parent).map(|d| d.join("docker-config"));
     let mut c = Command::new(bin);
     c.env("DOCKER_HOST", host).env(
         "DOCKER_CONFIG",
-        std::env::temp_dir().join("berth-docker-config"),
+        config.expect("dockerd listens on a socket in its test's directory"),
     );
     c
 }
