@@ -1015,8 +1015,9 @@ async fn real_clients_in_chromium_browse_search_compare_and_delete() {
     let file = s.dir.path().join("ui-checks.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/ui.py");
-    // Chromium leaves a directory in the temporary directory at every start: this test's own,
-    // so that it goes with the test.
+    // Chromium leaves a directory in the temporary directory at every start, and its crash
+    // reports' settings and dconf's cache under the home directory: all in this test's own
+    // directory, so that they go with the test.
     let tmp = s.dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     // Five minutes at most (coreutils' timeout), off the runtime the server runs on.
@@ -1026,6 +1027,8 @@ async fn real_clients_in_chromium_browse_search_compare_and_delete() {
             .arg(&script)
             .arg(&file)
             .env("TMPDIR", &tmp)
+            .env("XDG_CONFIG_HOME", &tmp)
+            .env("XDG_CACHE_HOME", &tmp)
             .output()
     })
     .await
