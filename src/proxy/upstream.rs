@@ -177,19 +177,37 @@ impl Upstream {
         what: &str,
     ) -> Result<bytes::Bytes, UpstreamError> {
         let url = r.url().to_string();
-        match tokio::time::timeout(self.timeout, read_capped(r, limit, what)).await {
-            Ok(read) => read,
-            Err(_) => {
-                let e = UpstreamError::Unavailable(format!(
-                    "{}: {what} not read whole within {:?}",
-                    self.name, self.timeout
-                ));
-                if let Some(ep) = self.endpoints.iter().find(|ep| url.starts_with(&ep.base)) {
-                    ep.health.failed(&e.to_string(), None, false);
-                }
-                Err(e)
-            }
+        if let Some(read) = self.read_in_time(r, limit, what).await {
+            return read;
         }
+        let e = self.not_in_time(what);
+        if let Some(ep) = self.endpoints.iter().find(|ep| url.starts_with(&ep.base)) {
+            ep.health.failed(&e.to_string(), None, false);
+        }
+        Err(e)
+    }
+
+    /// [`read_capped`] within the upstream's `timeout` for the whole body; `None` when the
+    /// time ran out. Marks nothing down: [`Self::read_whole`] does for answers read after the
+    /// request succeeded, and a token answer, read inside [`Self::send_to`], fails the request,
+    /// which its caller counts against the endpoint (marking it here too would count one
+    /// failure twice and double the backoff).
+    async fn read_in_time(
+        &self,
+        r: Response,
+        limit: usize,
+        what: &str,
+    ) -> Option<Result<bytes::Bytes, UpstreamError>> {
+        tokio::time::timeout(self.timeout, read_capped(r, limit, what))
+            .await
+            .ok()
+    }
+
+    fn not_in_time(&self, what: &str) -> UpstreamError {
+        UpstreamError::Unavailable(format!(
+            "{}: {what} not read whole within {:?}",
+            self.name, self.timeout
+        ))
     }
 
     /// Builds the upstream from its configuration.
@@ -345,9 +363,13 @@ impl Upstream {
                 "token service {realm} answered {status}"
             )));
         }
-        let body = self
-            .read_whole(resp, TOKEN_ANSWER_LIMIT, "token answer")
-            .await?;
+        let body = match self
+            .read_in_time(resp, TOKEN_ANSWER_LIMIT, "token answer")
+            .await
+        {
+            Some(read) => read?,
+            None => return Err(self.not_in_time("token answer")),
+        };
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| UpstreamError::Unavailable(format!("token answer: {e}")))?;
         let token = v["token"]
